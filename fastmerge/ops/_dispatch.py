@@ -1,0 +1,82 @@
+"""Backend selection for the ops (DESIGN.md "Backends and dispatch").
+
+Order of precedence: the call's `backend=`, then the FASTMERGE_BACKEND environment variable,
+then the device: CUDA tensors go to triton (or cuda where an op registers it first), CPU
+tensors to native. `reference` (plain torch) is always available and is the test oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+from ..errors import KernelError
+
+ALL_BACKENDS = ("reference", "native", "triton", "cuda")
+
+
+@functools.lru_cache(maxsize=None)
+def _native_available() -> bool:
+    try:
+        from .. import _native  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_available() -> bool:
+    if not (_native_available() and torch.cuda.is_available()):
+        return False
+    from .. import _native
+
+    return bool(getattr(_native, "has_cuda", lambda: False)())
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process, in ALL_BACKENDS order."""
+    checks = {
+        "reference": lambda: True,
+        "native": _native_available,
+        "triton": _triton_available,
+        "cuda": _cuda_available,
+    }
+    return [name for name in ALL_BACKENDS if checks[name]()]
+
+
+def resolve_backend(
+    op: str,
+    tensors: Sequence[torch.Tensor | None],
+    supported: Iterable[str],
+    requested: str | None = None,
+) -> str:
+    """Pick the backend for one call of `op` over `tensors` among the op's `supported` ones."""
+    supported = tuple(supported)
+    requested = requested or os.environ.get("FASTMERGE_BACKEND") or None
+    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    if requested is not None:
+        if requested not in ALL_BACKENDS:
+            raise KernelError(f"unknown backend {requested!r} for {op}; use one of {', '.join(ALL_BACKENDS)}")
+        if requested not in supported:
+            raise KernelError(f"{op} has no {requested!r} backend; it has {', '.join(supported)}")
+        if requested not in available_backends():
+            raise KernelError(f"backend {requested!r} is not usable here (see fastmerge.ops.available_backends())")
+        return requested
+    usable = set(available_backends())
+    preference = ("cuda", "triton") if on_cuda else ("native",)
+    for name in preference:
+        if name in supported and name in usable:
+            return name
+    return "reference"
