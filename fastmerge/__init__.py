@@ -1,7 +1,28 @@
-"""fastmerge: native-accelerated merging of neural-network checkpoints."""
+"""fastmerge: native-accelerated merging of neural-network checkpoints.
+
+Python API: `run(config, out_dir, **options)` merges checkpoints on disk (mergekit-style config);
+`merge_tensors` / `merge_state_dicts` merge tensors already in memory; `fastmerge.ops` holds
+the kernels. The entry points load lazily so `import fastmerge.ops` stays light.
+"""
+
+from importlib import import_module
 
 from .errors import FastmergeError
 
 __version__ = "0.1.0"
 
-__all__ = ["FastmergeError", "__version__"]
+_LAZY = {
+    "run": "engine",
+    "prepare_plan": "engine",
+    "MergeReport": "engine",
+    "merge_tensors": "api",
+    "merge_state_dicts": "api",
+}
+
+__all__ = ["FastmergeError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'fastmerge' has no attribute {name!r}")

@@ -1,0 +1,111 @@
+"""In-memory merging: the same methods and kernels as `fastmerge.run`, on tensors and state dicts
+a caller already holds (the entry point for tools that merge state dicts today)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .errors import ConfigError, PlanError
+from .methods import get_method
+from .methods.base import MergeMethod, TensorTask
+from .plan import check_parameter_value, layer_index
+
+
+def merge_tensors(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    *,
+    name: str = "tensor",
+    out_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    backend: str | None = None,
+    **params: Any,
+) -> torch.Tensor:
+    """Merge one tensor from K models. Per-model parameters (e.g. `weight`, `density`) are a
+    scalar for all models or a sequence with one value per model; method parameters (e.g.
+    `normalize`, `lambda_` for `lambda`) are scalars."""
+    merger = get_method(method)
+    task = _task(merger, name, list(tensors), base, params, out_dtype, seed, backend)
+    return merger.merge_tensor(task)
+
+
+def merge_state_dicts(
+    method: str,
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    base: Mapping[str, torch.Tensor] | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    backend: str | None = None,
+    **params: Any,
+) -> dict[str, torch.Tensor]:
+    """Merge whole state dicts tensor by tensor (keys of `base`, else of the first model).
+    Non-float tensors are copied from the base (else the first model)."""
+    if not state_dicts:
+        raise ConfigError("merge_state_dicts needs at least one state dict")
+    merger = get_method(method)
+    template = base if base is not None else state_dicts[0]
+    merged = {}
+    for key, reference in template.items():
+        inputs = []
+        for i, state in enumerate(state_dicts):
+            if key not in state:
+                raise PlanError(f"tensor {key} is missing from state dict {i}")
+            if state[key].shape != reference.shape:
+                raise PlanError(f"tensor {key} has shape {list(state[key].shape)} in state dict {i} but {list(reference.shape)} in the reference")
+            inputs.append(state[key])
+        if not reference.is_floating_point():
+            merged[key] = reference.clone()
+            continue
+        task = _task(merger, key, inputs, base[key] if base is not None else None, params, out_dtype, seed, backend)
+        merged[key] = merger.merge_tensor(task)
+    return merged
+
+
+def _task(merger: MergeMethod, name: str, inputs: list[torch.Tensor], base: torch.Tensor | None,
+          params: dict[str, Any], out_dtype: torch.dtype | None, seed: int, backend: str | None) -> TensorTask:
+    if not inputs:
+        raise ConfigError("nothing to merge: no input tensors")
+    if merger.requires_base and base is None:
+        raise ConfigError(f"merge_method {merger.name} needs a base tensor (base=...)")
+    params = {("lambda" if key == "lambda_" else key): value for key, value in params.items()}
+    model_names = set(merger.model_params) | set(merger.required_model_params)
+    unknown = sorted(set(params) - model_names - set(merger.global_params))
+    if unknown:
+        accepted = ", ".join(sorted(model_names | set(merger.global_params)))
+        raise ConfigError(f"unknown parameter `{unknown[0]}` for merge_method {merger.name}; it accepts: {accepted}")
+    per_model = [_model_params(merger, params, i, len(inputs), name) for i in range(len(inputs))]
+    global_params = {
+        key: check_parameter_value(key, params.get(key, default), default, "the merge", name)
+        for key, default in merger.global_params.items()
+    }
+    return TensorTask(
+        name=name,
+        inputs=inputs,
+        base=base if merger.uses_base else None,
+        params=per_model,
+        global_params=global_params,
+        out_dtype=out_dtype or inputs[0].dtype,
+        layer=layer_index(name),
+        seed=seed,
+        backend=backend,
+        model_names=[f"model{i}" for i in range(len(inputs))],
+    )
+
+
+def _model_params(merger: MergeMethod, params: dict[str, Any], index: int, count: int, tensor: str) -> dict[str, Any]:
+    resolved = {}
+    defaults = dict(merger.model_params) | {key: None for key in merger.required_model_params}
+    for key, default in defaults.items():
+        value = params.get(key, default)
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise ConfigError(f"parameter `{key}` has {len(value)} values for {count} models")
+            value = value[index]
+        if value is None and key in merger.required_model_params:
+            raise ConfigError(f"merge_method {merger.name} needs parameter `{key}` for every model")
+        resolved[key] = check_parameter_value(key, value, default, f"model {index}", tensor) if value is not None else None
+    return resolved

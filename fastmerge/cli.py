@@ -1,0 +1,172 @@
+"""The `fastmerge` command and the mergekit-compatible `fastmerge-yaml` drop-in.
+
+Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
+-v), since a config or input problem is the user's to fix and a traceback hides the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import FastmergeError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_merge_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda [default: auto]")
+    parser.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 500M, 2GB, 5B (bytes) [default: 5GB]")
+    parser.add_argument("--seed", type=int, default=0, help="seed for randomized methods (DARE, DELLA) [default: 0]")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels [default: all cores]")
+    parser.add_argument("--backend", choices=("reference", "native", "triton", "cuda"), default=None, help="force one kernel backend")
+    parser.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model*.bin (loaded with weights_only=True)")
+    parser.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmerge", description="Fast, bounded-memory merging of model checkpoints.")
+    parser.add_argument("--version", action="version", version=f"fastmerge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="merge the models a mergekit-style YAML config describes")
+    run.add_argument("config", type=Path, help="merge config (YAML)")
+    run.add_argument("out", type=Path, help="output model directory")
+    _add_merge_options(run)
+    run.set_defaults(handler=_cmd_run)
+
+    plan = commands.add_parser("plan", help="show what a config would merge, without writing anything")
+    plan.add_argument("config", type=Path)
+    plan.add_argument("--allow-pickle", action="store_true")
+    plan.set_defaults(handler=_cmd_plan)
+
+    demo = commands.add_parser("demo", help="build small example checkpoints and merge them (no downloads)")
+    demo.add_argument("dir", type=Path, nargs="?", default=Path("fastmerge-demo"), help="working directory [default: ./fastmerge-demo]")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(handler=_cmd_demo)
+
+    for arg in ("-v", "--verbose"):
+        for sub in (run, plan, demo):
+            sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from .engine import run
+
+    report = run(
+        args.config,
+        args.out,
+        device=args.device,
+        out_shard_size=args.out_shard_size,
+        seed=args.seed,
+        threads=args.threads,
+        allow_pickle=args.allow_pickle,
+        copy_tokenizer=args.copy_tokenizer,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        backend=args.backend,
+    )
+    print(report)
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .engine import prepare_plan
+
+    print(prepare_plan(args.config, allow_pickle=args.allow_pickle).summary())
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.dir, quiet=args.quiet)
+
+
+def _guarded(handler: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    try:
+        handler(args)
+    except FastmergeError as exc:
+        if getattr(args, "verbose", False):
+            traceback.print_exc()
+        print(f"fastmerge: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fastmerge: interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    return _guarded(args.handler, args)
+
+
+# -- mergekit-yaml drop-in -----------------------------------------------------------------
+
+# mergekit flags that tune its own memory handling or features fastmerge does by design.
+_IGNORED_MERGEKIT_FLAGS = {
+    "lazy_unpickle": "fastmerge always reads lazily (memory-mapped)",
+    "low_cpu_memory": "fastmerge's memory is bounded by the largest tensor already",
+    "clone_tensors": "fastmerge never aliases output tensors",
+    "read_to_gpu": "fastmerge streams to the GPU tensor by tensor",
+    "async_write": "fastmerge's writer already overlaps the merge",
+    "allow_crimes": "fastmerge checks shapes, not architecture names",
+    "write_model_card": "fastmerge does not write a model card",
+}
+
+
+def _build_mergekit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmerge-yaml",
+        description="Drop-in for mergekit-yaml: same config, same flags, the fastmerge engine.",
+    )
+    parser.add_argument("config", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--cuda", action="store_true", help="merge on the GPU")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out-shard-size", default="5B", help="bytes per shard, K/M/B suffixes [default: 5B]")
+    parser.add_argument("--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--random-seed", type=int, default=None)
+    parser.add_argument("--num-threads", "-j", dest="threads", type=int, default=None)
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("-v", "--verbosity", action="count", default=0)
+    parser.add_argument("--allow-pickle", action="store_true", help="fastmerge extension: read .bin checkpoints")
+    parser.add_argument("--overwrite", action="store_true", help="fastmerge extension: replace OUT if it exists")
+    for flag in _IGNORED_MERGEKIT_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
+    parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    return parser
+
+
+def mergekit_yaml_main(argv: Sequence[str] | None = None) -> int:
+    args = _build_mergekit_parser().parse_args(argv)
+    for flag, why in _IGNORED_MERGEKIT_FLAGS.items():
+        if getattr(args, flag) is not None and not args.quiet:
+            print(f"fastmerge-yaml: note: --{flag.replace('_', '-')} accepted and ignored ({why})", file=sys.stderr)
+    args.verbose = args.verbosity > 0
+
+    def handler(a: argparse.Namespace) -> None:
+        from .errors import ConfigError
+
+        if not a.safe_serialization:
+            raise ConfigError("--no-safe-serialization is not supported: fastmerge writes safetensors only")
+        if a.trust_remote_code:
+            raise ConfigError("--trust-remote-code is not needed: fastmerge never runs model code")
+        a.device = "cuda" if a.cuda else (a.device or "auto")
+        a.seed = a.random_seed if a.random_seed is not None else 0
+        a.backend = None
+        _cmd_run(a)
+
+    return _guarded(handler, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

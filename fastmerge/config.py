@@ -1,0 +1,297 @@
+"""mergekit-compatible merge configs: YAML text, a YAML file or a dict -> a validated MergeSpec.
+
+The schema follows mergekit 0.1.5 so existing configs are a drop-in: `merge_method`,
+`models` or `slices`, `base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`,
+`chat_template`. Validation is strict (unknown keys and wrong types are errors naming the key)
+because a silently ignored typo in a merge config produces a wrong model that looks fine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from .dtypes import parse_config_dtype
+from .errors import ConfigError
+
+# A parameter setting as written: a scalar, a gradient (list of scalars) or a filter list.
+ParameterSetting = Any
+
+
+@dataclass(frozen=True)
+class Conditional:
+    """One entry of a filter list: applies to tensors whose name contains `filter`."""
+
+    value: Any
+    filter: str | None = None
+
+    def matches(self, tensor_name: str) -> bool:
+        return self.filter is None or self.filter == "*" or self.filter in tensor_name
+
+
+@dataclass
+class SourceSpec:
+    """A model feeding a merge: a `models[]` entry, or a slice source with its layer range."""
+
+    model: str
+    parameters: dict[str, ParameterSetting] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass
+class SliceSpec:
+    """An output slice: consecutive output layers merged from the same-length source ranges."""
+
+    sources: list[SourceSpec]
+    base_model: str | None = None
+    parameters: dict[str, ParameterSetting] = field(default_factory=dict)
+
+    @property
+    def layer_count(self) -> int:
+        first = self.sources[0].layer_range
+        return first[1] - first[0]
+
+
+@dataclass
+class MergeSpec:
+    """A validated merge config. Exactly one of `models` / `slices` is set."""
+
+    merge_method: str
+    models: list[SourceSpec] | None
+    slices: list[SliceSpec] | None
+    base_model: str | None
+    parameters: dict[str, ParameterSetting]
+    dtype: torch.dtype | None
+    out_dtype: torch.dtype | None
+    tokenizer_source: str | None
+    chat_template: str | None
+    raw: dict[str, Any]
+
+    def referenced_models(self) -> list[str]:
+        """Every model path the config names, base first, without repeats, in config order."""
+        names: list[str] = []
+        candidates = [self.base_model] if self.base_model else []
+        for source in self.models or []:
+            candidates.append(source.model)
+        for out_slice in self.slices or []:
+            if out_slice.base_model:
+                candidates.append(out_slice.base_model)
+            candidates.extend(s.model for s in out_slice.sources)
+        for name in candidates:
+            if name not in names:
+                names.append(name)
+        return names
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+_TOP_KEYS = {
+    "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "chat_template", "tokenizer", "modules",
+}
+_UNSUPPORTED_TOP_KEYS = {
+    "tokenizer": "use `tokenizer_source` instead of the `tokenizer:` block",
+    "modules": "multi-module (`modules:`) configs are not supported; use `models` or `slices`",
+}
+
+
+def load_config(config: str | Path | Mapping[str, Any]) -> MergeSpec:
+    """Parse a config given as a dict, a path to a YAML file, or YAML text."""
+    if isinstance(config, Mapping):
+        return parse_config(dict(config))
+    if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config and config.endswith((".yml", ".yaml"))):
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        origin = str(path)
+    else:
+        text, origin = str(config), "config text"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin} must be a YAML mapping with at least `merge_method`")
+    return parse_config(data)
+
+
+def parse_config(data: dict[str, Any]) -> MergeSpec:
+    """Validate a config dict (mergekit schema) into a MergeSpec."""
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(sorted(_TOP_KEYS - set(_UNSUPPORTED_TOP_KEYS)))}")
+    for key, why in _UNSUPPORTED_TOP_KEYS.items():
+        if data.get(key) is not None:
+            raise ConfigError(f"`{key}`: {why}")
+
+    method = data.get("merge_method")
+    if not isinstance(method, str) or not method:
+        raise ConfigError("`merge_method` is required and must be a method name such as linear or ties")
+
+    has_models, has_slices = bool(data.get("models")), bool(data.get("slices"))
+    if has_models == has_slices:
+        raise ConfigError("give exactly one of `models` (a list of models) or `slices` (layer ranges)")
+
+    models = [_parse_source(m, f"models[{i}]", with_range=False) for i, m in enumerate(_as_list(data, "models"))] if has_models else None
+    slices = [_parse_slice(s, f"slices[{i}]") for i, s in enumerate(_as_list(data, "slices"))] if has_slices else None
+
+    base_model = _optional_model_name(data.get("base_model"), "base_model")
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
+        raise ConfigError("`tokenizer_source` must be `base`, `union` or `model:<path>`")
+    chat_template = data.get("chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise ConfigError("`chat_template` must be a string (a template name or Jinja text)")
+
+    return MergeSpec(
+        merge_method=method,
+        models=models,
+        slices=slices,
+        base_model=base_model,
+        parameters=_parse_parameters(data.get("parameters"), "parameters"),
+        dtype=parse_config_dtype(data["dtype"], "dtype") if data.get("dtype") is not None else None,
+        out_dtype=parse_config_dtype(data["out_dtype"], "out_dtype") if data.get("out_dtype") is not None else None,
+        tokenizer_source=tokenizer_source,
+        chat_template=chat_template,
+        raw=data,
+    )
+
+
+def _as_list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data[key]
+    if not isinstance(value, list):
+        raise ConfigError(f"`{key}` must be a list")
+    return value
+
+
+def _optional_model_name(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict) and set(value) == {"model"}:
+        value = value["model"]
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"`{where}` must be a model path")
+    if "+" in value and not Path(value).exists():
+        raise ConfigError(f"`{where}: {value}`: LoRA references (model+adapter) are not supported; merge the adapter into the model first")
+    return value
+
+
+def _check_keys(entry: dict[str, Any], allowed: set[str], where: str) -> None:
+    for key in entry:
+        if key not in allowed:
+            raise ConfigError(f"unknown key `{where}.{key}`; allowed: {', '.join(sorted(allowed))}")
+
+
+def _parse_source(entry: Any, where: str, with_range: bool) -> SourceSpec:
+    if isinstance(entry, str) and not with_range:
+        entry = {"model": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"`{where}` must be a mapping with a `model` key")
+    _check_keys(entry, {"model", "parameters", "layer_range"} if with_range else {"model", "parameters"}, where)
+    model = _optional_model_name(entry.get("model"), f"{where}.model")
+    if model is None:
+        raise ConfigError(f"`{where}.model` is required")
+    layer_range = None
+    if with_range:
+        layer_range = entry.get("layer_range")
+        if (
+            not isinstance(layer_range, (list, tuple))
+            or len(layer_range) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+            or not 0 <= layer_range[0] < layer_range[1]
+        ):
+            raise ConfigError(f"`{where}.layer_range` must be [start, end) with 0 <= start < end, got {layer_range!r}")
+        layer_range = (layer_range[0], layer_range[1])
+    return SourceSpec(model=model, parameters=_parse_parameters(entry.get("parameters"), f"{where}.parameters"), layer_range=layer_range)
+
+
+def _parse_slice(entry: Any, where: str) -> SliceSpec:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"`{where}` must be a mapping with `sources`")
+    _check_keys(entry, {"sources", "base_model", "parameters", "residual_weight"}, where)
+    if entry.get("residual_weight") is not None:
+        raise ConfigError(f"`{where}.residual_weight` is not supported")
+    sources = entry.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise ConfigError(f"`{where}.sources` must be a non-empty list")
+    parsed = [_parse_source(s, f"{where}.sources[{i}]", with_range=True) for i, s in enumerate(sources)]
+    lengths = {s.layer_range[1] - s.layer_range[0] for s in parsed}
+    if len(lengths) != 1:
+        raise ConfigError(f"`{where}`: every source must cover the same number of layers, got lengths {sorted(lengths)}")
+    return SliceSpec(
+        sources=parsed,
+        base_model=_optional_model_name(entry.get("base_model"), f"{where}.base_model"),
+        parameters=_parse_parameters(entry.get("parameters"), f"{where}.parameters"),
+    )
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def _parse_parameters(params: Any, where: str) -> dict[str, ParameterSetting]:
+    """Check every setting's shape now, so evaluation later cannot meet a malformed value."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"`{where}` must be a mapping of parameter names to values")
+    return {name: _parse_setting(value, f"{where}.{name}") for name, value in params.items()}
+
+
+def _parse_setting(value: Any, where: str) -> ParameterSetting:
+    if _is_scalar(value):
+        return value
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value:
+        if all(_is_scalar(v) for v in value):
+            return list(value)
+        if all(isinstance(v, dict) for v in value):
+            conditions = []
+            for i, cond in enumerate(value):
+                _check_keys(cond, {"filter", "value"}, f"{where}[{i}]")
+                if "value" not in cond:
+                    raise ConfigError(f"`{where}[{i}]` needs a `value`")
+                filt = cond.get("filter")
+                if filt is not None and not isinstance(filt, str):
+                    raise ConfigError(f"`{where}[{i}].filter` must be a string")
+                inner = cond["value"]
+                if not (_is_scalar(inner) or (isinstance(inner, list) and inner and all(_is_scalar(v) for v in inner))):
+                    raise ConfigError(f"`{where}[{i}].value` must be a number, a string or a gradient list")
+                conditions.append(Conditional(value=inner, filter=filt))
+            return conditions
+    raise ConfigError(
+        f"`{where}` must be a scalar, a gradient list of numbers, or a list of {{filter, value}} entries; got {value!r}"
+    )
+
+
+def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> Any:
+    """The value of one setting for one tensor at relative depth t in [0, 1].
+
+    Filter lists pick the first entry whose filter is a substring of the tensor name (no match:
+    None). Numeric gradients interpolate piecewise-linearly over t; gradients with non-numeric
+    entries select the entry at floor(t * (n - 1)), as mergekit does.
+    """
+    if isinstance(setting, list) and setting and isinstance(setting[0], Conditional):
+        for cond in setting:
+            if cond.matches(tensor_name):
+                return evaluate_setting(cond.value, tensor_name, t)
+        return None
+    if isinstance(setting, list):
+        if len(setting) == 1:
+            return setting[0]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
+        scaled = t * (len(setting) - 1)
+        low = int(scaled)
+        if not numeric:
+            return setting[low]
+        high = min(len(setting) - 1, low + 1)
+        frac = scaled - low
+        return (1 - frac) * setting[low] + frac * setting[high]
+    return setting

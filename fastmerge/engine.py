@@ -1,0 +1,278 @@
+"""Runs a Plan: stream every output tensor through its method into the sharded writer.
+
+Memory stays bounded by the largest tensor: inputs are zero-copy views over memory-mapped files
+whose pages are released (madvise DONTNEED) as soon as the tensor is merged, the writer puts
+each result in place on disk, and a reader thread asks the kernel to read ahead the next
+tensor's pages while the current one merges.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .config import MergeSpec, load_config
+from .errors import FastmergeError
+from .io.checkpoint import Checkpoint
+from .io.output_dir import StagedOutput, copy_model_files
+from .io.writer import ShardedWriter
+from .methods import get_method
+from .methods.base import TensorTask
+from .plan import Plan, PlannedTensor, build_plan, open_checkpoints
+from .units import format_size, parse_size
+
+DEFAULT_SHARD_SIZE = "5GB"
+CONFIG_FILE_NAME = "mergekit_config.yml"
+
+
+@dataclass
+class MergeReport:
+    """What a merge did; `str(report)` is the CLI's summary."""
+
+    output_dir: Path
+    method: str
+    tensors: int
+    shards: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    device: str
+    extra_files: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        rate = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        return (
+            f"merged {self.tensors} tensors with {self.method} into {self.output_dir} "
+            f"({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}, {format_size(self.bytes_written)}) "
+            f"in {self.seconds:.2f} s: read {format_size(self.bytes_read)} ({rate:.2f} GB/s), "
+            f"peak RSS {format_size(self.peak_rss_bytes)}, device {self.device}"
+        )
+
+
+@dataclass
+class PrepareContext:
+    """Whole-model information handed to `MergeMethod.prepare` before streaming."""
+
+    plan: Plan
+    models: list[Checkpoint]
+    model_names: list[str]
+    base: Checkpoint | None
+    global_params: dict[str, Any]
+    model_params: list[dict[str, Any]]
+    device: torch.device
+    seed: int
+    output_dir: Path
+    layer_count: int | None
+    backend: str | None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastmergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise FastmergeError(f"device {device} is not supported; use auto, cpu or cuda")
+    return device
+
+
+def prepare_plan(config: str | Path | Mapping[str, Any] | MergeSpec, allow_pickle: bool = False) -> Plan:
+    """Parse the config, open the inputs' headers and resolve every tensor (no data is read)."""
+    spec = config if isinstance(config, MergeSpec) else load_config(config)
+    method = get_method(spec.merge_method)
+    checkpoints = open_checkpoints(spec, allow_pickle=allow_pickle)
+    return build_plan(spec, method, checkpoints)
+
+
+def run(
+    config: str | Path | Mapping[str, Any] | MergeSpec,
+    out_dir: str | Path,
+    *,
+    device: str | torch.device = "auto",
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    seed: int = 0,
+    threads: int | None = None,
+    allow_pickle: bool = False,
+    copy_tokenizer: bool = True,
+    overwrite: bool = False,
+    quiet: bool = False,
+    backend: str | None = None,
+) -> MergeReport:
+    """Merge the models a mergekit-style config describes into `out_dir`.
+
+    The output appears at `out_dir` only when complete: it is built in a temporary directory
+    beside it and renamed into place, so a failed merge leaves nothing that looks finished.
+    """
+    started = time.perf_counter()
+    _reset_peak_rss()
+    if threads is not None:
+        _set_threads(threads)
+    torch_device = resolve_device(device)
+    max_shard = parse_size(out_shard_size)
+    plan = prepare_plan(config, allow_pickle=allow_pickle)
+    inputs = [c.path for c in plan.checkpoints]
+    with StagedOutput(out_dir, inputs, overwrite=overwrite) as staged:
+        plan.method.prepare(_prepare_context(plan, torch_device, seed, staged.path, backend))
+        writer = ShardedWriter(
+            staged.path,
+            [(t.name, t.dtype, t.shape) for t in plan.tensors],
+            max_shard,
+            metadata={"merged_by": f"fastmerge {__version__}", "merge_method": plan.spec.merge_method},
+        )
+        try:
+            _stream(plan, writer, torch_device, seed, backend, quiet)
+            writer.finalize()
+        finally:
+            writer.close()
+        extra = _write_side_files(plan, staged.path, copy_tokenizer)
+        final = staged.commit()
+    for checkpoint in plan.checkpoints:
+        checkpoint.close()
+    return MergeReport(
+        output_dir=final,
+        method=plan.spec.merge_method,
+        tensors=len(plan.tensors),
+        shards=list(writer.shard_names),
+        bytes_read=plan.input_bytes,
+        bytes_written=writer.total_bytes,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        device=str(torch_device),
+        extra_files=extra,
+    )
+
+
+def _prepare_context(plan: Plan, device: torch.device, seed: int, output_dir: Path, backend: str | None) -> PrepareContext:
+    models = [plan.checkpoints[plan.checkpoint_names.index(name)] for name in plan.input_models]
+    base = plan.checkpoints[plan.checkpoint_names.index(plan.base_model)] if plan.base_model else None
+    first = plan.tensors[0]
+    return PrepareContext(
+        plan=plan,
+        models=models,
+        model_names=list(plan.input_models),
+        base=base,
+        global_params=dict(plan.spec.parameters),
+        model_params=first.params,
+        device=device,
+        seed=seed,
+        output_dir=output_dir,
+        layer_count=plan.layer_count,
+        backend=backend,
+    )
+
+
+def _stream(plan: Plan, writer: ShardedWriter, device: torch.device, seed: int, backend: str | None, quiet: bool) -> None:
+    progress = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=quiet, leave=False)
+    try:
+        for tensor in _prefetched(plan):
+            result = _merge_one(plan, tensor, device, seed, backend)
+            writer.write(tensor.name, result)
+            for ref in _refs(tensor):
+                plan.checkpoints[ref.checkpoint].release(ref.name)
+            progress.update(tensor.nbytes)
+    finally:
+        progress.close()
+
+
+def _refs(tensor: PlannedTensor):
+    return tensor.inputs + ([tensor.base] if tensor.base is not None else [])
+
+
+def _prefetched(plan: Plan, depth: int = 2) -> Iterator[PlannedTensor]:
+    """Yield the plan's tensors while a reader thread hints the kernel to read ahead `depth`
+    tensors, so disk reads overlap the merge of the current tensor."""
+    hints: queue.Queue[PlannedTensor | None] = queue.Queue(maxsize=depth)
+
+    def reader() -> None:
+        for tensor in plan.tensors:
+            for ref in _refs(tensor):
+                plan.checkpoints[ref.checkpoint].prefetch(ref.name)
+            hints.put(tensor)
+        hints.put(None)
+
+    thread = threading.Thread(target=reader, name="fastmerge-prefetch", daemon=True)
+    thread.start()
+    while (tensor := hints.get()) is not None:
+        yield tensor
+
+
+def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: int, backend: str | None) -> torch.Tensor:
+    load = lambda ref: plan.checkpoints[ref.checkpoint].tensor(ref.name).to(device, non_blocking=True)  # noqa: E731
+    inputs = [load(ref) for ref in tensor.inputs]
+    base = load(tensor.base) if tensor.base is not None else None
+    if tensor.copy_only:
+        return (base if base is not None else inputs[0]).cpu()
+    task = TensorTask(
+        name=tensor.name,
+        inputs=inputs,
+        base=base,
+        params=tensor.params,
+        global_params=tensor.global_params,
+        out_dtype=tensor.dtype,
+        layer=tensor.layer,
+        seed=seed,
+        backend=backend,
+        model_names=list(plan.input_models),
+    )
+    result = plan.method.merge_tensor(task)
+    if result.shape != torch.Size(tensor.shape):
+        raise FastmergeError(f"{plan.spec.merge_method} produced shape {list(result.shape)} for {tensor.name}, expected {list(tensor.shape)}")
+    return result.to(device="cpu", dtype=tensor.dtype).contiguous()
+
+
+def _write_side_files(plan: Plan, directory: Path, copy_tokenizer: bool) -> list[str]:
+    """config.json (dtype and layer count updated), tokenizer files, and the merge config."""
+    source = plan.config_source
+    out_dtype = next((t.dtype for t in plan.tensors if not t.copy_only), None)
+    written = copy_model_files(source.directory if source else None, directory, out_dtype, copy_tokenizer=copy_tokenizer)
+    config_path = directory / "config.json"
+    if plan.output_config is not None and "num_hidden_layers" in plan.output_config and config_path.exists():
+        config = json.loads(config_path.read_text())
+        config["num_hidden_layers"] = plan.output_config["num_hidden_layers"]
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (directory / CONFIG_FILE_NAME).write_text(plan.spec.to_yaml(), encoding="utf-8")
+    return written + [CONFIG_FILE_NAME]
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 1:
+        raise FastmergeError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    from . import _native
+
+    if hasattr(_native, "set_num_threads"):
+        _native.set_num_threads(threads)
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark so the report shows this merge's peak, not the
+    process's (Linux: writing 5 to clear_refs; elsewhere the process peak is reported)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+

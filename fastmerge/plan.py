@@ -1,0 +1,373 @@
+"""MergeSpec + the input checkpoints' headers -> a Plan: every output tensor, where its inputs come
+from, and its parameters resolved (gradients over depth, filters, precedence).
+
+Planning reads headers only, so `fastmerge plan` is instant and every structural error (missing
+tensor, shape mismatch, unknown parameter, missing weight) surfaces before a byte is written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .config import MergeSpec, SliceSpec, SourceSpec, evaluate_setting
+from .errors import ConfigError, PlanError
+from .io.checkpoint import Checkpoint
+from .methods.base import MergeMethod
+from .units import format_size
+
+# `model.layers.12.mlp.up_proj.weight`, `transformer.h.3.attn.c_attn.weight`, `blocks.0.x`, ...
+_LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)(?P<suffix>\..+)$")
+# Non-layer tensors that sit before the decoder stack (the rest sit after it).
+_PRE_LAYER_HINTS = ("embed", "wte", "wpe", "tok_embeddings", "word_embeddings")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to, parsed from its name (no per-architecture table)."""
+    match = _LAYER_NAME.match(name)
+    return int(match["index"]) if match else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    match = _LAYER_NAME.match(name)
+    assert match is not None, name
+    return f"{match['prefix']}.{index}{match['suffix']}"
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One input tensor: which checkpoint (index into Plan.checkpoints) and its name there."""
+
+    checkpoint: int
+    name: str
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    inputs: list[TensorRef]
+    base: TensorRef | None
+    params: list[dict[str, Any]]
+    global_params: dict[str, Any]
+    layer: int | None
+    # Non-float tensors (integer buffers) are copied from the first input, not merged.
+    copy_only: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class Plan:
+    spec: MergeSpec
+    method: MergeMethod
+    checkpoints: list[Checkpoint]
+    checkpoint_names: list[str]
+    input_models: list[str]
+    base_model: str | None
+    tensors: list[PlannedTensor]
+    layer_count: int | None
+    output_config: dict[str, Any] | None
+    config_source: Checkpoint | None
+    input_bytes_by_tensor: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(self.input_bytes_by_tensor.values())
+
+    @property
+    def largest_tensor_bytes(self) -> int:
+        return max((t.nbytes for t in self.tensors), default=0)
+
+    def estimated_peak_bytes(self) -> int:
+        """Working set of the streaming merge: the inputs of the largest tensor (mapped pages),
+        an fp32 accumulator and the output buffer; page cache is not counted."""
+        worst = 0
+        for tensor in self.tensors:
+            refs = tensor.inputs + ([tensor.base] if tensor.base else [])
+            inputs = sum(self.checkpoints[r.checkpoint].info(r.name).nbytes for r in refs)
+            numel = math.prod(tensor.shape)
+            worst = max(worst, inputs + 4 * numel + tensor.nbytes)
+        return worst
+
+    def summary(self) -> str:
+        lines = [
+            f"method:        {self.spec.merge_method}",
+            f"base model:    {self.base_model or '(none)'}",
+            "models:        " + (", ".join(self.input_models) or "(none)"),
+            f"tensors:       {len(self.tensors)}"
+            + (f" ({self.layer_count} layers)" if self.layer_count is not None else ""),
+            f"input bytes:   {format_size(self.input_bytes)}",
+            f"output size:   {format_size(self.output_bytes)}",
+            f"largest tensor: {format_size(self.largest_tensor_bytes)}",
+            f"est. peak mem: {format_size(self.estimated_peak_bytes())} (+ interpreter and libraries)",
+        ]
+        return "\n".join(lines)
+
+
+def open_checkpoints(spec: MergeSpec, allow_pickle: bool = False) -> dict[str, Checkpoint]:
+    """Open every model the config names (headers only), keyed by the name used in the config."""
+    return {name: Checkpoint(Path(name).expanduser(), allow_pickle=allow_pickle) for name in spec.referenced_models()}
+
+
+def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint]) -> Plan:
+    """Resolve every output tensor of the merge described by `spec`."""
+    _check_parameter_names(spec, method)
+    builder = _PlanBuilder(spec, method, checkpoints)
+    return builder.build()
+
+
+def _check_parameter_names(spec: MergeSpec, method: MergeMethod) -> None:
+    allowed_model = set(method.model_params) | set(method.required_model_params)
+    allowed = allowed_model | set(method.global_params)
+    places: list[tuple[str, dict[str, Any], set[str]]] = [("parameters", spec.parameters, allowed)]
+    for i, source in enumerate(spec.models or []):
+        places.append((f"models[{i}].parameters", source.parameters, allowed_model))
+    for i, out_slice in enumerate(spec.slices or []):
+        places.append((f"slices[{i}].parameters", out_slice.parameters, allowed))
+        for j, source in enumerate(out_slice.sources):
+            places.append((f"slices[{i}].sources[{j}].parameters", source.parameters, allowed_model))
+    for where, params, names in places:
+        for name in params:
+            if name not in names:
+                known = ", ".join(sorted(names)) or "none"
+                raise ConfigError(
+                    f"unknown parameter `{where}.{name}` for merge_method {spec.merge_method}; it accepts: {known}"
+                )
+
+
+class _PlanBuilder:
+    def __init__(self, spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint]):
+        self.spec = spec
+        self.method = method
+        self.names = list(checkpoints)
+        self.checkpoints = [checkpoints[n] for n in self.names]
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.tensors: list[PlannedTensor] = []
+        self.input_bytes: dict[str, int] = {}
+
+    # -- structure -----------------------------------------------------------------------
+    def build(self) -> Plan:
+        spec = self.spec
+        if self.method.requires_base and not (spec.base_model or any(s.base_model for s in spec.slices or [])):
+            raise ConfigError(f"merge_method {spec.merge_method} needs a `base_model`")
+        slices = spec.slices or [SliceSpec(sources=spec.models or [], base_model=None, parameters={})]
+        template = self._template(slices[0])
+        layer_count = self._layer_count(template)
+
+        pre, post, layer_names = self._split_names(template)
+        self._plan_non_layer(pre, slices[0])
+        out_layers = 0
+        for out_slice in slices:
+            out_layers = self._plan_slice(out_slice, layer_names, layer_count, out_layers)
+        self._plan_non_layer(post, slices[-1])
+
+        if not self.tensors:
+            raise PlanError(f"nothing to merge: {template.path} has no tensors")
+        output_layer_count = out_layers if layer_names else None
+        input_models = self._input_models(slices[0])
+        base_name = self._base_name(slices[0])
+        config_source = self.checkpoints[self.index[base_name]] if base_name else template
+        return Plan(
+            spec=spec,
+            method=self.method,
+            checkpoints=self.checkpoints,
+            checkpoint_names=self.names,
+            input_models=input_models,
+            base_model=base_name,
+            tensors=self._in_file_order(),
+            layer_count=output_layer_count,
+            output_config=self._output_config(config_source, output_layer_count, layer_count),
+            config_source=config_source,
+            input_bytes_by_tensor=self.input_bytes,
+        )
+
+    def _template(self, first_slice: SliceSpec) -> Checkpoint:
+        """Tensor names and shapes come from the base model, else the first source."""
+        name = self._base_name(first_slice) or first_slice.sources[0].model
+        return self.checkpoints[self.index[name]]
+
+    @staticmethod
+    def _layer_count(checkpoint: Checkpoint) -> int:
+        config_layers = (checkpoint.config or {}).get("num_hidden_layers")
+        indices = [i for i in map(layer_index, checkpoint.names) if i is not None]
+        return int(config_layers) if isinstance(config_layers, int) else (max(indices) + 1 if indices else 0)
+
+    @staticmethod
+    def _split_names(template: Checkpoint) -> tuple[list[str], list[str], dict[int, list[str]]]:
+        pre, post, layers = [], [], {}
+        for name in template.names:
+            index = layer_index(name)
+            if index is not None:
+                layers.setdefault(index, []).append(name)
+            elif any(hint in name for hint in _PRE_LAYER_HINTS):
+                pre.append(name)
+            else:
+                post.append(name)
+        return pre, post, layers
+
+    def _base_name(self, out_slice: SliceSpec) -> str | None:
+        return out_slice.base_model or self.spec.base_model
+
+    def _merge_sources(self, out_slice: SliceSpec) -> list[SourceSpec]:
+        """The models whose tensors are the method's inputs, in config order. Task-vector methods
+        take the base separately, so a base listed among the models is not an input."""
+        base = self._base_name(out_slice)
+        if base is not None and self.method.uses_base:
+            return [s for s in out_slice.sources if s.model != base]
+        return list(out_slice.sources)
+
+    def _input_models(self, out_slice: SliceSpec) -> list[str]:
+        return [s.model for s in self._merge_sources(out_slice)]
+
+    def _plan_non_layer(self, names: list[str], out_slice: SliceSpec) -> None:
+        for name in names:
+            self._plan_tensor(name, out_slice, {s.model: name for s in out_slice.sources}, None, 0.0, name)
+
+    def _plan_slice(self, out_slice: SliceSpec, layer_names: dict[int, list[str]], layer_count: int, out_offset: int) -> int:
+        """Plan the slice's layers; returns the next free output layer index."""
+        if self.spec.slices is None:
+            ranges = {s.model: (0, layer_count) for s in out_slice.sources}
+            length = layer_count
+        else:
+            ranges = {s.model: s.layer_range for s in out_slice.sources}
+            length = out_slice.layer_count
+        for source in out_slice.sources:
+            start, end = ranges[source.model]
+            available = self._layer_count(self.checkpoints[self.index[source.model]])
+            if end > available:
+                raise PlanError(f"layer_range [{start}, {end}) of {source.model} exceeds its {available} layers")
+        first = out_slice.sources[0]
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            template_layer = ranges[first.model][0] + offset
+            if template_layer not in layer_names and self.spec.slices is None:
+                continue
+            for template_name in self._names_of_layer(first.model, template_layer, layer_names):
+                out_name = with_layer_index(template_name, out_offset + offset)
+                sources = {s.model: with_layer_index(template_name, ranges[s.model][0] + offset) for s in out_slice.sources}
+                self._plan_tensor(out_name, out_slice, sources, out_offset + offset, t, template_name)
+        return out_offset + length
+
+    def _names_of_layer(self, model: str, layer: int, template_layers: dict[int, list[str]]) -> list[str]:
+        if self.spec.slices is None:
+            return template_layers.get(layer, [])
+        names = [n for n in self.checkpoints[self.index[model]].names if layer_index(n) == layer]
+        if not names:
+            raise PlanError(f"{model} has no tensors for layer {layer}")
+        return names
+
+    # -- one tensor ----------------------------------------------------------------------
+    def _plan_tensor(self, out_name: str, out_slice: SliceSpec, source_names: dict[str, str], layer: int | None, t: float, shape_name: str) -> None:
+        base_model = self._base_name(out_slice)
+        merge_sources = self._merge_sources(out_slice)
+        refs = [self._ref(s.model, source_names[s.model]) for s in merge_sources]
+        base_ref = None
+        if base_model is not None and self.method.uses_base:
+            base_ref = self._ref(base_model, source_names.get(base_model, shape_name))
+        if not refs and base_ref is None:
+            raise ConfigError("the config has no models to merge")
+        shape_from = base_ref or refs[0]
+        info = self.checkpoints[shape_from.checkpoint].info(shape_from.name)
+        for ref in refs + ([base_ref] if base_ref else []):
+            other = self.checkpoints[ref.checkpoint].info(ref.name)
+            if other.shape != info.shape:
+                raise PlanError(
+                    f"tensor {ref.name} has shape {list(other.shape)} in {self.names[ref.checkpoint]} "
+                    f"but {list(info.shape)} in {self.names[shape_from.checkpoint]}"
+                )
+        copy_only = not info.dtype.is_floating_point
+        out_dtype = info.dtype if copy_only else (self.spec.out_dtype or self.spec.dtype or _float_output(info.dtype))
+        params = [self._model_params(s, out_slice, out_name, t) for s in merge_sources]
+        global_params = self._global_params(out_slice, out_name, t)
+        self.tensors.append(
+            PlannedTensor(out_name, tuple(info.shape), out_dtype, refs, base_ref, params, global_params, layer, copy_only)
+        )
+        self.input_bytes[out_name] = sum(self.checkpoints[r.checkpoint].info(r.name).nbytes for r in refs + ([base_ref] if base_ref else []))
+
+    def _ref(self, model: str, name: str) -> TensorRef:
+        checkpoint = self.checkpoints[self.index[model]]
+        if not checkpoint.has(name):
+            raise PlanError(f"tensor {name} is missing from model {model}")
+        return TensorRef(self.index[model], name)
+
+    def _model_params(self, source: SourceSpec, out_slice: SliceSpec, tensor: str, t: float) -> dict[str, Any]:
+        chain = [source.parameters, out_slice.parameters, self.spec.parameters]
+        resolved = {}
+        for name, default in self.method.model_params.items():
+            resolved[name] = _resolve(name, chain, tensor, t, default, f"model {source.model}")
+        for name in self.method.required_model_params:
+            value = _resolve(name, chain, tensor, t, None, f"model {source.model}")
+            if value is None:
+                raise ConfigError(
+                    f"merge_method {self.spec.merge_method} needs parameter `{name}` for model {source.model} "
+                    f"(tensor {tensor}); set it in the model's `parameters` or the top-level `parameters`"
+                )
+            resolved[name] = value
+        return resolved
+
+    def _global_params(self, out_slice: SliceSpec, tensor: str, t: float) -> dict[str, Any]:
+        chain = [out_slice.parameters, self.spec.parameters]
+        return {
+            name: _resolve(name, chain, tensor, t, default, "the merge")
+            for name, default in self.method.global_params.items()
+        }
+
+    def _in_file_order(self) -> list[PlannedTensor]:
+        """Visit tensors in the order their first input lies on disk (sequential reads)."""
+        def key(tensor: PlannedTensor) -> tuple[int, str, int]:
+            ref = tensor.base or tensor.inputs[0]
+            info = self.checkpoints[ref.checkpoint].info(ref.name)
+            return ref.checkpoint, str(info.path), info.begin
+        return sorted(self.tensors, key=key)
+
+    def _output_config(self, source: Checkpoint, out_layers: int | None, in_layers: int) -> dict[str, Any] | None:
+        if source.config is None:
+            return None
+        config = dict(source.config)
+        if out_layers is not None and out_layers != in_layers and "num_hidden_layers" in config:
+            config["num_hidden_layers"] = out_layers
+        return config
+
+
+def _resolve(name: str, chain: Iterable[dict[str, Any]], tensor: str, t: float, default: Any, owner: str) -> Any:
+    """First setting in precedence order that yields a value for this tensor, else the default."""
+    for params in chain:
+        if name in params:
+            value = evaluate_setting(params[name], tensor, t)
+            if value is not None:
+                return check_parameter_value(name, value, default, owner, tensor)
+    return default
+
+
+def check_parameter_value(name: str, value: Any, default: Any, owner: str, tensor: str) -> Any:
+    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if numeric_default or default is None:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                if numeric_default:
+                    raise ConfigError(f"parameter `{name}` of {owner} must be a number, got {value!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"parameter `{name}` of {owner} is {value} for tensor {tensor}; it must be finite")
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ConfigError(f"parameter `{name}` of {owner} must be true or false, got {value!r}")
+    return value
+
+
+def _float_output(dtype: torch.dtype) -> torch.dtype:
+    """Merged tensors keep their input dtype; fp8/fp64 inputs produce fp32 (fp8 is read-only)."""
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
