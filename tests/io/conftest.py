@@ -55,6 +55,7 @@ def _write_sharded(directory: Path, shards: dict[str, dict[str, torch.Tensor]], 
     """Write the given shards plus an HF index (weight_map derived from the shards by default)."""
     directory.mkdir(parents=True, exist_ok=True)
     for file_name, tensors in shards.items():
+        (directory / file_name).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, directory / file_name)
     if weight_map is None:
         weight_map = {name: file_name for file_name, tensors in shards.items() for name in tensors}

@@ -70,7 +70,7 @@ def test_tensor_is_a_view_into_the_file_mapping(tmp_path):
     assert v.data_ptr() - w.data_ptr() == f.infos["v"].begin - f.infos["w"].begin
     f.close()
     assert len(_file_mappings(path)) == 1  # live views keep the pages mapped after close
-    del w, v
+    del w, v, t
     assert _file_mappings(path) == []  # ... and the last one unmaps them
 
 
