@@ -1,7 +1,11 @@
 // Python bindings for the native kernels. Only binding code lives here; kernels are in their own
 // files and take raw pointers, element counts and dtype codes (csrc/dtype.h), never torch objects.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <omp.h>
+
+#include "blend.h"
+#include "selection.h"
 
 namespace py = pybind11;
 
@@ -9,4 +13,45 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "fastmerge native CPU kernels (C++17, OpenMP)";
   m.def("max_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads a kernel will use.");
+  m.def("set_num_threads", [](int n) { omp_set_num_threads(n); },
+        "Set the OpenMP thread count for later kernel calls (results do not depend on it).");
+  m.def("blend", &fastmerge::blend, py::call_guard<py::gil_scoped_release>(),
+        "Weighted blend over raw pointers; see csrc/blend.h.", py::arg("inputs"), py::arg("input_dtypes"),
+        py::arg("weights"), py::arg("base"), py::arg("base_dtype"), py::arg("lam"), py::arg("out"),
+        py::arg("out_dtype"), py::arg("n"));
+  // Magnitude selection, TIES and DARE (csrc/selection.h documents each).
+  m.def("magnitude_histogram", &fastmerge::magnitude_histogram, py::call_guard<py::gil_scoped_release>(),
+        py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("hist"),
+        py::arg("phase"), py::arg("bucket"));
+  m.def("tie_cutoff", &fastmerge::tie_cutoff, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
+        py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("t_bits"),
+        py::arg("ties_to_keep"));
+  m.def(
+      "ties_merge",
+      [](uintptr_t out, int out_dtype, uintptr_t base, int base_dtype, int64_t n, const std::vector<uintptr_t>& xs,
+         const std::vector<int>& x_dtypes, const std::vector<float>& weights, const std::vector<float>& scales,
+         const std::vector<int>& modes, const std::vector<uint32_t>& t_hi, const std::vector<int64_t>& cut_hi,
+         const std::vector<uint32_t>& t_lo, const std::vector<int64_t>& cut_lo, const std::vector<uint64_t>& keys,
+         const std::vector<float>& densities, bool consensus, bool normalize, float lam) {
+        auto selectors = fastmerge::make_selectors(modes, t_hi, cut_hi, t_lo, cut_lo, keys, densities);
+        py::gil_scoped_release release;
+        fastmerge::ties_merge(out, out_dtype, base, base_dtype, n, xs, x_dtypes, weights, scales, selectors,
+                              consensus, normalize, lam);
+      },
+      py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("inputs"),
+      py::arg("input_dtypes"), py::arg("weights"), py::arg("scales"), py::arg("modes"), py::arg("t_hi"),
+      py::arg("cut_hi"), py::arg("t_lo"), py::arg("cut_lo"), py::arg("keys"), py::arg("densities"),
+      py::arg("consensus"), py::arg("normalize"), py::arg("lam"));
+  m.def(
+      "kept_l1",
+      [](uintptr_t x, int x_dtype, uintptr_t base, int base_dtype, int64_t n, int mode, uint32_t t_hi, int64_t cut_hi,
+         uint32_t t_lo, int64_t cut_lo, uint64_t key, float density) {
+        auto sel = fastmerge::make_selectors({mode}, {t_hi}, {cut_hi}, {t_lo}, {cut_lo}, {key}, {density});
+        py::gil_scoped_release release;
+        return fastmerge::kept_l1(x, x_dtype, base, base_dtype, n, sel[0]);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("mode"),
+      py::arg("t_hi"), py::arg("cut_hi"), py::arg("t_lo"), py::arg("cut_lo"), py::arg("key"), py::arg("density"));
+  m.def("philox_fill", &fastmerge::philox_fill, py::call_guard<py::gil_scoped_release>(), py::arg("out"),
+        py::arg("key"), py::arg("offset"), py::arg("n"));
 }
