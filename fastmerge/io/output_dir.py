@@ -1,0 +1,157 @@
+"""Never leave a half-written output that looks complete.
+
+A merge writes into a hidden temporary directory beside the destination (same filesystem, so
+the final move is an atomic rename) and only renames it into place once everything is on disk.
+A crash leaves `.<name>.fastmerge-tmp-<random>`, which no tool mistakes for a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..dtypes import config_name
+from ..errors import CheckpointError, OutputError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+GENERATION_CONFIG = "generation_config.json"
+
+
+def _is_within(path: Path, directory: Path) -> bool:
+    return path == directory or directory in path.parents
+
+
+class StagedOutput:
+    """A temporary output directory that becomes `destination` only on commit()."""
+
+    def __init__(self, destination: str | Path, inputs: Sequence[Path], overwrite: bool = False):
+        self.destination = Path(destination).expanduser().resolve()
+        self.overwrite = overwrite
+        self._check_destination(inputs)
+        try:
+            self.destination.parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(
+                tempfile.mkdtemp(
+                    prefix=f".{self.destination.name}.fastmerge-tmp-", dir=self.destination.parent
+                )
+            )
+        except OSError as exc:
+            raise OutputError(f"{self.destination}: cannot create the output ({exc})") from None
+        self._committed = False
+
+    def _check_destination(self, inputs: Sequence[Path]) -> None:
+        dest = self.destination
+        if dest.is_file():
+            raise OutputError(f"output {dest} is a file; give a directory path")
+        if dest.exists() and not self.overwrite:
+            raise OutputError(f"output {dest} already exists; pass --overwrite or choose another path")
+        for given in inputs:
+            resolved = Path(given).expanduser().resolve()
+            input_dir = resolved if resolved.is_dir() else resolved.parent
+            if _is_within(dest, input_dir):
+                raise OutputError(
+                    f"output {dest} is inside input {input_dir}; inputs are never written, "
+                    "choose an output outside it"
+                )
+            if self.overwrite and _is_within(input_dir, dest):
+                raise OutputError(
+                    f"input {resolved} is inside output {dest}, which --overwrite would delete"
+                )
+
+    def commit(self) -> Path:
+        """Move the finished output into place; with overwrite, the old one goes only afterwards."""
+        if self._committed:
+            raise OutputError(f"{self.destination}: output already committed")
+        dest = self.destination
+        old: Path | None = None
+        try:
+            if dest.exists() or dest.is_symlink():
+                if not self.overwrite:
+                    raise OutputError(f"output {dest} appeared while merging; not replacing it")
+                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.fastmerge-old-", dir=dest.parent))
+                os.rename(dest, old / dest.name)
+            try:
+                os.rename(self.path, dest)
+            except OSError:
+                if old is not None:
+                    os.rename(old / dest.name, dest)
+                raise
+        except OSError as exc:
+            raise OutputError(f"{dest}: cannot move the finished output into place ({exc})") from None
+        self._committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return dest
+
+    def discard(self) -> None:
+        """Delete the temporary directory (after a failure, or when commit was never reached)."""
+        if not self._committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> StagedOutput:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+
+def _write_config(source: Path, destination: Path, torch_dtype: torch.dtype | None) -> None:
+    try:
+        config = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{source}: cannot read the model config ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: the model config must be a JSON object")
+    if torch_dtype is not None:
+        config["torch_dtype"] = config_name(torch_dtype)
+        if "dtype" in config:  # newer transformers write `dtype` instead
+            config["dtype"] = config_name(torch_dtype)
+    destination.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_model_files(
+    source_dir: Path | None,
+    destination: Path,
+    torch_dtype: torch.dtype | None,
+    copy_tokenizer: bool = True,
+) -> list[str]:
+    """Copy config.json (with the output dtype), tokenizer files and generation_config.json.
+
+    Returns the names copied. Symlinks (HF cache) are followed, so the output holds real files.
+    """
+    if source_dir is None:
+        return []
+    source_dir, destination = Path(source_dir), Path(destination)
+    copied = []
+    if (source_dir / "config.json").is_file():
+        _write_config(source_dir / "config.json", destination / "config.json", torch_dtype)
+        copied.append("config.json")
+    extras = (*TOKENIZER_FILES, GENERATION_CONFIG) if copy_tokenizer else ()
+    for name in extras:
+        if (source_dir / name).is_file():
+            try:
+                shutil.copyfile(source_dir / name, destination / name)
+            except OSError as exc:
+                raise OutputError(f"copying {source_dir / name} to {destination} failed ({exc})") from None
+            copied.append(name)
+    return copied
