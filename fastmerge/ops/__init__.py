@@ -2,5 +2,18 @@
 cuda); `backend=None` picks one by device (DESIGN.md "Backends and dispatch")."""
 
 from .blend import blend
+from .random import derive_key, philox_uniform
+from .threshold import MagnitudeHistogram, Threshold, density_to_k, keep_mask, magnitude_threshold
+from .ties import ties_merge
 
-__all__ = ["blend"]
+__all__ = [
+    "blend",
+    "derive_key",
+    "philox_uniform",
+    "MagnitudeHistogram",
+    "Threshold",
+    "density_to_k",
+    "keep_mask",
+    "magnitude_threshold",
+    "ties_merge",
+]

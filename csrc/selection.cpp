@@ -1,0 +1,139 @@
+// Magnitude selection (histogram threshold, tie cut-off) and the fused TIES-family merge.
+// Every loop works on kChunk-element fp32 copies of the inputs (selection.h load_delta).
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "selection.h"
+
+namespace fastmerge {
+
+namespace {
+void check_inputs(int x_dtype, uintptr_t b, int b_dtype) {
+  check_input_dtype(x_dtype);
+  if (b) check_input_dtype(b_dtype);
+}
+int64_t chunk_count(int64_t n) { return (n + kChunk - 1) / kChunk; }
+}  // namespace
+
+int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uintptr_t hist,
+                            int phase, uint32_t bucket) {
+  check_inputs(x_dtype, b, b_dtype);
+  if (phase != 1 && phase != 2) throw std::invalid_argument("histogram phase must be 1 or 2");
+  const void* xp = reinterpret_cast<const void*>(x);
+  const void* bp = reinterpret_cast<const void*>(b);
+  int64_t* out = reinterpret_cast<int64_t*>(hist);
+  int64_t nan_count = 0;
+  // Private histograms per thread, summed at the end: integer counts, so the result does not
+  // depend on the thread count or schedule.
+#pragma omp parallel reduction(+ : nan_count)
+  {
+    std::vector<int64_t> local(kHistBins, 0);
+    std::vector<float> d(kChunk), scratch(kChunk);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunk_count(n); ++c) {
+      const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
+      load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t bits = f32_bits(d[j]) & 0x7fffffffu;
+        if (bits > 0x7f800000u)
+          ++nan_count;
+        else if (phase == 1)
+          ++local[bits >> 16];
+        else if ((bits >> 16) == bucket)
+          ++local[bits & 0xffffu];
+      }
+    }
+#pragma omp critical
+    for (int j = 0; j < kHistBins; ++j) out[j] += local[j];
+  }
+  return nan_count;
+}
+
+int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uint32_t t_bits,
+                   int64_t ties_to_keep) {
+  check_inputs(x_dtype, b, b_dtype);
+  const void* xp = reinterpret_cast<const void*>(x);
+  const void* bp = reinterpret_cast<const void*>(b);
+  std::vector<float> d(kChunk), scratch(kChunk);
+  int64_t seen = 0;
+  for (int64_t off = 0; off < n; off += kChunk) {
+    const int64_t len = std::min(kChunk, n - off);
+    load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+    for (int64_t j = 0; j < len; ++j)
+      if ((f32_bits(d[j]) & 0x7fffffffu) == t_bits && seen++ == ties_to_keep) return off + j;
+  }
+  return n;
+}
+
+void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<uintptr_t>& xs,
+                const std::vector<int>& x_dtypes, const std::vector<float>& weights, const std::vector<float>& scales,
+                const std::vector<Selector>& selectors, bool consensus, bool normalize, float lam) {
+  const size_t k = xs.size();
+  if (k == 0 || k > size_t(kMaxModels)) throw std::invalid_argument("ties_merge needs 1 to 64 input models");
+  if (x_dtypes.size() != k || weights.size() != k || scales.size() != k || selectors.size() != k)
+    throw std::invalid_argument("ties_merge per-model lists differ in length");
+  check_output_dtype(out_dtype);
+  if (!b) throw std::invalid_argument("ties_merge needs a base tensor");
+  check_input_dtype(b_dtype);
+  for (int d : x_dtypes) check_input_dtype(d);
+  void* op = reinterpret_cast<void*>(out);
+  const void* bp = reinterpret_cast<const void*>(b);
+  // Without consensus every model counts, so the divisor is the same for every element.
+  float all_weights = 0.f;
+  for (float w : weights) all_weights += w;
+
+#pragma omp parallel
+  {
+    std::vector<float> base(kChunk), elect(kChunk), mixed(kChunk), div(kChunk), result(kChunk);
+    std::vector<float> delta(k * kChunk);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunk_count(n); ++c) {
+      const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
+      load_chunk(base.data(), bp, b_dtype, off, len);
+      std::fill(elect.begin(), elect.end(), 0.f);
+      for (size_t m = 0; m < k; ++m) {
+        float* d = delta.data() + m * kChunk;
+        load_chunk(d, reinterpret_cast<const void*>(xs[m]), x_dtypes[m], off, len);
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) d[j] -= base[j];
+        selectors[m].apply(d, off, len, scales[m]);
+        const float w = weights[m];
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) elect[j] = std::fma(w, d[j], elect[j]);
+      }
+      if (consensus) {
+        std::fill(mixed.begin(), mixed.end(), 0.f);
+        std::fill(div.begin(), div.end(), 0.f);
+        for (size_t m = 0; m < k; ++m) {
+          const float* d = delta.data() + m * kChunk;
+          const float w = weights[m];
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) {
+            const bool agrees = d[j] != 0.f && w != 0.f && ((d[j] > 0.f) == (w > 0.f)) == (elect[j] >= 0.f);
+            mixed[j] = agrees ? std::fma(w, d[j], mixed[j]) : mixed[j];
+            div[j] = agrees ? div[j] + w : div[j];
+          }
+        }
+      } else {
+        std::copy(elect.begin(), elect.end(), mixed.begin());
+        std::fill(div.begin(), div.end(), all_weights);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float m = normalize ? mixed[j] / (div[j] == 0.f ? 1.f : div[j]) : mixed[j];
+        result[j] = std::fma(lam, m, base[j]);
+      }
+      dispatch_float_dtype(out_dtype, [&](auto tag) {
+        using E = Elem<decltype(tag)::value>;
+        typename E::T* __restrict o = static_cast<typename E::T*>(op) + off;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) o[j] = E::put(result[j]);
+      });
+    }
+  }
+}
+
+}  // namespace fastmerge

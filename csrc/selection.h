@@ -1,0 +1,134 @@
+// Per-model sparsifier shared by the TIES-family kernel (selection.cpp) and the DARE / rescale
+// kernels (dare.cpp): which elements of a task vector d = x - b survive trimming.
+//
+// Selection works on the fp32 bit pattern of |d| (non-negative IEEE floats order like their
+// bits), so "keep the top k" is "bits > t, or bits == t and flat index < tie_cut", where t and
+// tie_cut come from the histogram threshold (fastmerge/ops/threshold.py).
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "dtype.h"
+#include "elem.h"
+#include "philox.h"
+
+namespace fastmerge {
+
+enum SparsifyMode : int {
+  KEEP_ALL = 0,   // density 1: nothing trimmed
+  MAGNITUDE = 1,  // top-k by |d|: (t_hi, cut_hi)
+  OUTLIERS = 2,   // breadcrumbs: in top-k_lo (t_lo, cut_lo) but not in top-k_hi (t_hi, cut_hi)
+  RANDOM = 3,     // DARE: philox_uniform(key, index) < density
+};
+
+struct Selector {
+  int mode = KEEP_ALL;
+  uint32_t t_hi = 0;
+  int64_t cut_hi = 0;
+  uint32_t t_lo = 0;
+  int64_t cut_lo = 0;
+  uint64_t key = 0;
+  float density = 1.f;
+
+  static bool in_top(uint32_t bits, int64_t i, uint32_t t, int64_t cut) {
+    return bits > t || (bits == t && i < cut);
+  }
+  // d[j] (element off + j) becomes d[j] * scale if kept, else 0. One loop per mode so the
+  // compiler can vectorise each.
+  void apply(float* __restrict d, int64_t off, int64_t len, float scale) const {
+    switch (mode) {
+      case MAGNITUDE:
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) {
+          const uint32_t bits = f32_bits(d[j]) & 0x7fffffffu;
+          d[j] = in_top(bits, off + j, t_hi, cut_hi) ? d[j] * scale : 0.f;
+        }
+        return;
+      case OUTLIERS:
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) {
+          const uint32_t bits = f32_bits(d[j]) & 0x7fffffffu;
+          const bool keep = in_top(bits, off + j, t_lo, cut_lo) && !in_top(bits, off + j, t_hi, cut_hi);
+          d[j] = keep ? d[j] * scale : 0.f;
+        }
+        return;
+      case RANDOM:
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j)
+          d[j] = philox_uniform(key, uint64_t(off + j)) < density ? d[j] * scale : 0.f;
+        return;
+      default:
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) d[j] *= scale;
+    }
+  }
+};
+
+// Builds one Selector per model from parallel per-model parameter lists (the binding's layout).
+inline std::vector<Selector> make_selectors(const std::vector<int>& modes, const std::vector<uint32_t>& t_hi,
+                                            const std::vector<int64_t>& cut_hi, const std::vector<uint32_t>& t_lo,
+                                            const std::vector<int64_t>& cut_lo, const std::vector<uint64_t>& keys,
+                                            const std::vector<float>& densities) {
+  const size_t k = modes.size();
+  if (t_hi.size() != k || cut_hi.size() != k || t_lo.size() != k || cut_lo.size() != k || keys.size() != k ||
+      densities.size() != k)
+    throw std::invalid_argument("per-model selector lists differ in length");
+  std::vector<Selector> out(k);
+  for (size_t i = 0; i < k; ++i) {
+    if (modes[i] < KEEP_ALL || modes[i] > RANDOM) throw std::invalid_argument("unknown sparsify mode");
+    out[i] = Selector{modes[i], t_hi[i], cut_hi[i], t_lo[i], cut_lo[i], keys[i], densities[i]};
+  }
+  return out;
+}
+
+// Elements per chunk: the kernels load each input chunk to fp32 once (vectorised), then work
+// on the fp32 copies. kL1Lanes is a multiple of it.
+constexpr int64_t kChunk = 2048;
+
+// d[j] = x[off + j] - b[off + j] in fp32 for j < len (b absent: d = x); the one definition of a
+// task-vector element every kernel uses. `scratch` holds kChunk floats.
+inline void load_delta(float* __restrict d, float* __restrict scratch, const void* x, int x_dtype, const void* b,
+                       int b_dtype, int64_t off, int64_t len) {
+  load_chunk(d, x, x_dtype, off, len);
+  if (!b) return;
+  load_chunk(scratch, b, b_dtype, off, len);
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) d[j] -= scratch[j];
+}
+
+}  // namespace fastmerge
+
+// ---- kernel entry points (bound in bindings.cpp; pointers are raw addresses, 0 = absent) ----
+namespace fastmerge {
+
+constexpr int kHistBins = 65536;
+constexpr int kMaxModels = 64;
+// Lane count of the fixed fp64 summation order for whole-tensor L1 norms (see dare.cpp).
+constexpr int64_t kL1Lanes = 65536;
+
+// Adds to hist (int64[65536]) the histogram of the fp32 bits of |x - b|: phase 1 bins the top 16
+// bits; phase 2 bins the low 16 bits of the elements whose top 16 bits equal `bucket`.
+// Returns how many elements are NaN (the caller raises).
+int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uintptr_t hist,
+                            int phase, uint32_t bucket);
+
+// Flat index of the (ties_to_keep + 1)-th element with bits(|x - b|) == t_bits, or n: the
+// exclusive end of the ties that the keep-exactly-k rule keeps.
+int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uint32_t t_bits,
+                   int64_t ties_to_keep);
+
+// The fused TIES-family merge (fastmerge/ops/ties.py documents the arithmetic order).
+void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<uintptr_t>& xs,
+                const std::vector<int>& x_dtypes, const std::vector<float>& weights, const std::vector<float>& scales,
+                const std::vector<Selector>& selectors, bool consensus, bool normalize, float lam);
+
+// (sum |d|, sum over kept |d|) in fp64, in the fixed lane order of dare.cpp.
+std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n,
+                                  const Selector& selector);
+
+// philox_uniform(key, offset + i) for i < n into an fp32 buffer (tests compare the draws).
+void philox_fill(uintptr_t out, uint64_t key, int64_t offset, int64_t n);
+
+}  // namespace fastmerge

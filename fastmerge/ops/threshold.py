@@ -1,0 +1,253 @@
+"""Exact magnitude selection: the k-th largest |x| in O(n), without sorting.
+
+Why histograms: non-negative IEEE floats order like their bit patterns, so the k-th largest |x|
+is found by counting. Pass 1 bins the top 16 bits of the fp32 pattern of |x| and finds the bin
+holding the k-th largest; pass 2 bins the low 16 bits of the elements in that bin, which pins the
+exact value. Two streaming passes, 65536 counters, no sort, no copy of the tensor, and integer
+counts make the answer independent of thread count and backend.
+
+Keep-exactly-k rule (DESIGN.md "Magnitude selection"): keep every |x| > t, then the elements with
+|x| == t in ascending flat index until k are kept. A `Threshold` therefore carries t and how many
+of its ties to keep. `MagnitudeHistogram` does the same over many tensors (a model's whole task
+vector), with ties ordered by tensor (in the order added) and then by flat index.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..dtypes import native_code
+from ..errors import KernelError
+from ._dispatch import resolve_backend
+
+BINS = 65536
+BACKENDS = ("reference", "native")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep |x| > value, plus the first `ties_to_keep` elements with |x| == value (flat order).
+
+    value is an fp32 number (or +inf for "keep nothing"); tie_count, when known, is how many
+    elements equal it, which lets kernels skip the scan for the tie cut-off when all are kept.
+    """
+
+    value: float
+    ties_to_keep: int
+    tie_count: int | None = None
+
+    @property
+    def bits(self) -> int:
+        """The fp32 bit pattern of value (what the kernels compare against)."""
+        return struct.unpack("<I", struct.pack("<f", self.value))[0]
+
+
+KEEP_NOTHING = Threshold(float("inf"), 0, 0)
+
+
+def density_to_k(density: float, n: int) -> int:
+    """Elements a magnitude sparsifier keeps: int(density * n), as mergekit rounds it."""
+    if not 0.0 <= density <= 1.0:
+        raise KernelError(f"density must be in [0, 1], got {density}")
+    return int(density * n)
+
+
+def _bits_value(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _abs_bits(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """fp32 bit patterns of |x - b| as int64 (the reference histogram's input)."""
+    d = x.reshape(-1).to(torch.float32)
+    if base is not None:
+        d = d - base.reshape(-1).to(torch.float32)
+    return (d.view(torch.int32).to(torch.int64) & 0x7FFFFFFF)
+
+
+def _reference_histogram(x, base, phase: int, bucket: int, hist: np.ndarray) -> int:
+    bits = _abs_bits(x, base)
+    nan = int((bits > 0x7F800000).sum())
+    bits = bits[bits <= 0x7F800000]
+    if phase == 1:
+        sel = bits >> 16
+    else:
+        sel = bits[(bits >> 16) == bucket] & 0xFFFF
+    hist += torch.bincount(sel, minlength=BINS).cpu().numpy()
+    return nan
+
+
+def _native_histogram(x, base, phase: int, bucket: int, hist: np.ndarray) -> int:
+    from .. import _native
+
+    x = x.contiguous()
+    base = base.contiguous() if base is not None else None
+    return _native.magnitude_histogram(
+        x.data_ptr(), native_code(x.dtype),
+        base.data_ptr() if base is not None else 0, native_code(base.dtype) if base is not None else 0,
+        x.numel(), hist.ctypes.data, phase, bucket,
+    )
+
+
+_HISTOGRAMS: dict[str, Callable[..., int]] = {"reference": _reference_histogram, "native": _native_histogram}
+
+
+def accumulate_histogram(x, base, phase: int, bucket: int, hist: np.ndarray, backend: str, name: str) -> None:
+    """Add |x - b|'s phase-1 or phase-2 histogram to `hist` (int64[65536]); NaN -> KernelError."""
+    if x.numel() == 0:
+        return
+    if _HISTOGRAMS[backend](x, base, phase, bucket, hist):
+        raise KernelError(f"{name} contains NaN; magnitude selection needs finite or infinite values")
+
+
+def _bin_of_kth(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest, number of elements in higher bins); 1 <= k <= hist.sum()."""
+    from_top = np.cumsum(hist[::-1])
+    j = int(np.searchsorted(from_top, k))
+    b = BINS - 1 - j
+    return b, int(from_top[j] - hist[b])
+
+
+def _threshold_from(bucket: int, above: int, fine: np.ndarray, k: int) -> Threshold:
+    """Finish the selection: `fine` is the phase-2 histogram of `bucket`, `above` the count in
+    higher coarse bins."""
+    low, above_fine = _bin_of_kth(fine, k - above)
+    greater = above + above_fine
+    return Threshold(_bits_value((bucket << 16) | low), k - greater, int(fine[low]))
+
+
+def magnitude_threshold(x: torch.Tensor, k: int, base: torch.Tensor | None = None, backend: str | None = None,
+                        name: str = "tensor") -> Threshold:
+    """The keep-exactly-k threshold of |x| (or |x - base|). k <= 0 keeps nothing, k >= n all."""
+    backend = resolve_backend("magnitude_threshold", [x, base], BACKENDS, backend)
+    n = x.numel()
+    if base is not None and base.numel() != n:
+        raise KernelError(f"{name}: base has {base.numel()} elements, tensor has {n}")
+    if k <= 0 or n == 0:
+        if n:  # still reject NaN, so k never changes whether bad input is noticed
+            accumulate_histogram(x, base, 1, 0, np.zeros(BINS, dtype=np.int64), backend, name)
+        return KEEP_NOTHING
+    k = min(k, n)
+    coarse = np.zeros(BINS, dtype=np.int64)
+    accumulate_histogram(x, base, 1, 0, coarse, backend, name)
+    bucket, above = _bin_of_kth(coarse, k)
+    fine = np.zeros(BINS, dtype=np.int64)
+    accumulate_histogram(x, base, 2, bucket, fine, backend, name)
+    return _threshold_from(bucket, above, fine, k)
+
+
+def keep_mask(x: torch.Tensor, threshold: Threshold, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask (shape of x) of the elements the keep-exactly-k rule keeps."""
+    a = _abs_bits(x, base)
+    t = threshold.bits
+    ties = a == t
+    keep = (a > t) | (ties & (torch.cumsum(ties, 0) <= threshold.ties_to_keep))
+    return keep.reshape(x.shape)
+
+
+def tie_cutoff(x: torch.Tensor, threshold: Threshold, base: torch.Tensor | None = None,
+               backend: str | None = None) -> int:
+    """Exclusive flat-index end of the kept ties: keep |x| == t exactly where index < cut-off."""
+    n = x.numel()
+    if threshold.ties_to_keep <= 0:
+        return 0
+    if threshold.tie_count is not None and threshold.ties_to_keep >= threshold.tie_count:
+        return n
+    backend = resolve_backend("tie_cutoff", [x, base], BACKENDS, backend)
+    if backend == "native":
+        from .. import _native
+
+        x = x.contiguous()
+        base = base.contiguous() if base is not None else None
+        return _native.tie_cutoff(
+            x.data_ptr(), native_code(x.dtype),
+            base.data_ptr() if base is not None else 0, native_code(base.dtype) if base is not None else 0,
+            n, threshold.bits, threshold.ties_to_keep,
+        )
+    where = torch.nonzero(_abs_bits(x, base) == threshold.bits).reshape(-1)
+    return int(where[threshold.ties_to_keep]) if threshold.ties_to_keep < where.numel() else n
+
+
+class MagnitudeHistogram:
+    """One keep-exactly-k threshold over many tensors (a model's whole task vector), fed tensor
+    by tensor so memory stays one tensor (DESIGN.md "Memory").
+
+    Usage: `add` every tensor (phase 1: coarse histogram), call `refine()`, `add` the same
+    tensors again in the same order (phase 2: exact value), then `threshold()` for the global
+    threshold and `tensor_threshold(i)` for the i-th tensor's share of it: ties at the threshold
+    are kept by tensor in the order added, then by flat index. Phase 2 remembers, per tensor, the
+    non-zero fine bins only, to split the ties.
+    """
+
+    def __init__(self, density: float, backend: str | None = None, name: str = "task vector"):
+        self.density = density
+        self.backend = backend
+        self.name = name
+        self._coarse = np.zeros(BINS, dtype=np.int64)
+        self._sizes: list[int] = []
+        self._fine: list[tuple[np.ndarray, np.ndarray]] = []
+        self._phase = 1
+        self._k = 0
+        self._bucket = 0
+        self._above = 0
+
+    def add(self, x: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        """Count |x - base| in the current phase."""
+        backend = resolve_backend("magnitude_histogram", [x, base], BACKENDS, self.backend)
+        label = f"{self.name} tensor #{len(self._sizes) if self._phase == 1 else len(self._fine)}"
+        if self._phase == 1:
+            accumulate_histogram(x, base, 1, 0, self._coarse, backend, label)
+            self._sizes.append(x.numel())
+            return
+        i = len(self._fine)
+        if i >= len(self._sizes) or self._sizes[i] != x.numel():
+            raise KernelError(f"{label}: phase 2 must add the same tensors, in the same order, as phase 1")
+        fine = np.zeros(BINS, dtype=np.int64)
+        if self._k:
+            accumulate_histogram(x, base, 2, self._bucket, fine, backend, label)
+        bins = np.nonzero(fine)[0]
+        self._fine.append((bins, fine[bins]))
+
+    def refine(self) -> None:
+        """End phase 1: fix k = int(density * total) and the bin to refine."""
+        if self._phase != 1:
+            raise KernelError("MagnitudeHistogram.refine() called twice")
+        self._phase = 2
+        self._k = density_to_k(self.density, sum(self._sizes))
+        if self._k:
+            self._bucket, self._above = _bin_of_kth(self._coarse, self._k)
+
+    def _check_done(self) -> None:
+        if self._phase != 2 or len(self._fine) != len(self._sizes):
+            raise KernelError("MagnitudeHistogram: add every tensor, refine(), then add them all again first")
+
+    def threshold(self) -> Threshold:
+        """The global threshold over every tensor added."""
+        self._check_done()
+        if not self._k:
+            return KEEP_NOTHING
+        fine = np.zeros(BINS, dtype=np.int64)
+        for bins, counts in self._fine:
+            fine[bins] += counts
+        return _threshold_from(self._bucket, self._above, fine, self._k)
+
+    def tensor_threshold(self, index: int) -> Threshold:
+        """The global threshold with the ties split: tensor `index` keeps the ties left over
+        after the tensors added before it took theirs."""
+        total = self.threshold()
+        if total is KEEP_NOTHING:
+            return KEEP_NOTHING
+        low = total.bits & 0xFFFF
+
+        def ties_in(i: int) -> int:
+            bins, counts = self._fine[i]
+            hit = np.nonzero(bins == low)[0]
+            return int(counts[hit[0]]) if hit.size else 0
+
+        before = sum(ties_in(i) for i in range(index))
+        mine = ties_in(index)
+        return Threshold(total.value, max(0, min(mine, total.ties_to_keep - before)), mine)
