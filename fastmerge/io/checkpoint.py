@@ -126,7 +126,9 @@ class Checkpoint:
             weight_map = _read_weight_map(index_path)
             # Shard names sort in shard order (model-00001-of-00003, ...); the weight map itself
             # is usually sorted by tensor name, which interleaves shards.
-            shards = [_member_path(self.path, n, index_path) for n in sorted(set(weight_map.values()))]
+            shards = [
+                _member_path(self.path, n, index_path) for n in sorted(set(weight_map.values()))
+            ]
             for shard in shards:
                 if not shard.is_file():
                     raise CheckpointError(f"{index_path}: names {shard.name}, which does not exist")
@@ -143,9 +145,7 @@ class Checkpoint:
             if not self.allow_pickle:
                 raise CheckpointError(f"{self.path}: {_PICKLE_HINT}")
             return self.path
-        raise CheckpointError(
-            f"{self.path}: not a model directory, .safetensors file or .bin file"
-        )
+        raise CheckpointError(f"{self.path}: not a model directory, .safetensors file or .bin file")
 
     @staticmethod
     def _open(path: Path) -> SafetensorsFile | PickleFile:
@@ -158,7 +158,8 @@ class Checkpoint:
             expected = _member_path(self.path, shard_name, index_path)
             if owner is None or owner.path != expected:
                 raise CheckpointError(
-                    f"{index_path}: tensor {name!r} is listed in {shard_name} but is not in that file"
+                    f"{index_path}: tensor {name!r} is listed in {shard_name} "
+                    "but is not in that file"
                 )
 
     def _file_of(self, name: str) -> SafetensorsFile | PickleFile:
@@ -194,4 +195,5 @@ class Checkpoint:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors in {len(self.data_files)} files)"
+        files = len(self.data_files)
+        return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors in {files} files)"

@@ -64,7 +64,9 @@ class StagedOutput:
         if dest.is_file():
             raise OutputError(f"output {dest} is a file; give a directory path")
         if dest.exists() and not self.overwrite:
-            raise OutputError(f"output {dest} already exists; pass --overwrite or choose another path")
+            raise OutputError(
+                f"output {dest} already exists; pass --overwrite or choose another path"
+            )
         for given in inputs:
             resolved = Path(given).expanduser().resolve()
             input_dir = resolved if resolved.is_dir() else resolved.parent
@@ -97,7 +99,9 @@ class StagedOutput:
                     os.rename(old / dest.name, dest)
                 raise
         except OSError as exc:
-            raise OutputError(f"{dest}: cannot move the finished output into place ({exc})") from None
+            raise OutputError(
+                f"{dest}: cannot move the finished output into place ({exc})"
+            ) from None
         self._committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -152,6 +156,8 @@ def copy_model_files(
             try:
                 shutil.copyfile(source_dir / name, destination / name)
             except OSError as exc:
-                raise OutputError(f"copying {source_dir / name} to {destination} failed ({exc})") from None
+                raise OutputError(
+                    f"copying {source_dir / name} to {destination} failed ({exc})"
+                ) from None
             copied.append(name)
     return copied

@@ -92,11 +92,15 @@ def _parse_metadata(path: Path, value: object) -> dict[str, str]:
     return dict(value)
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+def _parse_entry(
+    path: Path, name: str, entry: object, data_start: int, data_size: int
+) -> TensorInfo:
     """Validate one header entry against the data section; every error names the tensor."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
-        raise CheckpointError(f"{where}: entry must have exactly the keys dtype, shape, data_offsets")
+        raise CheckpointError(
+            f"{where}: entry must have exactly the keys dtype, shape, data_offsets"
+        )
     dtype = SAFETENSORS_TO_TORCH.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise CheckpointError(f"{where}: unknown dtype {entry['dtype']!r}")

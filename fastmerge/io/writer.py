@@ -109,13 +109,17 @@ class ShardedWriter:
             if name in seen:
                 raise OutputError(f"output tensor {name!r} is listed twice")
             if dtype not in TORCH_TO_SAFETENSORS:
-                raise OutputError(f"output tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+                raise OutputError(
+                    f"output tensor {name!r}: dtype {dtype} cannot be stored in safetensors"
+                )
             seen.add(name)
             shape = tuple(int(d) for d in shape)
             specs.append((name, dtype, shape, prod(shape) * dtype.itemsize))
         return specs
 
-    def _create_shard(self, shard: int, specs: list[tuple[str, torch.dtype, tuple[int, ...], int]]) -> None:
+    def _create_shard(
+        self, shard: int, specs: list[tuple[str, torch.dtype, tuple[int, ...], int]]
+    ) -> None:
         # Widest dtypes first (stable) so every tensor starts aligned to its element size and
         # readers of this file get zero-copy views; safetensors itself lays files out this way.
         specs = sorted(specs, key=lambda spec: -spec[1].itemsize)
@@ -163,9 +167,8 @@ class ShardedWriter:
             try:
                 self._pwrite_all(self._fds[slot.shard], _tensor_bytes(tensor), slot.offset)
             except OSError as exc:
-                raise OutputError(
-                    f"{self.directory / self.shard_names[slot.shard]}: writing {name!r} failed ({exc})"
-                ) from None
+                shard = self.directory / self.shard_names[slot.shard]
+                raise OutputError(f"{shard}: writing {name!r} failed ({exc})") from None
         self._written.add(name)
 
     def finalize(self) -> None:

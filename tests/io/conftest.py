@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 
-def _raw_file(path: Path, header: dict | bytes, data: bytes = b"", header_len: int | None = None) -> Path:
+def _raw_file(
+    path: Path, header: dict | bytes, data: bytes = b"", header_len: int | None = None
+) -> Path:
     body = header if isinstance(header, bytes) else json.dumps(header).encode()
     length = len(body) if header_len is None else header_len
     path.write_bytes(struct.pack("<Q", length) + body + data)
@@ -47,11 +49,15 @@ def model_dir(tmp_path):
     directory.mkdir()
     tensors = _sample_tensors()
     save_file(tensors, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps({"model_type": "toy", "torch_dtype": "float32"}))
+    (directory / "config.json").write_text(
+        json.dumps({"model_type": "toy", "torch_dtype": "float32"})
+    )
     return directory, tensors
 
 
-def _write_sharded(directory: Path, shards: dict[str, dict[str, torch.Tensor]], weight_map: dict | None = None) -> None:
+def _write_sharded(
+    directory: Path, shards: dict[str, dict[str, torch.Tensor]], weight_map: dict | None = None
+) -> None:
     """Write the given shards plus an HF index (weight_map derived from the shards by default)."""
     directory.mkdir(parents=True, exist_ok=True)
     for file_name, tensors in shards.items():
@@ -65,8 +71,10 @@ def _write_sharded(directory: Path, shards: dict[str, dict[str, torch.Tensor]], 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality, for dtypes (fp8) where torch.equal is not implemented."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
     )
 
 

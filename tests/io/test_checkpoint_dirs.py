@@ -44,20 +44,28 @@ def test_bare_file(model_dir, same_bytes):
 def test_sharded_names_follow_shard_then_offset_order(tmp_path, write_sharded, same_bytes):
     shards = {
         "model-00001-of-00002.safetensors": {"z.weight": torch.ones(2), "a.weight": torch.ones(3)},
-        "model-00002-of-00002.safetensors": {"b.weight": torch.zeros(4), "y.weight": torch.zeros(1)},
+        "model-00002-of-00002.safetensors": {
+            "b.weight": torch.zeros(4),
+            "y.weight": torch.zeros(1),
+        },
     }
     write_sharded(tmp_path / "m", shards)
     ckpt = Checkpoint(tmp_path / "m")
     assert len(ckpt.data_files) == 2
     first = list(shards["model-00001-of-00002.safetensors"])
-    assert sorted(ckpt.names[:2]) == sorted(first) and sorted(ckpt.names[2:]) == ["b.weight", "y.weight"]
+    assert sorted(ckpt.names[:2]) == sorted(first) and sorted(ckpt.names[2:]) == [
+        "b.weight",
+        "y.weight",
+    ]
     assert ckpt.info(ckpt.names[0]).begin < ckpt.info(ckpt.names[1]).begin
     _check_contents(ckpt, {k: v for s in shards.values() for k, v in s.items()}, same_bytes)
 
 
 def test_symlinked_shards_like_the_hf_cache(tmp_path, write_sharded, same_bytes):
     blobs = tmp_path / "blobs"
-    write_sharded(blobs, {"a.safetensors": {"w": torch.arange(4.0)}, "b.safetensors": {"v": torch.ones(2)}})
+    write_sharded(
+        blobs, {"a.safetensors": {"w": torch.arange(4.0)}, "b.safetensors": {"v": torch.ones(2)}}
+    )
     snapshot = tmp_path / "snapshot"
     snapshot.mkdir()
     for name in ("a.safetensors", "b.safetensors", "model.safetensors.index.json"):
@@ -66,10 +74,15 @@ def test_symlinked_shards_like_the_hf_cache(tmp_path, write_sharded, same_bytes)
     _check_contents(ckpt, {"w": torch.arange(4.0), "v": torch.ones(2)}, same_bytes)
 
 
-@pytest.mark.parametrize("bad_name", ["../x.safetensors", "/tmp/x.safetensors", "sub/../../x.safetensors", "C:\\x.safetensors", ""])
+@pytest.mark.parametrize(
+    "bad_name",
+    ["../x.safetensors", "/tmp/x.safetensors", "sub/../../x.safetensors", "C:\\x.safetensors", ""],
+)
 def test_index_cannot_name_files_outside_the_directory(tmp_path, write_sharded, bad_name):
     (tmp_path / "x.safetensors").write_bytes(b"")  # the escape target exists
-    write_sharded(tmp_path / "m", {"a.safetensors": {"w": torch.ones(1)}}, weight_map={"w": bad_name})
+    write_sharded(
+        tmp_path / "m", {"a.safetensors": {"w": torch.ones(1)}}, weight_map={"w": bad_name}
+    )
     with pytest.raises(CheckpointError, match="shard name") as err:
         Checkpoint(tmp_path / "m")
     assert "model.safetensors.index.json" in str(err.value)
@@ -94,22 +107,34 @@ def test_malformed_index(tmp_path, index_text):
 
 
 def test_index_names_a_missing_file(tmp_path, write_sharded):
-    write_sharded(tmp_path / "m", {"a.safetensors": {"w": torch.ones(1)}}, weight_map={"w": "a.safetensors", "v": "b.safetensors"})
+    write_sharded(
+        tmp_path / "m",
+        {"a.safetensors": {"w": torch.ones(1)}},
+        weight_map={"w": "a.safetensors", "v": "b.safetensors"},
+    )
     with pytest.raises(CheckpointError, match="names b.safetensors, which does not exist"):
         Checkpoint(tmp_path / "m")
 
 
 def test_index_lists_a_tensor_its_shard_lacks(tmp_path, write_sharded):
     shards = {"a.safetensors": {"w": torch.ones(1)}, "b.safetensors": {"v": torch.ones(1)}}
-    write_sharded(tmp_path / "m", shards, weight_map={"w": "a.safetensors", "v": "a.safetensors", "u": "b.safetensors"})
-    with pytest.raises(CheckpointError, match="tensor 'v' is listed in a.safetensors but is not in that file"):
+    write_sharded(
+        tmp_path / "m",
+        shards,
+        weight_map={"w": "a.safetensors", "v": "a.safetensors", "u": "b.safetensors"},
+    )
+    with pytest.raises(
+        CheckpointError, match="tensor 'v' is listed in a.safetensors but is not in that file"
+    ):
         Checkpoint(tmp_path / "m")
 
 
 def test_tensor_in_two_shards(tmp_path, write_sharded):
     shards = {"a.safetensors": {"w": torch.ones(1)}, "b.safetensors": {"w": torch.zeros(1)}}
     write_sharded(tmp_path / "m", shards, weight_map={"w": "a.safetensors", "x": "b.safetensors"})
-    with pytest.raises(CheckpointError, match="'w' is present in both a.safetensors and b.safetensors"):
+    with pytest.raises(
+        CheckpointError, match="'w' is present in both a.safetensors and b.safetensors"
+    ):
         Checkpoint(tmp_path / "m")
 
 
@@ -160,7 +185,9 @@ def test_pickle_refused_without_opt_in(pickle_dir):
 def test_pickle_loaded_with_opt_in(pickle_dir, same_bytes):
     directory, tensors = pickle_dir
     _check_contents(Checkpoint(directory, allow_pickle=True), tensors, same_bytes)
-    _check_contents(Checkpoint(directory / "pytorch_model.bin", allow_pickle=True), tensors, same_bytes)
+    _check_contents(
+        Checkpoint(directory / "pytorch_model.bin", allow_pickle=True), tensors, same_bytes
+    )
 
 
 def test_safetensors_preferred_over_pickle(pickle_dir):
@@ -172,7 +199,10 @@ def test_safetensors_preferred_over_pickle(pickle_dir):
 def test_sharded_pickle(tmp_path, same_bytes):
     directory = tmp_path / "m"
     directory.mkdir()
-    shards = {"pytorch_model-00001-of-00002.bin": {"a": torch.ones(2)}, "pytorch_model-00002-of-00002.bin": {"b": torch.zeros(3)}}
+    shards = {
+        "pytorch_model-00001-of-00002.bin": {"a": torch.ones(2)},
+        "pytorch_model-00002-of-00002.bin": {"b": torch.zeros(3)},
+    }
     for name, tensors in shards.items():
         torch.save(tensors, directory / name)
     weight_map = {k: name for name, tensors in shards.items() for k in tensors}
@@ -189,7 +219,9 @@ def test_pickle_that_is_not_a_state_dict(tmp_path):
 
 
 def test_pickle_with_arbitrary_objects_is_refused(tmp_path):
-    torch.save({"w": torch.ones(1), "opt": object.__new__(_NotATensor)}, tmp_path / "pytorch_model.bin")
+    torch.save(
+        {"w": torch.ones(1), "opt": object.__new__(_NotATensor)}, tmp_path / "pytorch_model.bin"
+    )
     with pytest.raises(CheckpointError, match="weights-only"):
         Checkpoint(tmp_path, allow_pickle=True)
 

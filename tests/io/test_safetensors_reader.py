@@ -30,7 +30,9 @@ def test_reads_every_dtype_bytewise_like_safetensors(tmp_path, sample_tensors, s
 
 def test_infos_are_in_file_order(tmp_path):
     path = tmp_path / "m.safetensors"
-    save_file({"b": torch.zeros(3), "a": torch.zeros(2, dtype=torch.float64), "c": torch.zeros(1)}, path)
+    save_file(
+        {"b": torch.zeros(3), "a": torch.zeros(2, dtype=torch.float64), "c": torch.zeros(1)}, path
+    )
     f = SafetensorsFile(path)
     begins = [info.begin for info in f.infos.values()]
     assert begins == sorted(begins)
@@ -64,7 +66,7 @@ def test_tensor_is_a_view_into_the_file_mapping(tmp_path):
     f = SafetensorsFile(path)
     assert _file_mappings(path) == []  # mapped lazily
     w, v = f.tensor("w"), f.tensor("v")
-    (start, end), = _file_mappings(path)  # one mapping for the whole file
+    ((start, end),) = _file_mappings(path)  # one mapping for the whole file
     for t in (w, v):
         assert start <= t.data_ptr() < t.data_ptr() + t.nbytes <= end
     assert v.data_ptr() - w.data_ptr() == f.infos["v"].begin - f.infos["w"].begin

@@ -28,14 +28,19 @@ def _write_all(directory, tensors, max_shard_bytes, order=None, metadata=None) -
 
 def test_single_shard_round_trips_through_safetensors(tmp_path, sample_tensors, same_bytes):
     tensors = sample_tensors()
-    writer = _write_all(tmp_path, tensors, 10**9, order=reversed(list(tensors)), metadata={"by": "test"})
+    writer = _write_all(
+        tmp_path, tensors, 10**9, order=reversed(list(tensors)), metadata={"by": "test"}
+    )
     assert writer.shard_names == ["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     loaded = load_file(tmp_path / "model.safetensors")
     assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():
         assert same_bytes(loaded[name], tensor), name
-    assert SafetensorsFile(tmp_path / "model.safetensors").metadata == {"format": "pt", "by": "test"}
+    assert SafetensorsFile(tmp_path / "model.safetensors").metadata == {
+        "format": "pt",
+        "by": "test",
+    }
     assert writer.total_bytes == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -73,7 +78,11 @@ def test_greedy_layout_and_index(tmp_path, same_bytes):
 
 
 def test_mixed_dtypes_in_a_shard_stay_aligned(tmp_path):
-    tensors = {"h": torch.ones(3, dtype=torch.float16), "f": torch.ones(3), "d": torch.ones(1, dtype=torch.float64)}
+    tensors = {
+        "h": torch.ones(3, dtype=torch.float16),
+        "f": torch.ones(3),
+        "d": torch.ones(1, dtype=torch.float64),
+    }
     _write_all(tmp_path, tensors, 10**9)
     f = SafetensorsFile(tmp_path / "model.safetensors")
     for info in f.infos.values():

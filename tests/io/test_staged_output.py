@@ -129,8 +129,15 @@ def test_sibling_with_common_prefix_is_not_inside(tmp_path, model):
 def source(tmp_path):
     directory = tmp_path / "src"
     directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float32", "dtype": "float32"}))
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+    (directory / "config.json").write_text(
+        json.dumps({"model_type": "llama", "torch_dtype": "float32", "dtype": "float32"})
+    )
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ):
         (directory / name).write_text(name)
     (directory / "unrelated.txt").write_text("x")
     return directory
@@ -141,7 +148,13 @@ def test_copies_config_with_new_dtype_and_tokenizer(tmp_path, source):
     out.mkdir()
     copied = copy_model_files(source, out, torch.bfloat16)
     assert sorted(copied) == sorted(
-        ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"]
+        [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+        ]
     )
     config = json.loads((out / "config.json").read_text())
     assert config == {"model_type": "llama", "torch_dtype": "bfloat16", "dtype": "bfloat16"}

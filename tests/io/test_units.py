@@ -28,7 +28,9 @@ def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "GB", "5XB", "1.5", "0", "-1", "5 G B", "1e9", True, 2.5, None])
+@pytest.mark.parametrize(
+    "text", ["", "GB", "5XB", "1.5", "0", "-1", "5 G B", "1e9", True, 2.5, None]
+)
 def test_parse_size_rejects_bad_values(text):
     with pytest.raises(ConfigError) as err:
         parse_size(text)
@@ -37,7 +39,14 @@ def test_parse_size_rejects_bad_values(text):
 
 @pytest.mark.parametrize(
     "n, text",
-    [(0, "0 B"), (1023, "1023 B"), (1536, "1.50 KiB"), (2**31, "2 GiB"), (14474836480, "13.48 GiB"), (2**60, "1024 PiB")],
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.50 KiB"),
+        (2**31, "2 GiB"),
+        (14474836480, "13.48 GiB"),
+        (2**60, "1024 PiB"),
+    ],
 )
 def test_format_size(n, text):
     assert format_size(n) == text
