@@ -212,7 +212,7 @@ def write_heatmap(path: Path, weights: torch.Tensor, names: list[str]) -> None:
         warnings.warn(f"matplotlib is not installed, so {path.name} was not written (pip install matplotlib)", stacklevel=2)
         return
     rows = weights.shape[0]
-    figure = Figure(figsize=(1.6 + 1.1 * len(names), 1.2 + 0.28 * rows))
+    figure = Figure(figsize=(max(4.0, 2.5 + 1.1 * len(names)), max(3.0, 1.5 + 0.28 * rows)))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(weights.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=float(weights.max()))
