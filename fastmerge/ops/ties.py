@@ -299,6 +299,8 @@ def ties_merge(
     _check(base, inputs, weights, densities, thresholds, sparsify, rescale_mode, out_dtype)
     supported = ("reference",) if sparsify == "della" else FUSED_BACKENDS
     name = resolve_backend("ties_merge", [base, *inputs], supported, backend)
+    if base.numel() == 0:
+        return torch.empty(base.shape, dtype=out_dtype, device=base.device)
     densities = list(densities) if densities is not None else [1.0] * len(inputs)
     thresholds = list(thresholds) if thresholds is not None else [None] * len(inputs)
     selectors, scales = [], []

@@ -1,0 +1,107 @@
+"""Histogram magnitude threshold vs a sort-based oracle written here (keep exactly k: ties at the
+threshold by ascending flat index; model-wide: by tensor order, then flat index)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmerge.errors import KernelError
+from fastmerge.ops.threshold import BACKENDS, MagnitudeHistogram, density_to_k, keep_mask, magnitude_threshold
+
+from conftest import ACCELERATED, BIG_SIZE
+
+THRESHOLD_BACKENDS = ["reference", *(b for b in ACCELERATED if b in BACKENDS)]
+
+
+def oracle_keep(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k of |x| by a stable descending sort: equal magnitudes stay in flat-index order."""
+    a = x.reshape(-1).float().abs()
+    keep = torch.zeros(a.numel(), dtype=torch.bool)
+    keep[torch.sort(a, descending=True, stable=True).indices[: max(k, 0)]] = True
+    return keep
+
+
+@pytest.fixture(params=THRESHOLD_BACKENDS)
+def sel_backend(request) -> str:
+    return request.param
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 4097])
+@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.2, 0.5, 1.0, 1.5])
+def test_threshold_matches_sort_oracle(sel_backend, dtype, n, fraction, gen):
+    x = torch.randn(n, generator=gen).to(dtype)
+    k = int(fraction * n) if fraction <= 1 else n + 5
+    t = magnitude_threshold(x, k, backend=sel_backend)
+    assert torch.equal(keep_mask(x, t), oracle_keep(x, k))
+
+
+def test_many_ties_keep_exactly_k(sel_backend, dtype, gen):
+    x = torch.randint(-3, 4, (4097,), generator=gen).to(dtype)  # magnitudes 0..3 only
+    for k in (1, 100, 1500, 3000, 4097):
+        t = magnitude_threshold(x, k, backend=sel_backend)
+        mask = keep_mask(x, t)
+        assert int(mask.sum()) == k
+        assert torch.equal(mask, oracle_keep(x, k))
+
+
+def test_base_is_subtracted_in_fp32(sel_backend, gen):
+    x = torch.randn(4097, generator=gen).to(torch.bfloat16)
+    b = torch.randn(4097, generator=gen).to(torch.bfloat16)
+    t = magnitude_threshold(x, 900, base=b, backend=sel_backend)
+    d = x.float() - b.float()
+    assert torch.equal(keep_mask(x, t, base=b), oracle_keep(d, 900))
+
+
+@pytest.mark.skipif("native" not in THRESHOLD_BACKENDS, reason="native extension not built")
+def test_big_tensor_native():
+    x = torch.randn(BIG_SIZE, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    k = density_to_k(0.2, x.numel())
+    t = magnitude_threshold(x, k, backend="native")
+    assert t == magnitude_threshold(x, k, backend="reference")
+    assert torch.equal(keep_mask(x, t), oracle_keep(x, k))
+
+
+def test_nan_is_rejected(sel_backend):
+    x = torch.tensor([1.0, float("nan"), 2.0])
+    with pytest.raises(KernelError, match="layer.3 contains NaN"):
+        magnitude_threshold(x, 1, backend=sel_backend, name="layer.3")
+
+
+def test_infinities_order_highest(sel_backend):
+    x = torch.tensor([1.0, float("-inf"), 3.0, float("inf")])
+    assert torch.equal(keep_mask(x, magnitude_threshold(x, 2, backend=sel_backend)),
+                       torch.tensor([False, True, False, True]))
+
+
+def test_density_to_k_truncates_like_mergekit():
+    assert density_to_k(0.2, 10) == 2 and density_to_k(0.29, 10) == 2 and density_to_k(1.0, 7) == 7
+    with pytest.raises(KernelError):
+        density_to_k(1.5, 10)
+
+
+def test_model_wide_histogram_matches_concatenated_oracle(sel_backend, gen):
+    # Integer-valued deltas make many ties at the threshold, spread over several tensors.
+    bases = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in (7, 4097, 300, 1)]
+    xs = [(b.float() + torch.randint(-4, 5, b.shape, generator=gen)).to(torch.bfloat16) for b in bases]
+    for density in (0.0, 0.05, 0.3, 1.0):
+        hist = MagnitudeHistogram(density, backend=sel_backend)
+        for x, b in zip(xs, bases):
+            hist.add(x, b)
+        hist.refine()
+        for x, b in zip(xs, bases):
+            hist.add(x, b)
+        masks = [keep_mask(x, hist.tensor_threshold(i), base=b) for i, (x, b) in enumerate(zip(xs, bases))]
+        deltas = torch.cat([x.float() - b.float() for x, b in zip(xs, bases)])
+        k = int(density * deltas.numel())
+        assert torch.equal(torch.cat(masks), oracle_keep(deltas, k))
+
+
+def test_model_wide_histogram_needs_both_phases():
+    hist = MagnitudeHistogram(0.5)
+    hist.add(torch.ones(4))
+    with pytest.raises(KernelError, match="refine"):
+        hist.threshold()
+    hist.refine()
+    with pytest.raises(KernelError, match="same tensors"):
+        hist.add(torch.ones(5))
