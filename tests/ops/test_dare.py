@@ -1,0 +1,91 @@
+"""DARE randomness: Philox matches the published known answer and Triton's tl.rand bit for bit,
+native / Triton / reference draw the same masks at any thread count, and rescale is L1 matching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastmerge.errors import KernelError
+from fastmerge.ops.dare import dare_mask, dare_merge, uniform_draws
+from fastmerge.ops.random import derive_key, philox_uint32, philox_uniform
+
+from conftest import ACCELERATED, BIG_SIZE
+
+KEYS = [0, 12345, (1 << 63) + 77, (1 << 64) - 1]
+
+
+def test_philox_known_answer():
+    # Random123's published philox4x32-10 answer for counter 0, key 0 (first word).
+    assert philox_uint32(0, 0, 1)[0] == 0x6627E8D5
+
+
+def test_uniform_is_in_unit_interval():
+    u = philox_uniform(99, 0, 100_000)
+    assert u.dtype == np.float32 and u.min() >= 0 and u.max() < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("key", KEYS)
+@pytest.mark.parametrize("offset", [0, 5, (1 << 32) - 3])
+def test_backends_draw_identical_bits(backend, device, key, offset):
+    n = 4097
+    expected = uniform_draws(key, n, offset=offset, backend="reference")
+    actual = uniform_draws(key, n, offset=offset, device=device, backend=backend)
+    assert torch.equal(actual.cpu().view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+def test_native_draws_do_not_depend_on_thread_count():
+    from fastmerge import _native
+
+    threads = _native.max_threads()
+    try:
+        draws = []
+        for n_threads in (1, max(threads, 3)):
+            _native.set_num_threads(n_threads)
+            draws.append(uniform_draws(7, BIG_SIZE, backend="native"))
+    finally:
+        _native.set_num_threads(threads)
+    assert torch.equal(draws[0].view(torch.int32), draws[1].view(torch.int32))
+    assert torch.equal(draws[0][-100:], torch.from_numpy(philox_uniform(7, BIG_SIZE - 100, 100)))
+
+
+def test_derive_key_is_stable_and_separates_streams():
+    key = derive_key(0, "model.layers.0.mlp.up_proj.weight", 1)
+    assert key == 12830244948995187251  # fixed forever: changing it changes every DARE merge
+    others = {derive_key(1, "model.layers.0.mlp.up_proj.weight", 1),
+              derive_key(0, "model.layers.1.mlp.up_proj.weight", 1),
+              derive_key(0, "model.layers.0.mlp.up_proj.weight", 0)}
+    assert key not in others and len(others) == 3
+    with pytest.raises(KernelError, match="seed"):
+        derive_key(-1, "x", 0)
+
+
+def test_mask_matches_merge_and_density(backend, device):
+    mask = dare_mask((64, 65), 0.3, seed=11, tensor_name="w", model_index=1, device=device, backend=backend)
+    assert mask.shape == (64, 65) and abs(mask.float().mean().item() - 0.3) < 0.03
+    base = torch.zeros(64, 65, device=device)
+    x = torch.ones(64, 65, device=device)
+    # Model 1's draws: put a dummy model 0 with weight 0 in front.
+    out = dare_merge(base, [x, x], [0.0, 1.0], [0.5, 0.3], seed=11, tensor_name="w", rescale=False, backend=backend)
+    assert torch.equal((out != 0).cpu(), mask.cpu())
+
+
+@pytest.mark.parametrize("mode", ["l1", "inverse_density"])
+def test_rescale(mode, gen):
+    base = torch.randn(50_000, generator=gen)
+    x = base + torch.randn(50_000, generator=gen)
+    out = dare_merge(base, [x], [1.0], [0.25], seed=5, tensor_name="t", rescale_mode=mode)
+    d = (x - base).double()
+    kept = dare_mask((50_000,), 0.25, seed=5, tensor_name="t", model_index=0)
+    scale = d.abs().sum() / d[kept].abs().sum() if mode == "l1" else torch.tensor(4.0, dtype=torch.float64)
+    torch.testing.assert_close((out - base).double(), torch.where(kept, d * scale, 0.0), rtol=1e-5, atol=1e-5)
+    if mode == "l1":  # L1 matching: the kept task vector has the full vector's L1 norm
+        assert abs((out - base).double().abs().sum() / d.abs().sum() - 1) < 1e-5
+
+
+def test_bad_density_is_named():
+    with pytest.raises(KernelError, match="embed.*model 2"):
+        dare_mask((4,), 1.5, seed=0, tensor_name="embed", model_index=2)
