@@ -5,6 +5,8 @@
 #include <omp.h>
 
 #include "blend.h"
+#include "mask.h"
+#include "rbf.h"
 #include "selection.h"
 
 namespace py = pybind11;
@@ -19,6 +21,16 @@ PYBIND11_MODULE(_native, m) {
         "Weighted blend over raw pointers; see csrc/blend.h.", py::arg("inputs"), py::arg("input_dtypes"),
         py::arg("weights"), py::arg("base"), py::arg("base_dtype"), py::arg("lam"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n"));
+  // Masks (csrc/mask.h).
+  m.def("apply_mask", &fastmerge::apply_mask, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
+        py::arg("dtype"), py::arg("mask"), py::arg("packed"), py::arg("scale"), py::arg("out"), py::arg("n"));
+  m.def("pack_mask", &fastmerge::pack_mask, py::call_guard<py::gil_scoped_release>(), py::arg("dense"),
+        py::arg("n"), py::arg("packed"));
+  m.def("unpack_mask", &fastmerge::unpack_mask, py::call_guard<py::gil_scoped_release>(), py::arg("packed"),
+        py::arg("n"), py::arg("dense"));
+  m.def("rbf_sq_distances", &fastmerge::rbf_sq_distances, py::call_guard<py::gil_scoped_release>(),
+        "fp64 pairwise squared distances; see csrc/rbf.h.", py::arg("x"), py::arg("y"), py::arg("layers"),
+        py::arg("n"), py::arg("m"), py::arg("d"), py::arg("out"));
   // Magnitude selection, TIES and DARE (csrc/selection.h documents each).
   m.def("magnitude_histogram", &fastmerge::magnitude_histogram, py::call_guard<py::gil_scoped_release>(),
         py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("hist"),

@@ -2,12 +2,19 @@
 cuda); `backend=None` picks one by device (DESIGN.md "Backends and dispatch")."""
 
 from .blend import blend
+from .mask import apply_mask, pack_mask, semi_structured_mask, unpack_mask
+from .rbf import rbf_similarity
 from .random import derive_key, philox_uniform
 from .threshold import MagnitudeHistogram, Threshold, density_to_k, keep_mask, magnitude_threshold
 from .ties import ties_merge
 
 __all__ = [
     "blend",
+    "apply_mask",
+    "pack_mask",
+    "unpack_mask",
+    "semi_structured_mask",
+    "rbf_similarity",
     "derive_key",
     "philox_uniform",
     "MagnitudeHistogram",

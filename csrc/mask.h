@@ -1,0 +1,18 @@
+// Element masks (fastmerge/ops/mask.py documents the packed bit order); see mask.cpp.
+#pragma once
+#include <cstdint>
+
+namespace fastmerge {
+
+// out[i] = keep(i) ? round(x[i] * scale) : +0, in x's dtype (fp32/fp16/bf16). keep(i) is
+// mask[i] != 0 for a dense byte mask, bit i % 8 of mask[i / 8] for a packed one.
+// out may equal x (in place).
+void apply_mask(uintptr_t x, int dtype, uintptr_t mask, bool packed, float scale, uintptr_t out, int64_t n);
+
+// packed[i / 8] bit i % 8 = (dense[i] != 0); the padding bits of the last byte are 0.
+void pack_mask(uintptr_t dense, int64_t n, uintptr_t packed);
+
+// dense[i] = bit i % 8 of packed[i / 8] (as a 0/1 byte, i.e. a torch.bool).
+void unpack_mask(uintptr_t packed, int64_t n, uintptr_t dense);
+
+}  // namespace fastmerge
