@@ -1,0 +1,63 @@
+"""Structural rules a method states once: how many input models it takes and which method-level
+parameters have no default (slerp's `t`).
+
+The planner already rejects unknown parameters and missing per-model ones; these two rules are
+checked here, in `prepare`, over every planned tensor, so a config that cannot work fails before
+the first byte is written. `merge_tensor` checks them again because the in-memory API
+(`fastmerge.merge_tensors`) never calls `prepare`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from .base import MergeMethod, TensorTask
+
+
+class ContractMethod(MergeMethod):
+    """A MergeMethod with an input-count range and required global parameters.
+
+    Subclasses implement `merge(task)`; `merge_tensor` validates the task and calls it.
+    Counts exclude the base model (it is not among `task.inputs` when `uses_base`).
+    """
+
+    min_inputs: ClassVar[int] = 1
+    max_inputs: ClassVar[int | None] = None
+    # Method-level parameters without a default: declared in `global_params` with value None.
+    required_global_params: ClassVar[tuple[str, ...]] = ()
+
+    def prepare(self, context: Any) -> None:
+        for tensor in context.plan.tensors:
+            if not tensor.copy_only:
+                self.check(tensor.name, len(tensor.inputs), tensor.global_params)
+
+    def merge_tensor(self, task: TensorTask) -> torch.Tensor:
+        self.check(task.name, len(task.inputs), task.global_params)
+        return self.merge(task)
+
+    def merge(self, task: TensorTask) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, tensor: str, count: int, global_params: dict[str, Any]) -> None:
+        """Raise ConfigError naming the tensor when the input count or a required parameter is wrong."""
+        if count < self.min_inputs or (self.max_inputs is not None and count > self.max_inputs):
+            raise ConfigError(f"merge_method {self.name} takes {self._count_text()} for tensor {tensor}, got {count}")
+        for name in self.required_global_params:
+            if global_params.get(name) is None:
+                raise ConfigError(
+                    f"merge_method {self.name} needs parameter `{name}` for tensor {tensor}; "
+                    f"set it under the top-level (or slice) `parameters`"
+                )
+
+    def _count_text(self) -> str:
+        if self.max_inputs == self.min_inputs:
+            amount = f"exactly {self.min_inputs}"
+        elif self.max_inputs is None:
+            amount = f"at least {self.min_inputs}"
+        else:
+            amount = f"{self.min_inputs} to {self.max_inputs}"
+        plural = "" if self.max_inputs == self.min_inputs == 1 else "s"
+        return f"{amount} model{plural}" + (" besides the base model" if self.uses_base else "")
