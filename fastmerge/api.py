@@ -10,7 +10,7 @@ import torch
 from .errors import ConfigError, PlanError
 from .methods import get_method
 from .methods.base import MergeMethod, TensorTask
-from .plan import check_parameter_value, layer_index
+from .plan import REQUIRED, check_parameter_value, layer_index
 
 
 def merge_tensors(
@@ -98,14 +98,14 @@ def _task(merger: MergeMethod, name: str, inputs: list[torch.Tensor], base: torc
 
 def _model_params(merger: MergeMethod, params: dict[str, Any], index: int, count: int, tensor: str) -> dict[str, Any]:
     resolved = {}
-    defaults = dict(merger.model_params) | {key: None for key in merger.required_model_params}
+    defaults = dict(merger.model_params) | {key: REQUIRED for key in merger.required_model_params}
     for key, default in defaults.items():
         value = params.get(key, default)
         if isinstance(value, (list, tuple)):
             if len(value) != count:
                 raise ConfigError(f"parameter `{key}` has {len(value)} values for {count} models")
             value = value[index]
-        if value is None and key in merger.required_model_params:
+        if value is REQUIRED:
             raise ConfigError(f"merge_method {merger.name} needs parameter `{key}` for every model")
         resolved[key] = check_parameter_value(key, value, default, f"model {index}", tensor) if value is not None else None
     return resolved

@@ -122,6 +122,28 @@ def run(
     torch_device = resolve_device(device)
     max_shard = parse_size(out_shard_size)
     plan = prepare_plan(config, allow_pickle=allow_pickle)
+    try:
+        writer, final, extra = _merge_into(plan, Path(out_dir), torch_device, seed, backend, quiet, max_shard, overwrite, copy_tokenizer)
+    finally:
+        for checkpoint in plan.checkpoints:
+            checkpoint.close()
+    return MergeReport(
+        output_dir=final,
+        method=plan.spec.merge_method,
+        tensors=len(plan.tensors),
+        shards=list(writer.shard_names),
+        bytes_read=plan.input_bytes,
+        bytes_written=writer.total_bytes,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        device=str(torch_device),
+        extra_files=extra,
+    )
+
+
+def _merge_into(plan: Plan, out_dir: Path, torch_device: torch.device, seed: int, backend: str | None, quiet: bool,
+                max_shard: int, overwrite: bool, copy_tokenizer: bool) -> tuple[ShardedWriter, Path, list[str]]:
+    """Prepare, stream and write into a staged directory; commit it only when complete."""
     inputs = [c.path for c in plan.checkpoints]
     with StagedOutput(out_dir, inputs, overwrite=overwrite) as staged:
         plan.method.prepare(_prepare_context(plan, torch_device, seed, staged.path, backend))
@@ -138,20 +160,7 @@ def run(
             writer.close()
         extra = _write_side_files(plan, staged.path, copy_tokenizer)
         final = staged.commit()
-    for checkpoint in plan.checkpoints:
-        checkpoint.close()
-    return MergeReport(
-        output_dir=final,
-        method=plan.spec.merge_method,
-        tensors=len(plan.tensors),
-        shards=list(writer.shard_names),
-        bytes_read=plan.input_bytes,
-        bytes_written=writer.total_bytes,
-        seconds=time.perf_counter() - started,
-        peak_rss_bytes=peak_rss_bytes(),
-        device=str(torch_device),
-        extra_files=extra,
-    )
+    return writer, final, extra
 
 
 def _prepare_context(plan: Plan, device: torch.device, seed: int, output_dir: Path, backend: str | None) -> PrepareContext:

@@ -309,8 +309,9 @@ class _PlanBuilder:
         for name, default in self.method.model_params.items():
             resolved[name] = _resolve(name, chain, tensor, t, default, f"model {source.model}")
         for name in self.method.required_model_params:
-            value = _resolve(name, chain, tensor, t, None, f"model {source.model}")
-            if value is None:
+            # Required parameters are numbers (weight, density, ...): checked as such.
+            value = _resolve(name, chain, tensor, t, REQUIRED, f"model {source.model}")
+            if value is REQUIRED:
                 raise ConfigError(
                     f"merge_method {self.spec.merge_method} needs parameter `{name}` for model {source.model} "
                     f"(tensor {tensor}); set it in the model's `parameters` or the top-level `parameters`"
@@ -340,6 +341,14 @@ class _PlanBuilder:
         if out_layers is not None and out_layers != in_layers and "num_hidden_layers" in config:
             config["num_hidden_layers"] = out_layers
         return config
+
+
+class Required(float):
+    """Default of a required parameter: numeric (so values are checked as numbers) and a unique
+    object (so `is` tells that no level of the config set it)."""
+
+
+REQUIRED = Required(0.0)
 
 
 def _resolve(name: str, chain: Iterable[dict[str, Any]], tensor: str, t: float, default: Any, owner: str) -> Any:

@@ -1,0 +1,31 @@
+"""Helpers shared by the test modules (importable because tests/conftest.py puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fastmerge.demo import LlamaShape
+
+TINY = LlamaShape(hidden_size=32, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def load_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory, read with the reference safetensors library."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def fma_f32(w: torch.Tensor, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """An fp32 fused multiply-add: exact fp64 product and sum, rounded once to fp32."""
+    return (w.double() * x.double() + acc.double()).float()

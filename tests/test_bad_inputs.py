@@ -1,0 +1,234 @@
+"""Every bad input from the foundation issue, through the CLI: a clear message naming the culprit,
+exit status 2, no output directory (complete-looking or not) and inputs untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from _support import write_config
+from fastmerge.cli import main
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def run_cli(tmp_path: Path, config: dict, *extra: str, out: Path | None = None) -> tuple[int, Path]:
+    path = write_config(tmp_path / "merge.yml", config)
+    out = out or tmp_path / "merged"
+    return main(["run", str(path), str(out), "--quiet", *extra]), out
+
+
+def linear_config(*models: Path, **params) -> dict:
+    return {
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+        **params,
+    }
+
+
+def assert_failed_cleanly(code: int, out: Path, capsys, *fragments: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if "fastmerge-tmp" in p.name]
+
+
+def first_shard(model: Path) -> Path:
+    return sorted(model.glob("model-*.safetensors"))[0]
+
+
+def test_missing_model_dir(tiny_models, tmp_path, capsys):
+    missing = tmp_path / "nope"
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], missing))
+    assert_failed_cleanly(code, out, capsys, str(missing))
+
+
+def test_missing_tensor_in_one_model(tiny_models, tmp_path, capsys):
+    from _support import TINY
+    from fastmerge.demo import make_state, write_checkpoint
+
+    state = make_state(TINY, 5)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    partial = write_checkpoint(tmp_path / "partial", state, TINY)
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], partial))
+    assert_failed_cleanly(code, out, capsys, "model.layers.1.mlp.up_proj.weight", str(partial))
+
+
+def test_shape_mismatch(tiny_models, tmp_path, capsys):
+    from _support import TINY
+    from fastmerge.demo import LlamaShape, make_state, write_checkpoint
+
+    wide = LlamaShape(**{**TINY.__dict__, "intermediate_size": 80})
+    other = write_checkpoint(tmp_path / "wide", make_state(wide, 1), wide)
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], other))
+    assert_failed_cleanly(code, out, capsys, "shape", "mlp")
+
+
+@pytest.mark.parametrize("target", ["../x.safetensors", "/etc/passwd"])
+def test_weight_map_escaping_the_model_dir(tiny_models, tmp_path, capsys, target):
+    ft2 = tiny_models["ft2"]
+    before = snapshot(ft2)
+    index_path = ft2 / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = target
+    index_path.write_text(json.dumps(index))
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], ft2))
+    assert_failed_cleanly(code, out, capsys, target)
+    assert snapshot(ft2).keys() == before.keys()
+
+
+def corrupt(shard: Path, mutate) -> None:
+    data = bytearray(shard.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    new_header, new_data = mutate(header, data, length)
+    if new_header is not None:
+        encoded = json.dumps(new_header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        new_data = struct.pack("<Q", len(encoded)) + encoded + bytes(data[8 + length :])
+    shard.write_bytes(new_data)
+
+
+def _first_tensor(header: dict) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+def _truncated_header(header, data, length):
+    return None, bytes(data[: 8 + length // 2])
+
+
+def _garbage_header(header, data, length):
+    return None, bytes(data[:8]) + b"\xff" * length + bytes(data[8 + length :])
+
+
+def _length_past_end(header, data, length):
+    return None, struct.pack("<Q", len(data) * 4) + bytes(data[8:])
+
+
+def _overlap(header, data, length):
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    begin, end = header[second]["data_offsets"]
+    start = header[first]["data_offsets"][0] + 2
+    header[second]["data_offsets"] = [start, start + end - begin]
+    return header, None
+
+
+def _out_of_file(header, data, length):
+    name = _first_tensor(header)
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin + 10**9, end + 10**9]
+    return header, None
+
+
+def _unknown_dtype(header, data, length):
+    header[_first_tensor(header)]["dtype"] = "F12"
+    return header, None
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (_truncated_header, "header"),
+        (_garbage_header, "header"),
+        (_length_past_end, "header"),
+        (_overlap, "overlap"),
+        (_out_of_file, "offset"),
+        (_unknown_dtype, "F12"),
+    ],
+    ids=["truncated", "corrupt", "length-past-end", "overlap", "out-of-file", "unknown-dtype"],
+)
+def test_corrupt_safetensors(tiny_models, tmp_path, capsys, mutate, fragment):
+    shard = first_shard(tiny_models["ft2"])
+    corrupt(shard, mutate)
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], tiny_models["ft2"]))
+    err_out = capsys.readouterr().err
+    assert code == 2 and str(shard) in err_out and fragment.lower() in err_out.lower(), err_out
+    assert not out.exists()
+
+
+def test_unknown_method(tiny_models, tmp_path, capsys):
+    code, out = run_cli(tmp_path, {**linear_config(tiny_models["ft1"]), "merge_method": "frobnicate"})
+    assert_failed_cleanly(code, out, capsys, "frobnicate", "linear")
+
+
+def test_unknown_parameter(tiny_models, tmp_path, capsys):
+    config = linear_config(tiny_models["ft1"])
+    config["models"][0]["parameters"]["wieght"] = 0.5
+    code, out = run_cli(tmp_path, config)
+    assert_failed_cleanly(code, out, capsys, "wieght", "models[0].parameters")
+
+
+def test_unknown_config_key(tiny_models, tmp_path, capsys):
+    code, out = run_cli(tmp_path, {**linear_config(tiny_models["ft1"]), "merge_mehtod": "linear"})
+    assert_failed_cleanly(code, out, capsys, "merge_mehtod")
+
+
+def test_wrong_parameter_type(tiny_models, tmp_path, capsys):
+    config = linear_config(tiny_models["ft1"])
+    config["models"][0]["parameters"]["weight"] = "heavy"
+    code, out = run_cli(tmp_path, config)
+    assert_failed_cleanly(code, out, capsys, "weight", "heavy")
+
+
+def test_missing_required_weight(tiny_models, tmp_path, capsys):
+    config = {"merge_method": "linear", "models": [{"model": str(tiny_models["ft1"])}]}
+    code, out = run_cli(tmp_path, config)
+    assert_failed_cleanly(code, out, capsys, "weight", str(tiny_models["ft1"]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight(tiny_models, tmp_path, capsys, value):
+    config = linear_config(tiny_models["ft1"], tiny_models["ft2"])
+    config["models"][1]["parameters"]["weight"] = value
+    code, out = run_cli(tmp_path, config)
+    assert_failed_cleanly(code, out, capsys, "weight", "finite")
+
+
+def test_output_equal_to_input(tiny_models, tmp_path, capsys):
+    before = snapshot(tiny_models["ft1"])
+    path = write_config(tmp_path / "merge.yml", linear_config(tiny_models["ft1"], tiny_models["ft2"]))
+    code = main(["run", str(path), str(tiny_models["ft1"]), "--overwrite", "--quiet"])
+    assert code == 2 and "input" in capsys.readouterr().err
+    assert snapshot(tiny_models["ft1"]) == before
+
+
+def test_output_inside_input(tiny_models, tmp_path, capsys):
+    out = tiny_models["ft1"] / "merged"
+    code, _ = run_cli(tmp_path, linear_config(tiny_models["ft1"]), out=out)
+    assert_failed_cleanly(code, out, capsys, str(tiny_models["ft1"]))
+
+
+def test_output_exists_without_overwrite(tiny_models, tmp_path, capsys):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _ = run_cli(tmp_path, linear_config(tiny_models["ft1"]))
+    err = capsys.readouterr().err
+    assert code == 2 and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_failure_midway_leaves_no_output(tiny_models, tmp_path, capsys):
+    """A shard whose data is cut short is only noticed when read: the merge must still leave
+    nothing at OUT."""
+    shard = sorted(tiny_models["ft2"].glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-16])
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], tiny_models["ft2"]))
+    assert code == 2
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "fastmerge-tmp" in p.name]
+
+
+def test_verbose_shows_traceback(tiny_models, tmp_path, capsys):
+    path = write_config(tmp_path / "merge.yml", {**linear_config(tiny_models["ft1"]), "merge_method": "nope"})
+    assert main(["-v", "run", str(path), str(tmp_path / "o"), "--quiet"]) == 2
+    assert "Traceback" in capsys.readouterr().err
