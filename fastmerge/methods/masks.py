@@ -1,7 +1,7 @@
 """Sparse masks inside merges: `parameters: {mask: PATH}` on a model and a top-level `output_mask`.
 
 - A model's mask keeps only the masked entries of its task vector: x_i becomes
-  b + mask * (x_i - b) (without a base: mask * x_i), before the method sees it, so any merge
+  b + mask * (x_i - b), i.e. x_i where kept and b elsewhere (without a base: mask * x_i), before the method sees it, so any merge
   method can combine pruned task vectors.
 - `output_mask` zeroes the merged tensor where the mask drops, keeping a pruned model sparse
   after merging into it.
@@ -35,12 +35,12 @@ class MaskCache:
 
 
 def _masked(x: torch.Tensor, masks: MaskSet, name: str, base: torch.Tensor | None) -> torch.Tensor:
+    """Dropped entries become the base's value (a zero task vector) or 0. Selecting, rather than
+    computing b + mask * (x - b), keeps kept entries bit-exact: fp32 b + (x - b) need not be x."""
     masks.check_tensor(name, x.shape)
-    packed = masks.packed[name].to(x.device)
     if base is None:
-        return apply_mask(x, packed, 1.0)
-    delta = apply_mask(x.float() - base.float(), packed, 1.0)
-    return (base.float() + delta).to(x.dtype)
+        return apply_mask(x, masks.packed[name].to(x.device), 1.0)
+    return torch.where(masks.dense(name).to(x.device), x, base.to(x.dtype))
 
 
 def masked_inputs(task: TensorTask, masks: list[MaskSet | None]) -> TensorTask:
