@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .errors import FastmergeError
+from .pruning.cli import add_prune_parser
 
 EXIT_USER_ERROR = 2
 
@@ -52,8 +53,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=_cmd_demo)
 
+    prune = add_prune_parser(commands)
+
     for arg in ("-v", "--verbose"):
-        for sub in (run, plan, demo):
+        for sub in (run, plan, demo, prune):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
