@@ -192,3 +192,13 @@ def test_transformers_loads_the_merge(tiny_models, tmp_path):
     expected = load_dir(tmp_path / "out")["model.layers.1.mlp.up_proj.weight"]
     assert torch.equal(model.state_dict()["model.layers.1.mlp.up_proj.weight"].to(expected.dtype), expected)
     shutil.rmtree(tmp_path / "out")
+
+
+def test_output_directory_gets_normal_permissions(tiny_models, tmp_path):
+    import os
+
+    config = {"merge_method": "linear", "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0}}]}
+    fastmerge.run(config, tmp_path / "out", quiet=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask

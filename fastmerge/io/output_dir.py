@@ -55,6 +55,11 @@ class StagedOutput:
                     prefix=f".{self.destination.name}.fastmerge-tmp-", dir=self.destination.parent
                 )
             )
+            # mkdtemp makes the directory private (0700); the finished model should get the
+            # permissions any directory the user creates gets.
+            umask = os.umask(0)
+            os.umask(umask)
+            self.path.chmod(0o777 & ~umask)
         except OSError as exc:
             raise OutputError(f"{self.destination}: cannot create the output ({exc})") from None
         self._committed = False

@@ -1,0 +1,69 @@
+"""The `fastmerge` and `fastmerge-yaml` commands as a user types them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from _support import load_dir, write_config
+from fastmerge.cli import main, mergekit_yaml_main
+
+
+def config_for(models, method="task_arithmetic"):
+    return {
+        "merge_method": method,
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[n]), "parameters": {"weight": 0.5}} for n in ("ft1", "ft2")],
+    }
+
+
+def test_run_prints_report(tiny_models, tmp_path, capsys):
+    path = write_config(tmp_path / "m.yml", config_for(tiny_models))
+    assert main(["run", str(path), str(tmp_path / "out"), "--quiet", "--out-shard-size", "30K", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "merged" in out and "task_arithmetic" in out and "peak RSS" in out
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
+
+
+def test_plan_writes_nothing(tiny_models, tmp_path, capsys):
+    path = write_config(tmp_path / "m.yml", config_for(tiny_models))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "task_arithmetic" in out and "tensors:" in out and "est. peak mem" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_mergekit_yaml_drop_in_flags(tiny_models, tmp_path, capsys):
+    path = write_config(tmp_path / "m.yml", config_for(tiny_models))
+    code = mergekit_yaml_main([
+        str(path), str(tmp_path / "out"), "--no-copy-tokenizer", "--lazy-unpickle", "--low-cpu-memory",
+        "--allow-crimes", "--no-write-model-card", "--random-seed", "3", "-j", "1", "--out-shard-size", "1B",
+    ])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "--lazy-unpickle accepted and ignored" in err
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    reference = tmp_path / "ref"
+    assert main(["run", str(path), str(reference), "--quiet"]) == 0
+    produced, expected = load_dir(tmp_path / "out"), load_dir(reference)
+    assert all(torch.equal(produced[k], expected[k]) for k in expected)
+
+
+def test_mergekit_yaml_errors_exit_2(tmp_path, capsys):
+    path = write_config(tmp_path / "m.yml", {"merge_method": "linear", "models": [{"model": str(tmp_path / "missing"), "parameters": {"weight": 1}}]})
+    assert mergekit_yaml_main([str(path), str(tmp_path / "out")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_demo_builds_and_merges(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "fastmerge.cli", "demo", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    merged = tmp_path / "demo" / "merged"
+    assert "merged" in result.stdout and (merged / "model.safetensors").exists()
+    tensors = load_dir(merged)
+    base = load_dir(tmp_path / "demo" / "models" / "base")
+    assert tensors.keys() == base.keys()
+    assert not torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
