@@ -11,7 +11,14 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 14;  // elements per OpenMP work item (a multiple of 8)
 
-inline bool bit(const uint8_t* packed, int64_t i) { return (packed[i >> 3] >> (i & 7)) & 1u; }
+// out[i] = bit i % 8 of packed[i / 8] for i < n, written byte by byte so the compiler
+// unrolls the 8 shifts of each byte into vector code.
+inline void expand_bits(const uint8_t* __restrict packed, int64_t n, uint8_t* __restrict out) {
+  const int64_t full = n / 8;
+  for (int64_t b = 0; b < full; ++b)
+    for (int j = 0; j < 8; ++j) out[8 * b + j] = (packed[b] >> j) & 1u;
+  for (int64_t i = 8 * full; i < n; ++i) out[i] = (packed[i >> 3] >> (i & 7)) & 1u;
+}
 
 }  // namespace
 
@@ -23,16 +30,22 @@ void apply_mask(uintptr_t x, int dtype, uintptr_t mask, bool packed, float scale
     using E = Elem<decltype(tag)::value>;
     const typename E::T* src = reinterpret_cast<const typename E::T*>(x);
     typename E::T* dst = reinterpret_cast<typename E::T*>(out);
-    const typename E::T zero = E::put(0.0f);
 #pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < n_chunks; ++c) {
-      const int64_t end = c * kChunk + kChunk < n ? c * kChunk + kChunk : n;
+      const int64_t begin = c * kChunk, len = n - begin < kChunk ? n - begin : kChunk;
+      // A packed chunk is first expanded to one byte per element (chunks start on a byte
+      // boundary), so both forms share the branch-free select below, which vectorises;
+      // E::put(0.0f) is +0 in every dtype.
+      alignas(64) uint8_t expanded[kChunk];
+      const uint8_t* keep = m + begin;
       if (packed) {
+        expand_bits(m + begin / 8, len, expanded);
+        keep = expanded;
+      }
 #pragma omp simd
-        for (int64_t i = c * kChunk; i < end; ++i) dst[i] = bit(m, i) ? E::put(E::get(src[i]) * scale) : zero;
-      } else {
-#pragma omp simd
-        for (int64_t i = c * kChunk; i < end; ++i) dst[i] = m[i] ? E::put(E::get(src[i]) * scale) : zero;
+      for (int64_t j = 0; j < len; ++j) {
+        const float v = E::get(src[begin + j]) * scale;
+        dst[begin + j] = E::put(keep[j] ? v : 0.0f);
       }
     }
   });
@@ -55,8 +68,12 @@ void pack_mask(uintptr_t dense, int64_t n, uintptr_t packed) {
 void unpack_mask(uintptr_t packed, int64_t n, uintptr_t dense) {
   const uint8_t* p = reinterpret_cast<const uint8_t*>(packed);
   uint8_t* d = reinterpret_cast<uint8_t*>(dense);
-#pragma omp parallel for simd schedule(static)
-  for (int64_t i = 0; i < n; ++i) d[i] = bit(p, i);
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t begin = c * kChunk, len = n - begin < kChunk ? n - begin : kChunk;
+    expand_bits(p + begin / 8, len, d + begin);
+  }
 }
 
 }  // namespace fastmerge
