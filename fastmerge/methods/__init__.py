@@ -10,5 +10,6 @@ from . import nearswap  # noqa: F401  (registers nearswap)
 from . import passthrough  # noqa: F401  (registers passthrough)
 from . import arcee_fusion  # noqa: F401  (registers arcee_fusion)
 from . import ram  # noqa: F401  (registers ram, ramplus_tl)
+from . import task_vectors  # noqa: F401  (registers ties, dare_*, breadcrumbs*, della*, sce)
 
 __all__ = ["MergeMethod", "TensorTask", "get_method", "method_names", "register"]

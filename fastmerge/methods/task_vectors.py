@@ -1,0 +1,349 @@
+"""The TIES family: ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
+della_linear (mergekit's generalized task arithmetic) and sce.
+
+The seven generalized-task-arithmetic methods differ only in their sparsifier, whether they
+elect a sign, and their defaults (METHODS.md), so they are one class parameterised by those
+three things, all running the fused `ops.ties_merge`. What this module adds on top of the op is
+mergekit 0.1.5's parameter semantics: which parameters exist and their defaults, magnitude
+trimming that keeps at least one element (`max(1, int(density * n))`), and the model-wide
+threshold of the TIES paper (`trim_scope: model`), computed in `prepare` by streaming every task
+vector through `ops.threshold.MagnitudeHistogram` once, so that merge_tensor stays per-tensor.
+
+sce weighs models by their mean squared task vector and elects signs on the unweighted sum,
+which the fused op (weights from the config, election on the weighted sum) cannot express; it is
+written here in torch with the DESIGN.md arithmetic (see `sce_merge`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from ..ops.threshold import KEEP_NOTHING, MagnitudeHistogram, Threshold, keep_mask, magnitude_threshold
+from ..ops.ties import fma_f32, ties_merge
+from .base import MergeMethod, TensorTask, register
+
+TRIM_SCOPES = ("tensor", "model")
+
+
+def selection_backend(device: torch.device, backend: str | None) -> str:
+    """The backend of the histogram selection ops (reference or native only) for a merge whose
+    element pass runs on `backend`: native for CPU tensors unless the reference is forced."""
+    return "native" if device.type == "cpu" and backend != "reference" else "reference"
+
+
+def magnitude_k(density: float, n: int) -> int:
+    """Elements mergekit's magnitude sparsifier keeps: none at density <= 0, else
+    max(1, int(density * n)), so a positive density never empties a non-empty tensor."""
+    return 0 if density <= 0 or n == 0 else max(1, int(density * n))
+
+
+def shared_model_param(task: TensorTask, name: str) -> float:
+    """A per-model parameter that `ops.ties_merge` takes once for all models (gamma, epsilon):
+    mergekit allows one value per model, the fused op one per tensor, so differing values are
+    refused rather than silently unified."""
+    values = {float(p[name]) for p in task.params}
+    if len(values) > 1:
+        raise ConfigError(
+            f"tensor {task.name}: the models give different `{name}` values {sorted(values)}; "
+            f"fastmerge needs one `{name}` per tensor for all models (set it in the top-level `parameters`)"
+        )
+    return values.pop()
+
+
+class TaskVectorMerge(MergeMethod):
+    """b + lambda * (consensus) sum_i w_i sparsify(x_i - b) (/ sum of the counted w_i if normalize)."""
+
+    sparsify: ClassVar[str]
+    consensus: ClassVar[bool]
+    required_model_params = ("weight",)
+    model_params: ClassVar[dict[str, Any]] = {"density": 1.0}
+    requires_base = True
+
+    @staticmethod
+    def defaults(normalize: bool, rescale: bool) -> dict[str, Any]:
+        """mergekit's shared parameters; int8_mask only picks mergekit's mask dtype, so it is
+        accepted and has no effect."""
+        return {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0}
+
+    def merge_tensor(self, task: TensorTask) -> torch.Tensor:
+        if not task.inputs:
+            return task.base.to(task.out_dtype)
+        settings = task.global_params
+        densities = [float(p["density"]) for p in task.params]
+        return ties_merge(
+            task.base,
+            task.inputs,
+            [float(p["weight"]) for p in task.params],
+            densities=densities,
+            thresholds=self.thresholds(task, densities),
+            normalize=settings["normalize"],
+            lam=float(settings["lambda"]),
+            out_dtype=task.out_dtype,
+            sparsify=self.sparsify,
+            consensus=self.consensus,
+            rescale=settings["rescale"],
+            **self.sparsifier_options(task),
+            seed=task.seed,
+            tensor_name=task.name,
+            backend=task.backend,
+        )
+
+    def thresholds(self, task: TensorTask, densities: list[float]) -> list[Threshold | None] | None:
+        """Per-model magnitude thresholds the op uses instead of densities (None: the op's own
+        sparsifier decides)."""
+        return None
+
+    def sparsifier_options(self, task: TensorTask) -> dict[str, float]:
+        return {}
+
+
+class MagnitudeTrim(TaskVectorMerge):
+    """Top-k trimming by |d|, per tensor (mergekit) or per model over its whole task vector."""
+
+    sparsify = "magnitude"
+
+    def __init__(self) -> None:
+        # tensor name -> one model-wide Threshold (or None: keep all) per input model.
+        self.model_thresholds: dict[str, list[Threshold | None]] | None = None
+
+    def prepare(self, context: Any) -> None:
+        scopes = {t.global_params["trim_scope"] for t in context.plan.tensors if not t.copy_only}
+        for scope in scopes:
+            if scope not in TRIM_SCOPES:
+                raise ConfigError(f"parameter `trim_scope` must be one of {', '.join(TRIM_SCOPES)}, got {scope!r}")
+        if "model" not in scopes:
+            return
+        if len(scopes) > 1:
+            raise ConfigError("`trim_scope: model` must hold for every tensor (a model-wide threshold spans them all)")
+        self.model_thresholds = model_wide_thresholds(context.plan, context.device, context.backend)
+
+    def thresholds(self, task: TensorTask, densities: list[float]) -> list[Threshold | None]:
+        scope = task.global_params["trim_scope"]
+        if scope == "model":
+            if self.model_thresholds is None:
+                raise ConfigError(
+                    f"tensor {task.name}: `trim_scope: model` needs every tensor of every model before merging; "
+                    "run the merge from a config (fastmerge.run / fastmerge run), not tensor by tensor"
+                )
+            return self.model_thresholds[task.name]
+        if scope != "tensor":
+            raise ConfigError(f"parameter `trim_scope` must be one of {', '.join(TRIM_SCOPES)}, got {scope!r}")
+        backend = selection_backend(task.base.device, task.backend)
+        return [
+            None if density >= 1 else magnitude_threshold(
+                x, magnitude_k(density, x.numel()), base=task.base, backend=backend, name=f"{task.name} (model {i})"
+            )
+            for i, (x, density) in enumerate(zip(task.inputs, densities))
+        ]
+
+
+def model_wide_thresholds(plan: Any, device: torch.device, backend: str | None) -> dict[str, list[Threshold | None]]:
+    """One keep-exactly-k threshold per input model over its whole task vector (the TIES paper's
+    trimming), split into per-tensor shares. Two streaming passes over every tensor (coarse,
+    then exact histogram), one tensor in memory at a time. A model's density must be the same
+    for all its tensors: a model-wide top-k has one k."""
+    tensors = [t for t in plan.tensors if not t.copy_only and t.inputs]
+    histograms: dict[int, MagnitudeHistogram | None] = {}
+    for tensor in tensors:
+        for ref, params in zip(tensor.inputs, tensor.params):
+            density = float(params["density"])
+            fresh = None if density >= 1 else MagnitudeHistogram(
+                density, backend=selection_backend(device, backend), name=f"task vector of {plan.checkpoint_names[ref.checkpoint]}"
+            )
+            known = histograms.setdefault(ref.checkpoint, fresh)
+            if (known.density if known else 1.0) != min(density, 1.0):
+                raise ConfigError(
+                    f"`trim_scope: model` needs one density per model, but {plan.checkpoint_names[ref.checkpoint]} "
+                    f"has density {density} for tensor {tensor.name} and {known.density if known else 1.0} elsewhere"
+                )
+    order: dict[tuple[str, int], int] = {}
+    for phase in (1, 2):
+        added = {checkpoint: 0 for checkpoint in histograms}
+        for tensor in tensors:
+            base = plan.checkpoints[tensor.base.checkpoint].tensor(tensor.base.name).to(device)
+            for ref in tensor.inputs:
+                histogram = histograms[ref.checkpoint]
+                if histogram is None:
+                    continue
+                histogram.add(plan.checkpoints[ref.checkpoint].tensor(ref.name).to(device), base)
+                order[tensor.name, ref.checkpoint] = added[ref.checkpoint]
+                added[ref.checkpoint] += 1
+                plan.checkpoints[ref.checkpoint].release(ref.name)
+            plan.checkpoints[tensor.base.checkpoint].release(tensor.base.name)
+        if phase == 1:
+            for histogram in histograms.values():
+                if histogram is not None:
+                    histogram.refine()
+    return {
+        tensor.name: [
+            None if histograms[ref.checkpoint] is None
+            else histograms[ref.checkpoint].tensor_threshold(order[tensor.name, ref.checkpoint])
+            for ref in tensor.inputs
+        ]
+        for tensor in tensors
+    }
+
+
+@register
+class Ties(MagnitudeTrim):
+    name = "ties"
+    consensus = True
+    global_params = TaskVectorMerge.defaults(normalize=True, rescale=False) | {"trim_scope": "tensor"}
+
+
+class RandomDrop(TaskVectorMerge):
+    """DARE: keep each element with probability density (seeded Philox draws)."""
+
+    sparsify = "random"
+
+
+@register
+class DareTies(RandomDrop):
+    name = "dare_ties"
+    consensus = True
+    global_params = TaskVectorMerge.defaults(normalize=False, rescale=True)
+
+
+@register
+class DareLinear(RandomDrop):
+    name = "dare_linear"
+    consensus = False
+    global_params = TaskVectorMerge.defaults(normalize=False, rescale=True)
+
+
+class OutlierTrim(TaskVectorMerge):
+    """Breadcrumbs: drop the top int(gamma n) by |d| and the smallest, keeping int(density n).
+
+    mergekit keeps everything at density >= 1 and, when int(density n) + int(gamma n) > n, drops
+    fewer outliers so int(density n) survive; the fused op drops int(gamma n) regardless. Both
+    cases are refused here (see `sparsifier_options`) instead of giving a different result."""
+
+    sparsify = "magnitude_outliers"
+    model_params = {"density": 1.0, "gamma": 0.01}
+
+    def sparsifier_options(self, task: TensorTask) -> dict[str, float]:
+        gamma = shared_model_param(task, "gamma")
+        n = task.base.numel()
+        for p, model in zip(task.params, task.model_names or [f"model {i}" for i in range(len(task.params))]):
+            density = float(p["density"])
+            if density >= 1 and gamma > 0:
+                raise ConfigError(
+                    f"tensor {task.name}: {model} has density {density} with gamma {gamma}; mergekit keeps the whole "
+                    "task vector at density >= 1 but fastmerge's breadcrumbs kernel would drop outliers; "
+                    "give a density below 1 or gamma 0"
+                )
+            if int(density * n) + int(gamma * n) > n:
+                raise ConfigError(
+                    f"tensor {task.name}: density {density} + gamma {gamma} of {model} exceed the whole tensor; "
+                    "keep density + gamma <= 1"
+                )
+        return {"gamma": gamma}
+
+
+@register
+class Breadcrumbs(OutlierTrim):
+    name = "breadcrumbs"
+    consensus = False
+    global_params = TaskVectorMerge.defaults(normalize=False, rescale=False)
+
+
+@register
+class BreadcrumbsTies(OutlierTrim):
+    name = "breadcrumbs_ties"
+    consensus = True
+    global_params = TaskVectorMerge.defaults(normalize=False, rescale=False)
+
+
+class RankedDrop(TaskVectorMerge):
+    """DELLA: keep with a probability that grows with the element's |d| rank in its row."""
+
+    sparsify = "della"
+    model_params = {"density": 1.0, "epsilon": 0.15}
+
+    def sparsifier_options(self, task: TensorTask) -> dict[str, float]:
+        return {"epsilon": shared_model_param(task, "epsilon")}
+
+
+@register
+class Della(RankedDrop):
+    name = "della"
+    consensus = True
+    global_params = TaskVectorMerge.defaults(normalize=True, rescale=True)
+
+
+@register
+class DellaLinear(RankedDrop):
+    name = "della_linear"
+    consensus = False
+    global_params = TaskVectorMerge.defaults(normalize=False, rescale=True)
+
+
+@register
+class Sce(MergeMethod):
+    """SCE (select, calculate, erase): no config weights; see `sce_merge`."""
+
+    name = "sce"
+    global_params = {"int8_mask": False, "select_topk": 1.0}
+    requires_base = True
+
+    def merge_tensor(self, task: TensorTask) -> torch.Tensor:
+        if not task.inputs:
+            return task.base.to(task.out_dtype)
+        select_topk = float(task.global_params["select_topk"])
+        return sce_merge(task.base, task.inputs, select_topk, task.out_dtype, task.backend, task.name)
+
+
+def sce_merge(base: torch.Tensor, inputs: list[torch.Tensor], select_topk: float, out_dtype: torch.dtype,
+              backend: str | None = None, name: str = "tensor") -> torch.Tensor:
+    """SCE as mergekit 0.1.5 computes it, in fp32 with a fixed order.
+
+    (Reference implementation living in the method module: ops.ties_merge elects signs on the
+    config-weighted sum, SCE on the plain sum with data-derived weights.)
+      1. d_i = fp32(x_i - b); if select_topk < 1, keep only the top int(select_topk * nnz(var))
+         elements by the population variance over models (exact top-k, ops.threshold), in all d_i;
+      2. w_i = mean(d_i^2) / sum_j mean(d_j^2) in fp64 (uniform 1/K if the sum is < 1e-6);
+      3. elect = d_1 + d_2 + ... (fp32, in order); model i counts where d_i != 0 and has the
+         elected sign (+ where elect >= 0);
+      4. mixed = fma(w_i, d_i, mixed), div = fp32(div + w_i) over the counted models in order;
+      5. out = b + mixed / max(div, 1e-6), rounded once to out_dtype.
+    """
+    b = base.reshape(-1).float()
+    deltas = [x.reshape(-1).float() - b for x in inputs]
+    if select_topk < 1:
+        deltas = _variance_selected(deltas, select_topk, backend, name)
+    weights = _sce_weights(deltas)
+    elect = torch.zeros_like(b)
+    for d in deltas:
+        elect = elect + d
+    positive = elect >= 0
+    mixed, div = torch.zeros_like(b), torch.zeros_like(b)
+    for w, d in zip(weights, deltas):
+        counted = (d != 0) & ((d > 0) == positive)
+        w32 = torch.tensor(w, dtype=torch.float32)
+        mixed = torch.where(counted, fma_f32(w32, d, mixed), mixed)
+        div = torch.where(counted, div + w32, div)
+    out = b + mixed / div.clamp(min=1e-6)
+    return out.to(out_dtype).reshape(base.shape)
+
+
+def _variance_selected(deltas: list[torch.Tensor], select_topk: float, backend: str | None, name: str) -> list[torch.Tensor]:
+    """Zero every element outside the top int(select_topk * nnz(var)) by variance over models."""
+    variance = torch.var(torch.stack(deltas), dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(variance)) * select_topk) if select_topk > 0 else 0
+    threshold = KEEP_NOTHING if k == 0 else magnitude_threshold(
+        variance, k, backend=selection_backend(variance.device, backend), name=f"{name} (variance over models)"
+    )
+    keep = keep_mask(variance, threshold)
+    return [torch.where(keep, d, torch.zeros_like(d)) for d in deltas]
+
+
+def _sce_weights(deltas: list[torch.Tensor]) -> list[float]:
+    """Each model's share of the mean squared task vectors, in fp64."""
+    means = [float(d.double().square().mean()) if d.numel() else 0.0 for d in deltas]
+    total = sum(means)
+    if abs(total) < 1e-6:
+        return [1.0 / len(deltas)] * len(deltas)
+    return [m / total for m in means]
