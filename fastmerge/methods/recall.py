@@ -212,13 +212,13 @@ def write_heatmap(path: Path, weights: torch.Tensor, names: list[str]) -> None:
         warnings.warn(f"matplotlib is not installed, so {path.name} was not written (pip install matplotlib)", stacklevel=2)
         return
     rows = weights.shape[0]
-    figure = Figure(figsize=(max(4.0, 2.5 + 1.1 * len(names)), max(3.0, 1.5 + 0.28 * rows)))
+    labels = [Path(n).name[-24:] or n for n in names]  # model paths: the directory name is enough
+    figure = Figure(figsize=(max(4.0, 2.5 + 1.1 * len(names)), max(3.0, 1.5 + 0.28 * rows)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(weights.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=float(weights.max()))
-    axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes.set_xticks(range(len(names)), labels, rotation=30, ha="right")
     axes.set_yticks(range(rows), row_labels(rows))
     axes.set_title("RECALL layer weights")
     figure.colorbar(image, ax=axes)
-    figure.tight_layout()
     figure.savefig(path, dpi=100)
