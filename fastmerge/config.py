@@ -70,6 +70,8 @@ class MergeSpec:
     tokenizer_source: str | None
     chat_template: str | None
     raw: dict[str, Any]
+    # A masks.safetensors file (fastmerge prune) applied to the merged model to keep it sparse.
+    output_mask: str | None = None
 
     def referenced_models(self) -> list[str]:
         """Every model path the config names, base first, without repeats, in config order."""
@@ -92,7 +94,7 @@ class MergeSpec:
 
 _TOP_KEYS = {
     "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "chat_template", "tokenizer", "modules",
+    "tokenizer_source", "chat_template", "tokenizer", "modules", "output_mask",
 }
 _UNSUPPORTED_TOP_KEYS = {
     "tokenizer": "use `tokenizer_source` instead of the `tokenizer:` block",
@@ -149,7 +151,12 @@ def parse_config(data: dict[str, Any]) -> MergeSpec:
     if chat_template is not None and not isinstance(chat_template, str):
         raise ConfigError("`chat_template` must be a string (a template name or Jinja text)")
 
+    output_mask = data.get("output_mask")
+    if output_mask is not None and not isinstance(output_mask, str):
+        raise ConfigError("`output_mask` must be the path of a masks.safetensors file")
+
     return MergeSpec(
+        output_mask=output_mask,
         merge_method=method,
         models=models,
         slices=slices,

@@ -154,7 +154,7 @@ def _merge_into(plan: Plan, out_dir: Path, torch_device: torch.device, seed: int
             metadata={"merged_by": f"fastmerge {__version__}", "merge_method": plan.spec.merge_method},
         )
         try:
-            _stream(plan, writer, torch_device, seed, backend, quiet)
+            _stream(plan, writer, torch_device, seed, backend, quiet, MaskHooks.for_plan(plan))
             writer.finalize()
         finally:
             writer.close()
@@ -182,11 +182,43 @@ def _prepare_context(plan: Plan, device: torch.device, seed: int, output_dir: Pa
     )
 
 
-def _stream(plan: Plan, writer: ShardedWriter, device: torch.device, seed: int, backend: str | None, quiet: bool) -> None:
+class MaskHooks:
+    """Sparse masks inside a merge (`parameters: {mask: PATH}` per model, top-level
+    `output_mask`): every file is read and checked against the model once, before streaming."""
+
+    def __init__(self, plan: Plan, paths: set[str]):
+        from .methods.masks import MaskCache
+
+        self.cache = MaskCache()
+        self.output_mask = plan.spec.output_mask
+        shapes = {t.name: t.shape for t in plan.tensors}
+        for path in sorted(paths):
+            self.cache.get(path).check_model(shapes, "the merged model")
+
+    @classmethod
+    def for_plan(cls, plan: Plan) -> MaskHooks | None:
+        paths = {p["mask"] for t in plan.tensors for p in t.params if p.get("mask")}
+        if plan.spec.output_mask:
+            paths.add(plan.spec.output_mask)
+        return cls(plan, paths) if paths else None
+
+    def inputs(self, task: TensorTask) -> TensorTask:
+        from .methods.masks import masked_inputs
+
+        return masked_inputs(task, [self.cache.get(p["mask"]) if p.get("mask") else None for p in task.params])
+
+    def output(self, name: str, merged: torch.Tensor) -> torch.Tensor:
+        from .methods.masks import mask_output
+
+        return mask_output(name, merged, self.cache.get(self.output_mask)) if self.output_mask else merged
+
+
+def _stream(plan: Plan, writer: ShardedWriter, device: torch.device, seed: int, backend: str | None, quiet: bool,
+            masks: MaskHooks | None = None) -> None:
     progress = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=quiet, leave=False)
     try:
         for tensor in _prefetched(plan):
-            result = _merge_one(plan, tensor, device, seed, backend)
+            result = _merge_one(plan, tensor, device, seed, backend, masks)
             writer.write(tensor.name, result)
             for ref in _refs(tensor):
                 plan.checkpoints[ref.checkpoint].release(ref.name)
@@ -217,7 +249,8 @@ def _prefetched(plan: Plan, depth: int = 2) -> Iterator[PlannedTensor]:
         yield tensor
 
 
-def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: int, backend: str | None) -> torch.Tensor:
+def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: int, backend: str | None,
+               masks: MaskHooks | None = None) -> torch.Tensor:
     load = lambda ref: plan.checkpoints[ref.checkpoint].tensor(ref.name).to(device, non_blocking=True)  # noqa: E731
     inputs = [load(ref) for ref in tensor.inputs]
     base = load(tensor.base) if tensor.base is not None else None
@@ -235,7 +268,11 @@ def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: in
         backend=backend,
         model_names=list(plan.input_models),
     )
+    if masks is not None:
+        task = masks.inputs(task)
     result = plan.method.merge_tensor(task)
+    if masks is not None:
+        result = masks.output(tensor.name, result)
     if result.shape != torch.Size(tensor.shape):
         raise FastmergeError(f"{plan.spec.merge_method} produced shape {list(result.shape)} for {tensor.name}, expected {list(tensor.shape)}")
     return result.to(device="cpu", dtype=tensor.dtype).contiguous()

@@ -129,8 +129,13 @@ def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Chec
     return builder.build()
 
 
+# Per-model parameters every method accepts: `mask` (a masks.safetensors file from
+# `fastmerge prune`) restricts the model's task vector before the method sees it.
+UNIVERSAL_MODEL_PARAMS = {"mask": None}
+
+
 def _check_parameter_names(spec: MergeSpec, method: MergeMethod) -> None:
-    allowed_model = set(method.model_params) | set(method.required_model_params)
+    allowed_model = set(method.model_params) | set(method.required_model_params) | set(UNIVERSAL_MODEL_PARAMS)
     allowed = allowed_model | set(method.global_params)
     places: list[tuple[str, dict[str, Any], set[str]]] = [("parameters", spec.parameters, allowed)]
     for i, source in enumerate(spec.models or []):
@@ -306,7 +311,7 @@ class _PlanBuilder:
     def _model_params(self, source: SourceSpec, out_slice: SliceSpec, tensor: str, t: float) -> dict[str, Any]:
         chain = [source.parameters, out_slice.parameters, self.spec.parameters]
         resolved = {}
-        for name, default in self.method.model_params.items():
+        for name, default in (UNIVERSAL_MODEL_PARAMS | self.method.model_params).items():
             resolved[name] = _resolve(name, chain, tensor, t, default, f"model {source.model}")
         for name in self.method.required_model_params:
             # Required parameters are numbers (weight, density, ...): checked as such.

@@ -17,3 +17,53 @@ def test_masked_inputs_mask_task_vectors_and_output_mask_zeroes():
     assert masked_inputs(other, [masks]).inputs[0] is x1
     assert torch.equal(mask_output("w", x1, masks), torch.where(keep, x1, torch.zeros(())))
     assert mask_output("v", x1, masks) is x1
+
+
+def test_masks_inside_a_config_merge(tiny_models, tmp_path):
+    """`parameters: {mask: ...}` masks that model's task vector and `output_mask` keeps the
+    merged model sparse, through fastmerge.run."""
+    import fastmerge
+    from _support import load_dir
+
+    base, ft1, ft2 = (load_dir(tiny_models[n]) for n in ("base", "ft1", "ft2"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    generator = torch.Generator().manual_seed(0)
+    keep1 = torch.rand(base[name].shape, generator=generator) > 0.5
+    keep_out = torch.rand(base[name].shape, generator=generator) > 0.3
+    shapes = {n: tuple(t.shape) for n, t in base.items()}
+    from fastmerge.pruning.mask_file import architecture_fingerprint
+
+    arch = architecture_fingerprint(shapes.items())
+    MaskSet.from_dense({name: keep1}, arch).save(tmp_path / "m1.safetensors")
+    MaskSet.from_dense({name: keep_out}, arch).save(tmp_path / "out_mask.safetensors")
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(tiny_models["base"]),
+        "models": [
+            {"model": str(tiny_models["ft1"]), "parameters": {"weight": 0.5, "mask": str(tmp_path / "m1.safetensors")}},
+            {"model": str(tiny_models["ft2"]), "parameters": {"weight": 0.5}},
+        ],
+        "output_mask": str(tmp_path / "out_mask.safetensors"),
+    }
+    merged = load_dir(fastmerge.run(config, tmp_path / "out", quiet=True).output_dir)
+    masked_ft1 = {**ft1, name: torch.where(keep1, ft1[name], base[name])}
+    expected = fastmerge.merge_state_dicts("task_arithmetic", [masked_ft1, ft2], base=base, weight=0.5)
+    assert torch.equal(merged[name], torch.where(keep_out, expected[name], torch.zeros((), dtype=expected[name].dtype)))
+    other = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(merged[other], expected[other])
+
+
+def test_mask_for_another_model_is_refused(tiny_models, tmp_path):
+    import pytest
+
+    import fastmerge
+    from fastmerge.errors import CheckpointError
+
+    MaskSet.from_dense({"x": torch.ones(3, dtype=torch.bool)}, "other-arch").save(tmp_path / "m.safetensors")
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0, "mask": str(tmp_path / "m.safetensors")}}],
+    }
+    with pytest.raises(CheckpointError, match="another architecture"):
+        fastmerge.run(config, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
