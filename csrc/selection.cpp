@@ -32,18 +32,24 @@ int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, 
   {
     std::vector<int64_t> local(kHistBins, 0);
     std::vector<float> d(kChunk), scratch(kChunk);
+    std::vector<uint32_t> bits(kChunk);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunk_count(n); ++c) {
       const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
       load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+      int64_t nans = 0;
+#pragma omp simd reduction(+ : nans)
       for (int64_t j = 0; j < len; ++j) {
-        const uint32_t bits = f32_bits(d[j]) & 0x7fffffffu;
-        if (bits > 0x7f800000u)
-          ++nan_count;
-        else if (phase == 1)
-          ++local[bits >> 16];
-        else if ((bits >> 16) == bucket)
-          ++local[bits & 0xffffu];
+        bits[j] = f32_bits(d[j]) & 0x7fffffffu;
+        nans += bits[j] > 0x7f800000u;
+      }
+      nan_count += nans;
+      if (nans) continue;  // the caller raises; the counts no longer matter
+      if (phase == 1) {
+        for (int64_t j = 0; j < len; ++j) ++local[bits[j] >> 16];
+      } else {
+        for (int64_t j = 0; j < len; ++j)
+          if ((bits[j] >> 16) == bucket) ++local[bits[j] & 0xffffu];
       }
     }
 #pragma omp critical
@@ -110,11 +116,16 @@ void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t 
         for (size_t m = 0; m < k; ++m) {
           const float* d = delta.data() + m * kChunk;
           const float w = weights[m];
+          if (w == 0.f) continue;  // sign(W) = 0: never agrees
+          const float w_sign = w > 0.f ? 1.f : -1.f;
+          // Adding fma(w, 0, mixed) and div + 0 leaves both unchanged (neither is ever -0), so
+          // the disagreeing lanes are zeroed instead of branched around: the loop vectorises.
 #pragma omp simd
           for (int64_t j = 0; j < len; ++j) {
-            const bool agrees = d[j] != 0.f && w != 0.f && ((d[j] > 0.f) == (w > 0.f)) == (elect[j] >= 0.f);
-            mixed[j] = agrees ? std::fma(w, d[j], mixed[j]) : mixed[j];
-            div[j] = agrees ? div[j] + w : div[j];
+            // sign(w) * sign(d) == elected sign  <=>  d * sign(w) * elected sign > 0 (exact: +-1 factors).
+            const bool agrees = d[j] * (elect[j] >= 0.f ? w_sign : -w_sign) > 0.f;
+            mixed[j] = std::fma(w, agrees ? d[j] : 0.f, mixed[j]);
+            div[j] += agrees ? w : 0.f;
           }
         }
       } else {

@@ -1,0 +1,66 @@
+"""TIES speed: the fused native kernel vs a torch eager implementation that trims with topk, as
+mergekit does. 4 bf16 inputs + base of FASTMERGE_BENCH_N elements (default 64M), density 0.2.
+
+Run: python -m pytest bench/kernels/bench_ties.py --benchmark-only
+(set FASTMERGE_BENCH_N=4000000 for a quick run). The native result is checked against the
+reference on a slice-sized problem in tests/ops/test_ties.py; here only the speed is measured.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastmerge.ops import ties_merge
+
+N = int(os.environ.get("FASTMERGE_BENCH_N", 64 * 1024 * 1024))
+K = 4
+DENSITY = 0.2
+WEIGHTS = [0.4, 0.3, 0.2, 0.1]
+
+
+@pytest.fixture(scope="module")
+def models():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(N, generator=gen).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(N, generator=gen) * 0.01).to(torch.bfloat16) for _ in range(K)]
+    return base, xs
+
+
+def topk_trim(d: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit-style magnitude trimming: keep the top int(density*n) |d| via torch.topk."""
+    k = int(density * d.numel())
+    keep = torch.zeros(d.numel(), dtype=torch.bool)
+    keep[torch.topk(d.abs(), k, sorted=False).indices] = True
+    return d * keep
+
+
+def consensus_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights, normalize: bool) -> torch.Tensor:
+    """Sign election and disjoint mean over already-sparsified deltas (torch eager, fp32)."""
+    w = torch.tensor(weights, dtype=torch.float32)[:, None]
+    stacked = torch.stack(deltas) * w
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+    mask = torch.sign(stacked) == sign
+    mixed = (stacked * mask).sum(0)
+    if normalize:
+        div = (w * mask).sum(0)
+        mixed = mixed / torch.where(div == 0, 1.0, div)
+    return (base.float() + mixed).to(torch.bfloat16)
+
+
+def torch_ties(base, xs):
+    deltas = [topk_trim(x.float() - base.float(), DENSITY) for x in xs]
+    return consensus_merge(base, deltas, WEIGHTS, normalize=True)
+
+
+def test_ties_torch_topk(benchmark, models):
+    base, xs = models
+    benchmark.pedantic(torch_ties, args=(base, xs), rounds=1, iterations=1)
+
+
+def test_ties_native(benchmark, models):
+    base, xs = models
+    benchmark.pedantic(ties_merge, args=(base, xs, WEIGHTS), kwargs=dict(densities=[DENSITY] * K, backend="native"),
+                       rounds=3, iterations=1)
