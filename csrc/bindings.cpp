@@ -8,6 +8,9 @@
 #include "mask.h"
 #include "rbf.h"
 #include "selection.h"
+#ifdef FASTMERGE_WITH_CUDA
+#include "selection_cuda.h"
+#endif
 
 namespace py = pybind11;
 
@@ -66,4 +69,9 @@ PYBIND11_MODULE(_native, m) {
       py::arg("t_hi"), py::arg("cut_hi"), py::arg("t_lo"), py::arg("cut_lo"), py::arg("key"), py::arg("density"));
   m.def("philox_fill", &fastmerge::philox_fill, py::call_guard<py::gil_scoped_release>(), py::arg("out"),
         py::arg("key"), py::arg("offset"), py::arg("n"));
+#ifdef FASTMERGE_WITH_CUDA
+  m.def("cuda_magnitude_histogram", &fastmerge::cuda_magnitude_histogram, py::call_guard<py::gil_scoped_release>(),
+        "magnitude_histogram on device pointers (csrc/cuda/selection.cu).", py::arg("x"), py::arg("x_dtype"),
+        py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("hist"), py::arg("phase"), py::arg("bucket"));
+#endif
 }
