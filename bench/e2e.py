@@ -1,0 +1,340 @@
+"""End-to-end merge benchmark: fastmerge (and mergekit, when installed) on the same configs.
+
+For a generated checkpoint set (bench.checkpoints) this runs every method in METHODS that
+fastmerge has registered, each merge in a fresh subprocess (peak RSS is the child's own, from
+GNU time, never the benchmark's), with the page cache warm as in the issue's baseline. In the same
+run it measures the I/O roofline of each config: read all of its input files and write as many
+bytes as the output has, with plain large reads and writes, flushed to disk with fsync as
+fastmerge's writer does. efficiency = roofline / wall (1.0 = as fast as just moving the bytes).
+
+Prints a table, writes a JSON with every figure and a PNG chart.
+Run: `python -m bench.e2e --preset 1b --work /tmp/fm-bench` (add `--no-mergekit` to skip it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from bench.checkpoints import BenchModels, add_generator_args, generate, model_files, spec_from_args
+from fastmerge.methods import method_names
+
+MERGEKIT_YAML = Path("/opt/mkvenv/bin/mergekit-yaml")
+TIME = Path("/usr/bin/time")
+READ_BLOCK = 64 << 20
+# The issue's baseline weights for three fine-tunes; other counts get equal weights.
+BASELINE_WEIGHTS = (0.5, 0.3, 0.2)
+
+
+def _weights(k: int) -> list[float]:
+    return list(BASELINE_WEIGHTS) if k == len(BASELINE_WEIGHTS) else [round(1.0 / k, 6)] * k
+
+
+def _task_vector_config(method: str, models: BenchModels, **params) -> dict:
+    """base + every fine-tune, each with its weight and the given per-model parameters."""
+    return {
+        "merge_method": method,
+        "base_model": str(models.base),
+        "models": [
+            {"model": str(path), "parameters": {"weight": w, **params}}
+            for path, w in zip(models.fine_tunes, _weights(len(models.fine_tunes)))
+        ],
+        "dtype": "bfloat16",
+    }
+
+
+def _linear(models: BenchModels) -> dict:
+    config = _task_vector_config("linear", models)
+    del config["base_model"]
+    return config
+
+
+def _slerp(models: BenchModels) -> dict:
+    return {
+        "merge_method": "slerp",
+        "base_model": str(models.base),
+        "models": [{"model": str(models.base)}, {"model": str(models.fine_tunes[0])}],
+        "parameters": {"t": 0.5},
+        "dtype": "bfloat16",
+    }
+
+
+def _model_stock(models: BenchModels) -> dict:
+    return {
+        "merge_method": "model_stock",
+        "base_model": str(models.base),
+        "models": [{"model": str(path)} for path in models.fine_tunes],
+        "dtype": "bfloat16",
+    }
+
+
+def _with_global(config: dict, **params) -> dict:
+    config["parameters"] = params
+    return config
+
+
+# method -> mergekit config for a checkpoint set (the issue's baseline settings where it has them).
+METHODS: dict[str, Callable[[BenchModels], dict]] = {
+    "linear": _linear,
+    "task_arithmetic": lambda m: _task_vector_config("task_arithmetic", m),
+    "ties": lambda m: _with_global(_task_vector_config("ties", m, density=0.5), normalize=True),
+    "dare_ties": lambda m: _task_vector_config("dare_ties", m, density=0.5),
+    "slerp": _slerp,
+    "model_stock": _model_stock,
+    "breadcrumbs": lambda m: _task_vector_config("breadcrumbs", m, density=0.9, gamma=0.01),
+    "della": lambda m: _task_vector_config("della", m, density=0.5, epsilon=0.1),
+}
+
+
+@dataclass
+class MergeRun:
+    """One merge in a child process."""
+
+    tool: str
+    method: str
+    wall_s: float
+    peak_rss_bytes: int
+    returncode: int
+    log_tail: str = ""
+
+
+@dataclass
+class Roofline:
+    """Plain-file-I/O lower bound for one config: read its inputs, write its output size."""
+
+    read_bytes: int
+    write_bytes: int
+    read_s: float
+    write_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.read_s + self.write_s
+
+
+def config_inputs(config: dict) -> list[Path]:
+    """Distinct model directories a config reads, base included."""
+    paths = [Path(m["model"]) for m in config["models"]]
+    if "base_model" in config:
+        paths.append(Path(config["base_model"]))
+    return sorted(set(paths))
+
+
+def read_files(files: list[Path]) -> tuple[int, float]:
+    """Read every file once with large reads into one reused buffer; (bytes, seconds)."""
+    buffer = bytearray(READ_BLOCK)
+    view = memoryview(buffer)
+    total, started = 0, time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while count := f.readinto(view):
+                total += count
+    return total, time.perf_counter() - started
+
+
+def write_bytes(path: Path, nbytes: int) -> float:
+    """Write nbytes with large sequential writes and fsync; seconds taken."""
+    block = memoryview(os.urandom(1 << 20) * (READ_BLOCK >> 20))
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left:
+            left -= os.write(fd, block[: min(left, len(block))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    path.unlink()
+    return seconds
+
+
+def measure_roofline(inputs: list[Path], output_bytes: int, scratch: Path) -> Roofline:
+    read, read_s = read_files(model_files(inputs))
+    return Roofline(read, output_bytes, read_s, write_bytes(scratch / "roofline.bin", output_bytes))
+
+
+def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
+    """Run one merge as a child process; its wall time and its own peak RSS.
+
+    The child is started through /usr/bin/time, whose %M is the peak RSS of the command it
+    forks. Asking the kernel directly (wait4 on our own child) would not do: a child's maximum
+    includes the memory of the process it was forked from before exec, i.e. this benchmark.
+    """
+    if not TIME.exists():
+        raise FileNotFoundError(f"{TIME} (GNU time) is needed to measure a merge's peak RSS")
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
+        started = time.perf_counter()
+        done = subprocess.run([str(TIME), "-f", "%M", "-o", stats.name, *command],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - started
+        # On failure GNU time writes "Command exited with non-zero status N" before the figure.
+        peak_kib = int(stats.read().split()[-1])
+    tail = done.stdout.decode(errors="replace")[-2000:]
+    return MergeRun(tool, method, wall, peak_kib * 1024, done.returncode, tail)
+
+
+def fastmerge_command(config_path: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "fastmerge.cli", "run", str(config_path), str(out), "--quiet", "--device", "cpu"]
+
+
+def mergekit_command(config_path: Path, out: Path) -> list[str]:
+    return [str(MERGEKIT_YAML), str(config_path), str(out), "--no-write-model-card"]
+
+
+def output_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+@dataclass
+class MethodResult:
+    method: str
+    input_bytes: int
+    output_bytes: int
+    roofline: Roofline
+    fastmerge: MergeRun
+    mergekit: MergeRun | None
+
+    def row(self) -> dict:
+        fm = self.fastmerge
+        row = {
+            "method": self.method,
+            "input_gb": self.input_bytes / 1e9,
+            "output_gb": self.output_bytes / 1e9,
+            "roofline_s": self.roofline.seconds,
+            "roofline_read_s": self.roofline.read_s,
+            "roofline_write_s": self.roofline.write_s,
+            "fastmerge_s": fm.wall_s,
+            "fastmerge_gbps": self.input_bytes / fm.wall_s / 1e9,
+            "fastmerge_peak_rss_gb": fm.peak_rss_bytes / 1e9,
+            "efficiency": self.roofline.seconds / fm.wall_s,
+            "fastmerge_ok": fm.returncode == 0,
+        }
+        if self.mergekit is not None:
+            mk = self.mergekit
+            row.update(
+                mergekit_s=mk.wall_s,
+                mergekit_peak_rss_gb=mk.peak_rss_bytes / 1e9,
+                mergekit_ok=mk.returncode == 0,
+                speedup=mk.wall_s / fm.wall_s,
+            )
+        return row
+
+
+def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bool) -> MethodResult:
+    config = METHODS[method](models)
+    config_path = work / f"{method}.yml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    inputs = config_inputs(config)
+    runs: dict[str, MergeRun] = {}
+    out_size = 0
+    tools = [("fastmerge", fastmerge_command)] + ([("mergekit", mergekit_command)] if with_mergekit else [])
+    for tool, command in tools:
+        out = work / f"out-{tool}-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        read_files(model_files(inputs))  # warm the page cache, as the baseline did
+        runs[tool] = run_child(tool, method, command(config_path, out))
+        if runs[tool].returncode != 0:
+            print(f"  {tool} {method} failed:\n{runs[tool].log_tail}", file=sys.stderr)
+        elif tool == "fastmerge":
+            out_size = output_bytes(out)
+        shutil.rmtree(out, ignore_errors=True)
+    if not out_size:  # fastmerge failed: a bf16 output is the size of one input model
+        out_size = sum(p.stat().st_size for p in model_files(inputs[:1]))
+    roofline = measure_roofline(inputs, out_size, work)
+    in_size = sum(p.stat().st_size for p in model_files(inputs))
+    return MethodResult(method, in_size, out_size, roofline, runs["fastmerge"], runs.get("mergekit"))
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'method':<16}{'in GB':>7}{'roofline s':>11}{'fastmerge s':>12}{'GB/s':>7}{'RSS GB':>8}{'eff':>6}" \
+             f"{'mergekit s':>11}{'mk RSS GB':>10}{'speedup':>9}"
+    print(header)
+    for r in rows:
+        mk = (f"{r['mergekit_s']:>11.2f}{r['mergekit_peak_rss_gb']:>10.2f}{r['speedup']:>8.1f}x"
+              if "mergekit_s" in r else f"{'-':>11}{'-':>10}{'-':>9}")
+        flag = "" if r["fastmerge_ok"] else "  (fastmerge FAILED)"
+        print(f"{r['method']:<16}{r['input_gb']:>7.2f}{r['roofline_s']:>11.2f}{r['fastmerge_s']:>12.2f}"
+              f"{r['fastmerge_gbps']:>7.2f}{r['fastmerge_peak_rss_gb']:>8.2f}{r['efficiency']:>6.2f}{mk}{flag}")
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in rows]
+    series = [("roofline (plain I/O)", "roofline_s", "#999999"), ("fastmerge", "fastmerge_s", "#1f77b4")]
+    if any("mergekit_s" in r for r in rows):
+        series.append(("mergekit 0.1.5", "mergekit_s", "#d62728"))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.5))
+    for i, (label, key, color) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r.get(key, 0) for r in rows], width, label=label, color=color)
+    ax.set_xticks(range(len(rows)), names, rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("wall time, s (log)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_generator_args(parser)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"), help="where models and outputs go (not the repo)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit even if installed")
+    parser.add_argument("--json", type=Path, default=None, help="results file [default: WORK/e2e-PRESET.json]")
+    parser.add_argument("--chart", type=Path, default=None, help="chart file [default: WORK/e2e-PRESET.png]")
+    args = parser.parse_args(argv)
+    spec = spec_from_args(args)
+    label = "custom" if args.custom else args.preset
+    models = generate(args.work / label, spec)
+    print(f"models: {models.directory} ({'reused' if models.reused else f'generated in {models.seconds:.1f} s'})")
+    with_mergekit = args.mergekit and MERGEKIT_YAML.exists()
+    registered = set(method_names())
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    skipped = [m for m in wanted if m not in registered]
+    if skipped:
+        print(f"skipping methods fastmerge has not registered: {', '.join(skipped)}")
+    results = [bench_method(m, models, args.work, with_mergekit) for m in wanted if m in registered]
+    rows = [r.row() for r in results]
+    print_table(rows)
+    report = {
+        "preset": label,
+        "spec": spec.to_json(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "mergekit": with_mergekit,
+        "skipped": skipped,
+        "results": rows,
+        "runs": [asdict(run) for r in results for run in (r.fastmerge, r.mergekit) if run is not None],
+    }
+    json_path = args.json or args.work / f"e2e-{label}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    chart_path = args.chart or args.work / f"e2e-{label}.png"
+    plot(rows, f"fastmerge vs mergekit, {label} preset, base + {spec.fine_tunes} fine-tunes", chart_path)
+    print(f"wrote {json_path} and {chart_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The end-to-end benchmark on a tiny preset: configs fastmerge accepts, figures, JSON and chart."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from bench import e2e
+from bench.checkpoints import GeneratorSpec, generate
+from fastmerge.demo import LlamaShape
+from fastmerge.engine import prepare_plan
+from fastmerge.methods import method_names
+
+SMALL = "64,160,2,4,2,96"
+
+
+@pytest.fixture
+def models(tmp_path):
+    shape = LlamaShape(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=96)
+    return generate(tmp_path / "models", GeneratorSpec(shape, fine_tunes=3))
+
+
+@pytest.mark.parametrize("method", sorted(set(e2e.METHODS) & set(method_names())))
+def test_every_registered_method_config_plans(models, method):
+    config = e2e.METHODS[method](models)
+    assert config["dtype"] == "bfloat16"
+    plan = prepare_plan(config)
+    try:
+        assert plan.tensors
+    finally:
+        for checkpoint in plan.checkpoints:
+            checkpoint.close()
+
+
+def test_config_inputs_include_the_base_once(models):
+    assert e2e.config_inputs(e2e.METHODS["task_arithmetic"](models)) == sorted(models.all_models)
+    assert e2e.config_inputs(e2e.METHODS["linear"](models)) == sorted(models.fine_tunes)
+    assert e2e.config_inputs(e2e.METHODS["slerp"](models)) == sorted([models.base, models.fine_tunes[0]])
+
+
+def test_roofline_reads_every_input_byte_and_writes_the_output_size(models, tmp_path):
+    roofline = e2e.measure_roofline(models.all_models, 12345, tmp_path)
+    assert roofline.read_bytes == sum(p.stat().st_size for p in models.files)
+    assert roofline.write_bytes == 12345 and roofline.seconds > 0
+    assert not (tmp_path / "roofline.bin").exists()
+
+
+def test_child_runs_report_their_own_peak_rss():
+    grow = "b = bytearray(300_000_000); b[::4096] = b'x' * len(b[::4096])"
+    big = e2e.run_child("python", "grow", [sys.executable, "-c", grow])
+    small = e2e.run_child("python", "noop", [sys.executable, "-c", "pass"])
+    assert big.returncode == 0 and big.peak_rss_bytes > 300_000_000
+    assert small.peak_rss_bytes < big.peak_rss_bytes - 200_000_000
+    assert e2e.run_child("python", "fail", [sys.executable, "-c", "raise SystemExit(3)"]).returncode == 3
+
+
+def test_benchmark_run_writes_results_and_chart(tmp_path):
+    out_json, chart = tmp_path / "r.json", tmp_path / "r.png"
+    e2e.main(["--custom", SMALL, "--work", str(tmp_path), "--methods", "linear,task_arithmetic", "--no-mergekit",
+              "--json", str(out_json), "--chart", str(chart)])
+    report = json.loads(out_json.read_text())
+    assert [r["method"] for r in report["results"]] == ["linear", "task_arithmetic"]
+    for row in report["results"]:
+        assert row["fastmerge_ok"] and row["fastmerge_s"] > 0 and row["efficiency"] > 0
+        assert row["output_gb"] > 0 and "mergekit_s" not in row
+    assert chart.stat().st_size > 1000
+    assert not list(tmp_path.glob("out-*"))
