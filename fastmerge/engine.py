@@ -1,9 +1,10 @@
 """Runs a Plan: stream every output tensor through its method into the sharded writer.
 
 Memory stays bounded by the largest tensor: inputs are zero-copy views over memory-mapped files
-whose pages are released (madvise DONTNEED) as soon as the tensor is merged, the writer puts
-each result in place on disk, and a reader thread asks the kernel to read ahead the next
-tensor's pages while the current one merges.
+whose pages are released (madvise DONTNEED) as soon as the tensor is written, the writer puts
+each result in place on disk, and three things overlap: a reader thread asks the kernel to read
+ahead the next tensors' pages, the kernel merges the current tensor, and a writer thread writes
+the previous result (whose disk writeback starts at once).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import queue
 import resource
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -217,14 +219,57 @@ def _stream(plan: Plan, writer: ShardedWriter, device: torch.device, seed: int, 
             masks: MaskHooks | None = None) -> None:
     progress = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=quiet, leave=False)
     try:
-        for tensor in _prefetched(plan):
-            result = _merge_one(plan, tensor, device, seed, backend, masks)
-            writer.write(tensor.name, result)
-            for ref in _refs(tensor):
-                plan.checkpoints[ref.checkpoint].release(ref.name)
-            progress.update(tensor.nbytes)
+        with _BackgroundWriter(plan, writer, progress) as background:
+            for tensor in _prefetched(plan):
+                background.submit(tensor, _merge_one(plan, tensor, device, seed, backend, masks))
     finally:
         progress.close()
+
+
+class _BackgroundWriter:
+    """Writes merged tensors on a thread of its own, so the kernel merges tensor n+1 while
+    tensor n is copied into the output file (pwrite releases the GIL, and a write can stall
+    in the kernel's dirty-page throttling while the CPU has merging to do).
+
+    At most one write is in flight: `submit` waits for the previous one first, so memory holds
+    the inputs being merged plus two results, never more. A tensor's input pages are released
+    after its write, since a copied tensor's result is a view of those very pages. A failed
+    write is raised from the next `submit` or from leaving the block.
+    """
+
+    def __init__(self, plan: Plan, writer: ShardedWriter, progress: tqdm):
+        self._plan, self._writer, self._progress = plan, writer, progress
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-writer")
+        self._pending: Future | None = None
+
+    def submit(self, tensor: PlannedTensor, result: torch.Tensor) -> None:
+        self._wait()
+        self._pending = self._executor.submit(self._write, tensor, result)
+
+    def _write(self, tensor: PlannedTensor, result: torch.Tensor) -> None:
+        self._writer.write(tensor.name, result)
+        for ref in _refs(tensor):
+            self._plan.checkpoints[ref.checkpoint].release(ref.name)
+        self._progress.update(tensor.nbytes)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        # Always let the last write finish before the writer's files can be closed; its error
+        # matters only when the merge itself did not fail first.
+        try:
+            self._wait()
+        except BaseException:
+            if exc_type is None:
+                raise
+        finally:
+            self._executor.shutdown(wait=True)
 
 
 def _refs(tensor: PlannedTensor):
