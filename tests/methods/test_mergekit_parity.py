@@ -1,0 +1,77 @@
+"""Parity with mergekit 0.1.5 (`mergekit-yaml`, dtype float32) on tiny sharded checkpoints.
+
+Runs only where mergekit is installed: set FASTMERGE_MERGEKIT_YAML to its `mergekit-yaml`
+(e.g. a separate venv: `python -m venv --system-site-packages /opt/mkvenv &&
+/opt/mkvenv/bin/pip install mergekit==0.1.5`), or have `mergekit-yaml` on PATH.
+The bound is issue 4's: max |difference| <= 1e-6 x the tensor's largest |value|.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from _support import load_dir, write_config
+from fastmerge import run
+from fastmerge.demo import LlamaShape, fine_tune_of, make_state, write_checkpoint
+
+MERGEKIT_YAML = os.environ.get("FASTMERGE_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+pytestmark = pytest.mark.skipif(MERGEKIT_YAML is None, reason="mergekit-yaml not installed")
+
+SHAPE = LlamaShape(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+GRADIENT_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+
+
+def configs(b, f1, f2, f3):
+    weighted = [{"model": m, "parameters": {"weight": w}} for m, w in ((f1, 0.5), (f2, 1.0), (f3, 2.0))]
+    three = [{"model": m} for m in (f1, f2, f3)]
+    return {
+        "slerp": {"merge_method": "slerp", "base_model": b, "models": [{"model": b}, {"model": f1}], "parameters": {"t": GRADIENT_T}},
+        "nuslerp": {"merge_method": "nuslerp", "models": weighted[:2]},
+        "nuslerp_rows_base": {"merge_method": "nuslerp", "base_model": b, "models": weighted[:2], "parameters": {"nuslerp_flatten": False}},
+        "nuslerp_row_wise": {"merge_method": "nuslerp", "models": weighted[:2], "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
+        "multislerp": {"merge_method": "multislerp", "models": weighted},
+        "multislerp_base": {"merge_method": "multislerp", "base_model": b, "models": weighted},
+        "karcher": {"merge_method": "karcher", "models": three},
+        "model_stock": {"merge_method": "model_stock", "base_model": b, "models": three},
+        "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": b, "models": three, "parameters": {"filter_wise": True}},
+        "nearswap": {"merge_method": "nearswap", "base_model": b, "models": [{"model": b}, {"model": f1}], "parameters": {"t": [0.001, 0.01]}},
+        "passthrough": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": f1, "layer_range": [0, 3]}]},
+            {"sources": [{"model": f2, "layer_range": [1, 4], "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
+        ]},
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": b, "models": [{"model": b}, {"model": f1}]},
+        "ram": {"merge_method": "ram", "base_model": b, "models": three},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": b, "models": three, "parameters": {"r": 0.5, "alpha": 0.3}},
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    base = make_state(SHAPE, 0)
+    paths = [write_checkpoint(root / "base", base, SHAPE, dtype=torch.float32, max_shard_bytes=60_000)]
+    for i in (1, 2, 3):
+        tuned = fine_tune_of(base, i, scale=0.3)
+        if i == 3:  # a sparse fine-tune, so ram sees both unique and shared changes
+            g = torch.Generator().manual_seed(9)
+            tuned = {k: torch.where(torch.rand(v.shape, generator=g) < 0.5, v, base[k]) for k, v in tuned.items()}
+        paths.append(write_checkpoint(root / f"ft{i}", tuned, SHAPE, dtype=torch.float32, max_shard_bytes=60_000))
+    return root, [str(p) for p in paths]
+
+
+@pytest.mark.parametrize("case", list(configs("b", "1", "2", "3")))
+def test_matches_mergekit(case, checkpoints):
+    root, paths = checkpoints
+    config = write_config(root / f"{case}.yml", dict(configs(*paths)[case], dtype="float32"))
+    subprocess.run([MERGEKIT_YAML, str(config), str(root / f"mk_{case}"), "--no-write-model-card", "--allow-crimes"], check=True, capture_output=True)
+    ours = load_dir(run(config, root / f"fm_{case}", quiet=True).output_dir)
+    theirs = load_dir(root / f"mk_{case}")
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        scale = expected.abs().max().item()
+        assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
