@@ -231,10 +231,11 @@ def test_breadcrumbs_refuses_what_the_kernel_cannot_reproduce():
         fastmerge.merge_tensors("breadcrumbs", xs, base=base, weight=1.0, density=1.0)
 
 
-def test_model_scope_needs_a_whole_model_merge():
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_tensor_level_api_refuses_other_trim_scopes(scope):
     base, xs = random_models(2)
     with pytest.raises(ConfigError, match="trim_scope"):
-        fastmerge.merge_tensors("ties", xs, base=base, weight=1.0, density=0.5, trim_scope="model")
+        fastmerge.merge_tensors("ties", xs, base=base, weight=1.0, density=0.5, trim_scope=scope)
 
 
 # ---------------------------------------------------------------- configs on checkpoints
