@@ -178,3 +178,19 @@ def test_gradient_slerp_config_end_to_end(tiny_models, tmp_path):
         # fp32 arithmetic, one bf16 rounding: within one bf16 ulp of the exact formula.
         ulp = expected.abs() * 2.0**-7 + 1e-6 * expected.abs().max()
         assert ((merged[name].double() - expected).abs() <= ulp).all(), name
+
+
+def test_config_errors_name_the_parameter_and_write_nothing(tiny_models, tmp_path):
+    no_t = write_config(tmp_path / "no_t.yml", {
+        "merge_method": "slerp", "base_model": str(tiny_models["base"]),
+        "models": [{"model": str(tiny_models["base"])}, {"model": str(tiny_models["ft1"])}],
+    })
+    with pytest.raises(ConfigError, match="`t`"):
+        run(no_t, tmp_path / "out", quiet=True)
+    no_weight = write_config(tmp_path / "no_weight.yml", {
+        "merge_method": "nuslerp",
+        "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0}}, {"model": str(tiny_models["ft2"])}],
+    })
+    with pytest.raises(ConfigError, match="weight.*ft2"):
+        run(no_weight, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
