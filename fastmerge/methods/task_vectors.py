@@ -22,7 +22,8 @@ import torch
 
 from ..errors import ConfigError
 from ..ops.threshold import KEEP_NOTHING, MagnitudeHistogram, Threshold, keep_mask, magnitude_threshold
-from ..ops.ties import fma_f32, ties_merge
+from ..ops._fma import fma_f32
+from ..ops.ties import ties_merge
 from .base import MergeMethod, TensorTask, register
 
 TRIM_SCOPES = ("tensor", "model")

@@ -22,6 +22,7 @@ import torch
 from ..dtypes import FLOAT_OUTPUT_DTYPES, NATIVE_CODES, native_code
 from ..errors import KernelError
 from ._dispatch import resolve_backend
+from ._fma import fma_f32
 
 SUPPORTED_BACKENDS = ("reference", "native", "triton")
 
@@ -33,19 +34,17 @@ def blend_reference(
     lam: float = 1.0,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Plain torch oracle. An fp32 fma is reproduced by one fp64 step rounded once to fp32."""
+    """Plain torch oracle: each step an exact fp32 fma (`fma_f32`), one rounding at the end."""
     out_dtype = out_dtype or inputs[0].dtype
     acc = torch.zeros(inputs[0].shape, dtype=torch.float32, device=inputs[0].device)
     b32 = base.to(torch.float32) if base is not None else None
     for w, x in zip(weights, inputs):
         term = x.to(torch.float32) if b32 is None else x.to(torch.float32) - b32
-        w32 = torch.tensor(w, dtype=torch.float32).double()
-        acc = (w32 * term.double() + acc.double()).float()
+        acc = fma_f32(torch.tensor(w, dtype=torch.float32), term, acc)
     if b32 is None:
         out = acc if lam == 1.0 else acc * torch.tensor(lam, dtype=torch.float32)
     else:
-        lam32 = torch.tensor(lam, dtype=torch.float32).double()
-        out = (lam32 * acc.double() + b32.double()).float()
+        out = fma_f32(torch.tensor(lam, dtype=torch.float32), acc, b32)
     return out.to(out_dtype)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from fastmerge.errors import KernelError
 from fastmerge.ops import MagnitudeHistogram, ties_merge
-from fastmerge.ops.ties import fma_f32
+from fastmerge.ops._fma import fma_f32
 
 from conftest import BIG_SIZE
 
