@@ -56,6 +56,9 @@ class LlamaShape:
             shapes.append(("lm_head.weight", (self.vocab_size, h)))
         return shapes
 
+    def param_count(self) -> int:
+        return sum(math.prod(dims) for _, dims in self.tensor_shapes())
+
     def hf_config(self, dtype: torch.dtype) -> dict:
         config = {
             "architectures": ["LlamaForCausalLM"],
