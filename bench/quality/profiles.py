@@ -1,0 +1,56 @@
+"""The two run sizes: `full` (the published table, <= 30 min on 2 CPU cores) and `quick` (CI smoke
+test, <= 3 min). Everything that sets model size, data size or training length lives here, so a
+profile is the whole recipe apart from the seed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .model import ModelShape
+from .training import TrainSettings
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    tasks: tuple[str, ...]
+    shape: ModelShape
+    pretrain: TrainSettings
+    finetune: TrainSettings
+    general_train_lines: int
+    general_eval_lines: int
+    n_train: int
+    n_val: int
+    n_test: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FULL = Profile(
+    name="full",
+    tasks=("reverse", "sort", "add", "shift", "count"),
+    shape=ModelShape(hidden=128, layers=4, heads=4, intermediate=384),
+    pretrain=TrainSettings(steps=400, batch=32, lr=3e-3),
+    finetune=TrainSettings(steps=400, batch=64, lr=3e-3),
+    general_train_lines=20000,
+    general_eval_lines=300,
+    n_train=4000,
+    n_val=100,
+    n_test=200,
+)
+
+QUICK = Profile(
+    name="quick",
+    tasks=("reverse", "shift", "count"),
+    shape=ModelShape(hidden=64, layers=2, heads=2, intermediate=192),
+    pretrain=TrainSettings(steps=60, batch=32, lr=3e-3),
+    finetune=TrainSettings(steps=60, batch=32, lr=3e-3),
+    general_train_lines=3000,
+    general_eval_lines=60,
+    n_train=1000,
+    n_val=30,
+    n_test=50,
+)
+
+PROFILES = {p.name: p for p in (FULL, QUICK)}

@@ -1,0 +1,161 @@
+"""Synthetic text tasks and the "general" text stream used by the merge-quality benchmark.
+
+Every task is a string-to-string function written in one prompt format, ``tag:input=`` followed
+by the answer and a newline, so one character-level model can hold all of them and a merge can
+be scored by exact match. The five tasks read the same kind of input (short letter strings, or
+digits for addition) but demand different outputs of the same length and alphabet, so a model
+fine-tuned on one of them is pulled away from the others: that interference is what merge
+methods have to resolve.
+
+Splits are fixed: examples are drawn from one seeded stream, test first, then validation, then
+train, with no input repeated across splits, so a split never depends on the size of another.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+from typing import Callable
+
+LETTERS = string.ascii_lowercase
+DIGITS = string.digits
+ANSWER_END = "\n"
+# Everything the tokenizer must cover: inputs, answers, prompt punctuation, general text.
+ALPHABET = ANSWER_END + " " + DIGITS + LETTERS + ":=+"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt and its exact expected answer (without the trailing newline)."""
+
+    prompt: str
+    answer: str
+
+    @property
+    def text(self) -> str:
+        """The full training line: prompt, answer, end-of-answer newline."""
+        return self.prompt + self.answer + ANSWER_END
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named string function plus the sampler of its inputs."""
+
+    name: str
+    tag: str
+    description: str
+    sample_input: Callable[[random.Random], str]
+    solve: Callable[[str], str]
+    # Upper bound on answer length, so greedy decoding can stop after a fixed number of tokens.
+    max_answer_len: int
+
+    def example(self, raw_input: str) -> Example:
+        return Example(prompt=f"{self.tag}:{raw_input}=", answer=self.solve(raw_input))
+
+
+def _letters(rng: random.Random, low: int, high: int, alphabet: str = LETTERS) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
+
+
+def _two_numbers(rng: random.Random) -> str:
+    def number() -> int:
+        digits = rng.randint(3, 4)
+        return rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+    return f"{number()}+{number()}"
+
+
+def _add(raw: str) -> str:
+    left, right = raw.split("+")
+    return str(int(left) + int(right))
+
+
+def _shift(raw: str, by: int = 3) -> str:
+    return "".join(LETTERS[(LETTERS.index(c) + by) % 26] for c in raw)
+
+
+# Counting reads a three-letter alphabet so that the counted letter is common and the answer is
+# spread over several values rather than mostly 0.
+COUNT_ALPHABET = "abc"
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("reverse", "rev", "reverse a string of 3-7 letters",
+             lambda rng: _letters(rng, 3, 7), lambda s: s[::-1], 7),
+        Task("sort", "srt", "sort the letters of a 3-7 letter string",
+             lambda rng: _letters(rng, 3, 7), lambda s: "".join(sorted(s)), 7),
+        Task("add", "add", "add two 3-4 digit numbers",
+             _two_numbers, _add, 5),
+        Task("shift", "shf", "shift each letter 3 places forward (Caesar, z wraps to c)",
+             lambda rng: _letters(rng, 3, 7), _shift, 7),
+        Task("count", "cnt", "count the letter 'a' in a 4-9 letter string over 'abc'",
+             lambda rng: _letters(rng, 4, 9, COUNT_ALPHABET), lambda s: str(s.count("a")), 1),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+
+def make_splits(task: Task, n_train: int, n_val: int, n_test: int, seed: int) -> Splits:
+    """Disjoint train/val/test examples of `task`, deterministic in (task, sizes, seed).
+
+    Test and validation are drawn first, so the held-out prompts stay the same when only the
+    training set size changes (quick and full modes share their test prompts' prefix).
+    """
+    rng = random.Random(f"{seed}:{task.name}")
+    seen: set[str] = set()
+
+    def draw(count: int) -> list[Example]:
+        out = []
+        attempts = 0
+        while len(out) < count:
+            attempts += 1
+            if attempts > 50 * count + 1000:
+                raise ValueError(f"task {task.name!r} has too few distinct inputs for {count} examples")
+            raw = task.sample_input(rng)
+            if raw not in seen:
+                seen.add(raw)
+                out.append(task.example(raw))
+        return out
+
+    test = draw(n_test)
+    val = draw(n_val)
+    return Splits(train=draw(n_train), val=val, test=test)
+
+
+# --- the general stream -------------------------------------------------------------------------
+# Pre-training data for the base model and the yardstick for retention. It teaches the prompt
+# format through a copy task (``cpy:x=x``) over the same input kinds the tasks use, plus
+# pseudo-English words from a fixed random bigram chain, but never any task's answer, so the base
+# knows the format and the alphabet and still scores low on every task.
+
+_VOWELS = "aeiou"
+
+
+def _pseudo_word(rng: random.Random) -> str:
+    length = rng.randint(2, 7)
+    return "".join(
+        rng.choice(_VOWELS) if i % 2 == rng.randint(0, 1) else rng.choice(LETTERS) for i in range(length)
+    )
+
+
+def _general_line(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.8:
+        raw = _letters(rng, 3, 9) if rng.random() < 0.6 else _two_numbers(rng)
+        return f"cpy:{raw}={raw}{ANSWER_END}"
+    words = " ".join(_pseudo_word(rng) for _ in range(rng.randint(3, 8)))
+    return words + ANSWER_END
+
+
+def general_text(n_lines: int, seed: int, split: str) -> str:
+    """`n_lines` lines of the general stream; different `split` names give disjoint streams."""
+    rng = random.Random(f"{seed}:general:{split}")
+    return "".join(_general_line(rng) for _ in range(n_lines))

@@ -1,0 +1,134 @@
+"""Fast unit tests of the merge-quality benchmark's tasks, tokenizer, scoring and cache."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from bench.quality.cache import cached_checkpoint, recipe_key
+from bench.quality.scoring import continual_summary, exact_match_accuracy
+from bench.quality.tasks import ALPHABET, TASKS, general_text, make_splits
+from bench.quality.tokenizer import decode, encode, save_hf_tokenizer
+
+
+def _check_answer(task: str, raw: str, answer: str) -> bool:
+    """Independent checks: properties of the answer, not a re-implementation of the solver."""
+    if task == "reverse":
+        return len(answer) == len(raw) and all(answer[i] == raw[-1 - i] for i in range(len(raw)))
+    if task == "sort":
+        return Counter(answer) == Counter(raw) and all(a <= b for a, b in zip(answer, answer[1:]))
+    if task == "add":
+        left, right = raw.split("+")
+        return int(answer) - int(left) == int(right) and not answer.startswith("0")
+    if task == "shift":
+        return len(answer) == len(raw) and all((ord(a) - ord(r)) % 26 == 3 for a, r in zip(answer, raw))
+    if task == "count":
+        return int(answer) == len([c for c in raw if c == "a"])
+    raise AssertionError(f"no check for task {task}")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_answers_pass_an_independent_check(name):
+    task = TASKS[name]
+    splits = make_splits(task, 300, 50, 50, seed=3)
+    for example in splits.train + splits.val + splits.test:
+        tag, rest = example.prompt.split(":", 1)
+        assert tag == task.tag and rest.endswith("=")
+        raw = rest[:-1]
+        assert _check_answer(name, raw, example.answer), example
+        assert 1 <= len(example.answer) <= task.max_answer_len
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_are_deterministic_disjoint_and_stable_in_size(name):
+    task = TASKS[name]
+    first = make_splits(task, 200, 40, 60, seed=0)
+    assert first == make_splits(task, 200, 40, 60, seed=0)
+    prompts = [{e.prompt for e in split} for split in (first.train, first.val, first.test)]
+    assert sum(map(len, prompts)) == 300  # no duplicates inside or across splits
+    assert make_splits(task, 200, 40, 60, seed=1).test != first.test
+    # A bigger training set leaves the held-out prompts unchanged.
+    bigger = make_splits(task, 500, 40, 60, seed=0)
+    assert bigger.test == first.test and bigger.val == first.val
+
+
+def test_tasks_disagree_on_the_same_input():
+    """The letter tasks map one input to different answers: fine-tuning on one conflicts with another."""
+    raw = "hello"
+    answers = {name: TASKS[name].solve(raw) for name in ("reverse", "sort", "shift")}
+    assert len(set(answers.values())) == 3
+
+
+def test_general_stream_is_deterministic_and_never_shows_task_answers():
+    text = general_text(500, seed=0, split="train")
+    assert text == general_text(500, seed=0, split="train")
+    assert text != general_text(500, seed=0, split="eval")
+    assert set(text) <= set(ALPHABET)
+    tags = {t.tag + ":" for t in TASKS.values()}
+    assert not any(line[:4] in tags for line in text.splitlines())
+
+
+def test_tokenizer_round_trip_and_hf_agreement(tmp_path):
+    from transformers import AutoTokenizer
+
+    text = "rev:abc=cba\nhello world\nadd:123+4567=4690\n"
+    assert decode(encode(text)) == text
+    with pytest.raises(ValueError, match="'#'"):
+        encode("a#b")
+    save_hf_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf(text, add_special_tokens=False)["input_ids"] == encode(text)
+    assert hf.decode(encode(text)) == text
+
+
+def test_exact_match_is_strict():
+    assert exact_match_accuracy(["abc", "ab", "x"], ["abc", "abc", "x"]) == pytest.approx(2 / 3)
+    assert exact_match_accuracy(["abc "], ["abc"]) == 0.0
+    with pytest.raises(ValueError):
+        exact_match_accuracy(["a"], ["a", "b"])
+    with pytest.raises(ValueError):
+        exact_match_accuracy([], [])
+
+
+def test_continual_summary_average_and_forgetting():
+    order = ["t1", "t2", "t3"]
+    steps = [
+        {"t1": 0.9, "t2": 0.0, "t3": 0.1},
+        {"t1": 0.5, "t2": 0.8, "t3": 0.0},
+        {"t1": 0.7, "t2": 0.2, "t3": 1.0},
+    ]
+    summary = continual_summary(steps, order)
+    assert [s["average_accuracy"] for s in summary] == pytest.approx([0.9, 0.65, (0.7 + 0.2 + 1.0) / 3])
+    # Step 2: t1 dropped 0.9 -> 0.5. Step 3: t1 best 0.9 now 0.7 (0.2), t2 best 0.8 now 0.2 (0.6).
+    assert [s["forgetting"] for s in summary] == pytest.approx([0.0, 0.4, 0.4])
+    assert [s["task"] for s in summary] == order
+    with pytest.raises(ValueError):
+        continual_summary(steps + steps, order)
+
+
+def test_cache_builds_once_and_keys_on_the_recipe(tmp_path):
+    calls = []
+
+    def build(directory):
+        calls.append(directory)
+        (directory / "weights").write_text("w")
+
+    first, built = cached_checkpoint(tmp_path, "m", {"a": 1}, build)
+    again, built_again = cached_checkpoint(tmp_path, "m", {"a": 1}, build)
+    assert (built, built_again) == (True, False) and first == again and len(calls) == 1
+    assert json.loads((first / "recipe.json").read_text()) == {"a": 1}
+    other, _ = cached_checkpoint(tmp_path, "m", {"a": 2}, build)
+    assert other != first and recipe_key({"a": 1}) != recipe_key({"a": 2})
+
+
+def test_cache_leaves_nothing_behind_when_the_build_fails(tmp_path):
+    def broken(directory):
+        (directory / "partial").write_text("x")
+        raise RuntimeError("training diverged")
+
+    with pytest.raises(RuntimeError):
+        cached_checkpoint(tmp_path, "m", {"a": 1}, broken)
+    assert list(tmp_path.iterdir()) == []
+
