@@ -17,6 +17,8 @@ import yaml
 
 from .dtypes import parse_config_dtype
 from .errors import ConfigError
+from .vocab.build import parse_tokenizer_source
+from .vocab.chat_templates import check_chat_template
 
 # A parameter setting as written: a scalar, a gradient (list of scalars) or a filter list.
 ParameterSetting = Any
@@ -145,11 +147,13 @@ def parse_config(data: dict[str, Any]) -> MergeSpec:
 
     base_model = _optional_model_name(data.get("base_model"), "base_model")
     tokenizer_source = data.get("tokenizer_source")
-    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
-        raise ConfigError("`tokenizer_source` must be `base`, `union` or `model:<path>`")
+    if tokenizer_source is not None:
+        parse_tokenizer_source(tokenizer_source)
     chat_template = data.get("chat_template")
-    if chat_template is not None and not isinstance(chat_template, str):
-        raise ConfigError("`chat_template` must be a string (a template name or Jinja text)")
+    if chat_template is not None:
+        if not isinstance(chat_template, str):
+            raise ConfigError("`chat_template` must be a string (a template name or Jinja text)")
+        check_chat_template(chat_template)
 
     output_mask = data.get("output_mask")
     if output_mask is not None and not isinstance(output_mask, str):

@@ -32,6 +32,7 @@ from .methods import get_method
 from .methods.base import TensorTask
 from .plan import Plan, PlannedTensor, build_plan, open_checkpoints
 from .units import format_size, parse_size
+from .vocab.chat_templates import write_chat_template
 
 DEFAULT_SHARD_SIZE = "5GB"
 CONFIG_FILE_NAME = "mergekit_config.yml"
@@ -313,6 +314,8 @@ def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: in
         backend=backend,
         model_names=list(plan.input_models),
     )
+    if tensor.vocab is not None:
+        task = tensor.vocab.align(task)
     if masks is not None:
         task = masks.inputs(task)
     result = plan.method.merge_tensor(task)
@@ -323,16 +326,31 @@ def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: in
     return result.to(device="cpu", dtype=tensor.dtype).contiguous()
 
 
+# config.json keys the plan may change: slices change the depth, a tokenizer_source the
+# vocabulary, and a merged lm_head from an untied input unties the output.
+_PLANNED_CONFIG_KEYS = ("num_hidden_layers", "vocab_size", "tie_word_embeddings")
+
+
 def _write_side_files(plan: Plan, directory: Path, copy_tokenizer: bool) -> list[str]:
-    """config.json (dtype and layer count updated), tokenizer files, and the merge config."""
+    """config.json (dtype, layer count, vocab size and tying updated), the tokenizer (the one
+    built for `tokenizer_source`, else the donor's files copied), its chat template, and the
+    merge config."""
     source = plan.config_source
     out_dtype = next((t.dtype for t in plan.tensors if not t.copy_only), None)
-    written = copy_model_files(source.directory if source else None, directory, out_dtype, copy_tokenizer=copy_tokenizer)
+    copy_donor_tokenizer = copy_tokenizer and plan.vocabulary is None
+    written = copy_model_files(source.directory if source else None, directory, out_dtype, copy_tokenizer=copy_donor_tokenizer)
     config_path = directory / "config.json"
-    if plan.output_config is not None and "num_hidden_layers" in plan.output_config and config_path.exists():
+    if plan.output_config is not None and config_path.exists():
         config = json.loads(config_path.read_text())
-        config["num_hidden_layers"] = plan.output_config["num_hidden_layers"]
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        changed = {k: plan.output_config[k] for k in _PLANNED_CONFIG_KEYS if k in plan.output_config and config.get(k) != plan.output_config[k]}
+        if changed:
+            config.update(changed)
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if plan.vocabulary is not None:
+        written += plan.vocabulary.save(directory)
+    if plan.chat_template is not None and (copy_tokenizer or plan.vocabulary is not None):
+        write_chat_template(directory, plan.chat_template)
+        written += [] if "tokenizer_config.json" in written else ["tokenizer_config.json"]
     (directory / CONFIG_FILE_NAME).write_text(plan.spec.to_yaml(), encoding="utf-8")
     return written + [CONFIG_FILE_NAME]
 

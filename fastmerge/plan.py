@@ -20,6 +20,10 @@ from .errors import ConfigError, PlanError
 from .io.checkpoint import Checkpoint
 from .methods.base import MergeMethod
 from .units import format_size
+from .vocab.align import VocabularyAlignment
+from .vocab.build import OutputVocabulary, build_output_vocabulary, parse_tokenizer_source
+from .vocab.chat_templates import resolve_chat_template
+from .vocab.names import is_output_embedding, is_vocabulary_tensor, tied_source
 
 # `model.layers.12.mlp.up_proj.weight`, `transformer.h.3.attn.c_attn.weight`, `blocks.0.x`, ...
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)(?P<suffix>\..+)$")
@@ -59,6 +63,8 @@ class PlannedTensor:
     layer: int | None
     # Non-float tensors (integer buffers) are copied from the first input, not merged.
     copy_only: bool = False
+    # Token-indexed tensors whose inputs must be re-indexed to the output vocabulary first.
+    vocab: VocabularyAlignment | None = None
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +84,10 @@ class Plan:
     output_config: dict[str, Any] | None
     config_source: Checkpoint | None
     input_bytes_by_tensor: dict[str, int] = field(default_factory=dict)
+    # The tokenizer built for `tokenizer_source` (None: the donor's files are copied as they are).
+    vocabulary: OutputVocabulary | None = None
+    # Jinja text for the output's tokenizer_config.json (`chat_template`), resolved from the config.
+    chat_template: str | None = None
 
     @property
     def output_bytes(self) -> int:
@@ -125,8 +135,17 @@ def open_checkpoints(spec: MergeSpec, allow_pickle: bool = False) -> dict[str, C
 def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint]) -> Plan:
     """Resolve every output tensor of the merge described by `spec`."""
     _check_parameter_names(spec, method)
-    builder = _PlanBuilder(spec, method, checkpoints)
+    builder = _PlanBuilder(spec, method, checkpoints, _output_vocabulary(spec, checkpoints))
     return builder.build()
+
+
+def _output_vocabulary(spec: MergeSpec, checkpoints: dict[str, Checkpoint]) -> OutputVocabulary | None:
+    """The vocabulary `tokenizer_source` asks for; None when unset (mergekit then copies the
+    base's tokenizer and requires every token-indexed tensor to have the same size)."""
+    if spec.tokenizer_source is None:
+        return None
+    names = spec.referenced_models()
+    return build_output_vocabulary(parse_tokenizer_source(spec.tokenizer_source), names[0], names, checkpoints)
 
 
 # Per-model parameters every method accepts: `mask` (a masks.safetensors file from
@@ -154,9 +173,11 @@ def _check_parameter_names(spec: MergeSpec, method: MergeMethod) -> None:
 
 
 class _PlanBuilder:
-    def __init__(self, spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint]):
+    def __init__(self, spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint],
+                 vocabulary: OutputVocabulary | None = None):
         self.spec = spec
         self.method = method
+        self.vocabulary = vocabulary
         self.names = list(checkpoints)
         self.checkpoints = [checkpoints[n] for n in self.names]
         self.index = {n: i for i, n in enumerate(self.names)}
@@ -168,11 +189,12 @@ class _PlanBuilder:
         spec = self.spec
         if self.method.requires_base and not (spec.base_model or any(s.base_model for s in spec.slices or [])):
             raise ConfigError(f"merge_method {spec.merge_method} needs a `base_model`")
-        slices = spec.slices or [SliceSpec(sources=spec.models or [], base_model=None, parameters={})]
+        slices = spec.slices or [self._models_slice()]
         template = self._template(slices[0])
         layer_count = self._layer_count(template)
 
         pre, post, layer_names = self._split_names(template)
+        post += self._untied_output_embeddings(slices[0], template)
         self._plan_non_layer(pre, slices[0])
         out_layers = 0
         for out_slice in slices:
@@ -197,6 +219,8 @@ class _PlanBuilder:
             output_config=self._output_config(config_source, output_layer_count, layer_count),
             config_source=config_source,
             input_bytes_by_tensor=self.input_bytes,
+            vocabulary=self.vocabulary,
+            chat_template=self._chat_template(config_source),
         )
 
     def _template(self, first_slice: SliceSpec) -> Checkpoint:
@@ -223,6 +247,18 @@ class _PlanBuilder:
                 post.append(name)
         return pre, post, layers
 
+    def _untied_output_embeddings(self, first_slice: SliceSpec, template: Checkpoint) -> list[str]:
+        """Output embeddings (lm_head) that some input model has but the template lacks because
+        its embeddings are tied. As in mergekit, the output then has the tensor, and the tied
+        models contribute their input embedding to it (see `_ref`)."""
+        models = [s.model for s in first_slice.sources] + [b for b in [self._base_name(first_slice)] if b]
+        found: list[str] = []
+        for model in models:
+            for name in self.checkpoints[self.index[model]].names:
+                if is_output_embedding(name) and not template.has(name) and name not in found:
+                    found.append(name)
+        return found
+
     def _base_name(self, out_slice: SliceSpec) -> str | None:
         return out_slice.base_model or self.spec.base_model
 
@@ -233,6 +269,16 @@ class _PlanBuilder:
         if base is not None and self.method.uses_base:
             return [s for s in out_slice.sources if s.model != base]
         return list(out_slice.sources)
+
+    def _models_slice(self) -> SliceSpec:
+        """A `models:` config as one slice. A base it does not list joins as the last source,
+        with no parameters of its own, as mergekit 0.1.5 does; so methods that ignore the
+        base (linear, karcher, ...) merge it as one more model (slices are taken as written)."""
+        sources = list(self.spec.models or [])
+        base = self.spec.base_model
+        if base is not None and all(s.model != base for s in sources):
+            sources.append(SourceSpec(model=base))
+        return SliceSpec(sources=sources, base_model=None, parameters={})
 
     def _input_models(self, out_slice: SliceSpec) -> list[str]:
         return [s.model for s in self._merge_sources(out_slice)]
@@ -286,26 +332,68 @@ class _PlanBuilder:
             raise ConfigError("the config has no models to merge")
         shape_from = base_ref or refs[0]
         info = self.checkpoints[shape_from.checkpoint].info(shape_from.name)
-        for ref in refs + ([base_ref] if base_ref else []):
-            other = self.checkpoints[ref.checkpoint].info(ref.name)
-            if other.shape != info.shape:
-                raise PlanError(
-                    f"tensor {ref.name} has shape {list(other.shape)} in {self.names[ref.checkpoint]} "
-                    f"but {list(info.shape)} in {self.names[shape_from.checkpoint]}"
-                )
+        all_refs = refs + ([base_ref] if base_ref else [])
+        vocab = None
+        if is_vocabulary_tensor(out_name):
+            shape, vocab = self._vocabulary_shape(out_name, all_refs, base_ref is not None)
+        else:
+            self._check_same_shape(all_refs, shape_from)
+            shape = tuple(info.shape)
         copy_only = not info.dtype.is_floating_point
         out_dtype = info.dtype if copy_only else (self.spec.out_dtype or self.spec.dtype or _float_output(info.dtype))
         params = [self._model_params(s, out_slice, out_name, t) for s in merge_sources]
         global_params = self._global_params(out_slice, out_name, t)
         self.tensors.append(
-            PlannedTensor(out_name, tuple(info.shape), out_dtype, refs, base_ref, params, global_params, layer, copy_only)
+            PlannedTensor(out_name, shape, out_dtype, refs, base_ref, params, global_params, layer, copy_only, vocab)
         )
         self.input_bytes[out_name] = sum(self.checkpoints[r.checkpoint].info(r.name).nbytes for r in refs + ([base_ref] if base_ref else []))
 
+    def _check_same_shape(self, refs: list[TensorRef], shape_from: TensorRef) -> None:
+        expected = self.checkpoints[shape_from.checkpoint].info(shape_from.name).shape
+        for ref in refs:
+            other = self.checkpoints[ref.checkpoint].info(ref.name).shape
+            if other != expected:
+                raise PlanError(
+                    f"tensor {ref.name} has shape {list(other)} in {self.names[ref.checkpoint]} "
+                    f"but {list(expected)} in {self.names[shape_from.checkpoint]}"
+                )
+
+    def _vocabulary_shape(self, out_name: str, refs: list[TensorRef], has_base: bool) -> tuple[tuple[int, ...], VocabularyAlignment | None]:
+        """Output shape of a token-indexed tensor, and how its inputs' rows map onto the output
+        vocabulary (None when every input already is in output order)."""
+        shapes = [tuple(self.checkpoints[r.checkpoint].info(r.name).shape) for r in refs]
+        if any(shape[1:] != shapes[0][1:] for shape in shapes):
+            listed = ", ".join(f"{self.names[r.checkpoint]}: {list(shape)}" for r, shape in zip(refs, shapes))
+            raise PlanError(f"tensor {out_name} differs in more than its vocabulary rows ({listed}); only the vocabulary may differ")
+        if self.vocabulary is None:
+            if len({shape[0] for shape in shapes}) > 1:
+                listed = ", ".join(f"{self.names[r.checkpoint]} has {shape[0]}" for r, shape in zip(refs, shapes))
+                raise PlanError(
+                    f"tensor {out_name} has vocabularies of different sizes ({listed}); set "
+                    "`tokenizer_source: base`, `union` or `model:<path>` to align the embedding rows"
+                )
+            return shapes[0], None
+        models = [self.names[r.checkpoint] for r in refs]
+        for model, shape in zip(models, shapes):
+            known = self.vocabulary.model_sizes[model]
+            if shape[0] < known:
+                raise PlanError(f"tensor {out_name} of {model} has {shape[0]} rows but its vocab_size is {known}")
+        out_shape = (self.vocabulary.size, *shapes[0][1:])
+        if all(self.vocabulary.is_identity(m, shape[0]) for m, shape in zip(models, shapes)):
+            return out_shape, None
+        rows = [self.vocabulary.rows[m] for m in models]
+        return out_shape, VocabularyAlignment(
+            input_rows=tuple(rows[: len(rows) - has_base]), base_rows=rows[-1] if has_base else None
+        )
+
     def _ref(self, model: str, name: str) -> TensorRef:
+        """`name` in `model`; a tied model's output embedding is its input embedding."""
         checkpoint = self.checkpoints[self.index[model]]
         if not checkpoint.has(name):
-            raise PlanError(f"tensor {name} is missing from model {model}")
+            tied = tied_source(name, checkpoint.names)
+            if tied is None:
+                raise PlanError(f"tensor {name} is missing from model {model}")
+            name = tied
         return TensorRef(self.index[model], name)
 
     def _model_params(self, source: SourceSpec, out_slice: SliceSpec, tensor: str, t: float) -> dict[str, Any]:
@@ -345,7 +433,26 @@ class _PlanBuilder:
         config = dict(source.config)
         if out_layers is not None and out_layers != in_layers and "num_hidden_layers" in config:
             config["num_hidden_layers"] = out_layers
+        if self.vocabulary is not None:
+            config["vocab_size"] = self.vocabulary.size
+        if config.get("tie_word_embeddings", True) and any(is_output_embedding(t.name) and not source.has(t.name) for t in self.tensors):
+            # The config's model is tied but another input is not, so the output has a merged
+            # lm_head of its own; left tied, transformers would drop it and reuse the embedding.
+            # (mergekit keeps the flag and so loses that lm_head: a deliberate difference.)
+            config["tie_word_embeddings"] = False
         return config
+
+    def _chat_template(self, donor: Checkpoint) -> str | None:
+        if self.spec.chat_template is None:
+            return None
+        directories = [c.directory for c in self.checkpoints if c.directory is not None]
+        template = resolve_chat_template(self.spec.chat_template, directories)
+        if template is not None and self.vocabulary is None and not (donor.directory and (donor.directory / "tokenizer_config.json").is_file()):
+            raise ConfigError(
+                f"`chat_template` is set but {donor.path} has no tokenizer_config.json to write it into; "
+                "set `tokenizer_source` or add the tokenizer files to that model"
+            )
+        return template
 
 
 class Required(float):
