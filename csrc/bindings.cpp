@@ -47,26 +47,31 @@ PYBIND11_MODULE(_native, m) {
          const std::vector<int>& x_dtypes, const std::vector<float>& weights, const std::vector<float>& scales,
          const std::vector<int>& modes, const std::vector<uint32_t>& t_hi, const std::vector<int64_t>& cut_hi,
          const std::vector<uint32_t>& t_lo, const std::vector<int64_t>& cut_lo, const std::vector<uint64_t>& keys,
-         const std::vector<float>& densities, bool consensus, bool normalize, float lam) {
-        auto selectors = fastmerge::make_selectors(modes, t_hi, cut_hi, t_lo, cut_lo, keys, densities);
+         const std::vector<float>& densities, const std::vector<uintptr_t>& masks, bool consensus, bool normalize,
+         float lam) {
+        auto selectors = fastmerge::make_selectors(modes, t_hi, cut_hi, t_lo, cut_lo, keys, densities, masks);
         py::gil_scoped_release release;
         fastmerge::ties_merge(out, out_dtype, base, base_dtype, n, xs, x_dtypes, weights, scales, selectors,
                               consensus, normalize, lam);
       },
       py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("inputs"),
       py::arg("input_dtypes"), py::arg("weights"), py::arg("scales"), py::arg("modes"), py::arg("t_hi"),
-      py::arg("cut_hi"), py::arg("t_lo"), py::arg("cut_lo"), py::arg("keys"), py::arg("densities"),
+      py::arg("cut_hi"), py::arg("t_lo"), py::arg("cut_lo"), py::arg("keys"), py::arg("densities"), py::arg("masks"),
       py::arg("consensus"), py::arg("normalize"), py::arg("lam"));
   m.def(
       "kept_l1",
       [](uintptr_t x, int x_dtype, uintptr_t base, int base_dtype, int64_t n, int mode, uint32_t t_hi, int64_t cut_hi,
-         uint32_t t_lo, int64_t cut_lo, uint64_t key, float density) {
-        auto sel = fastmerge::make_selectors({mode}, {t_hi}, {cut_hi}, {t_lo}, {cut_lo}, {key}, {density});
+         uint32_t t_lo, int64_t cut_lo, uint64_t key, float density, uintptr_t mask) {
+        auto sel = fastmerge::make_selectors({mode}, {t_hi}, {cut_hi}, {t_lo}, {cut_lo}, {key}, {density}, {mask});
         py::gil_scoped_release release;
         return fastmerge::kept_l1(x, x_dtype, base, base_dtype, n, sel[0]);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("mode"),
-      py::arg("t_hi"), py::arg("cut_hi"), py::arg("t_lo"), py::arg("cut_lo"), py::arg("key"), py::arg("density"));
+      py::arg("t_hi"), py::arg("cut_hi"), py::arg("t_lo"), py::arg("cut_lo"), py::arg("key"), py::arg("density"),
+      py::arg("mask"));
+  m.def("della_mask", &fastmerge::della_mask, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
+        py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("outer"), py::arg("row_len"),
+        py::arg("inner"), py::arg("density"), py::arg("epsilon"), py::arg("key"), py::arg("mask"));
   m.def("philox_fill", &fastmerge::philox_fill, py::call_guard<py::gil_scoped_release>(), py::arg("out"),
         py::arg("key"), py::arg("offset"), py::arg("n"));
 #ifdef FASTMERGE_WITH_CUDA

@@ -18,6 +18,40 @@ void check_inputs(int x_dtype, uintptr_t b, int b_dtype) {
 int64_t chunk_count(int64_t n) { return (n + kChunk - 1) / kChunk; }
 }  // namespace
 
+namespace {
+// Histogram of chunks [c0, c1) into hist; returns the NaN count (a chunk with NaN is not counted:
+// the caller raises, so the counts no longer matter).
+int64_t histogram_chunks(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t n, int64_t c0,
+                         int64_t c1, int64_t* __restrict hist, int phase, uint32_t bucket) {
+  std::vector<float> d(kChunk), scratch(kChunk);
+  std::vector<uint32_t> bits(kChunk);
+  int64_t nan_count = 0;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
+    load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+    int64_t nans = 0;
+#pragma omp simd reduction(+ : nans)
+    for (int64_t j = 0; j < len; ++j) {
+      bits[j] = f32_bits(d[j]) & 0x7fffffffu;
+      nans += bits[j] > 0x7f800000u;
+    }
+    nan_count += nans;
+    if (nans) continue;
+    if (phase == 1) {
+      for (int64_t j = 0; j < len; ++j) ++hist[bits[j] >> 16];
+    } else {
+      for (int64_t j = 0; j < len; ++j)
+        if ((bits[j] >> 16) == bucket) ++hist[bits[j] & 0xffffu];
+    }
+  }
+  return nan_count;
+}
+
+// Below this many elements one thread bins straight into the caller's histogram: starting the
+// OpenMP team and merging 65536-bin private histograms cost more than the binning itself.
+constexpr int64_t kSerialHistogram = int64_t(1) << 20;
+}  // namespace
+
 int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uintptr_t hist,
                             int phase, uint32_t bucket) {
   check_inputs(x_dtype, b, b_dtype);
@@ -25,35 +59,22 @@ int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, 
   const void* xp = reinterpret_cast<const void*>(x);
   const void* bp = reinterpret_cast<const void*>(b);
   int64_t* out = reinterpret_cast<int64_t*>(hist);
+  const int64_t chunks = chunk_count(n);
+  if (n < kSerialHistogram || omp_get_max_threads() == 1)
+    return histogram_chunks(xp, x_dtype, bp, b_dtype, n, 0, chunks, out, phase, bucket);
   int64_t nan_count = 0;
-  // Private histograms per thread, summed at the end: integer counts, so the result does not
-  // depend on the thread count or schedule.
+  // Private histograms per thread over contiguous chunk ranges, summed at the end: integer
+  // counts, so the result does not depend on the thread count or schedule. Most bins are empty
+  // (|x| spans a few exponents; phase 2 sees one bucket), so the merge skips zeros.
 #pragma omp parallel reduction(+ : nan_count)
   {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     std::vector<int64_t> local(kHistBins, 0);
-    std::vector<float> d(kChunk), scratch(kChunk);
-    std::vector<uint32_t> bits(kChunk);
-#pragma omp for schedule(static)
-    for (int64_t c = 0; c < chunk_count(n); ++c) {
-      const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
-      load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
-      int64_t nans = 0;
-#pragma omp simd reduction(+ : nans)
-      for (int64_t j = 0; j < len; ++j) {
-        bits[j] = f32_bits(d[j]) & 0x7fffffffu;
-        nans += bits[j] > 0x7f800000u;
-      }
-      nan_count += nans;
-      if (nans) continue;  // the caller raises; the counts no longer matter
-      if (phase == 1) {
-        for (int64_t j = 0; j < len; ++j) ++local[bits[j] >> 16];
-      } else {
-        for (int64_t j = 0; j < len; ++j)
-          if ((bits[j] >> 16) == bucket) ++local[bits[j] & 0xffffu];
-      }
-    }
+    nan_count += histogram_chunks(xp, x_dtype, bp, b_dtype, n, chunks * t / threads, chunks * (t + 1) / threads,
+                                  local.data(), phase, bucket);
 #pragma omp critical
-    for (int j = 0; j < kHistBins; ++j) out[j] += local[j];
+    for (int j = 0; j < kHistBins; ++j)
+      if (local[j]) out[j] += local[j];
   }
   return nan_count;
 }
@@ -74,6 +95,44 @@ int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n
   return n;
 }
 
+void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t outer, int64_t row_len, int64_t inner,
+                double density, double epsilon, uint64_t key, uintptr_t mask) {
+  check_inputs(x_dtype, b, b_dtype);
+  if (row_len < 2 || row_len > int64_t(0xffffffff))
+    throw std::invalid_argument("della_mask needs rows of 2 to 2^32 - 1 elements");
+  const void* xp = reinterpret_cast<const void*>(x);
+  const void* bp = reinterpret_cast<const void*>(b);
+  uint8_t* keep = reinterpret_cast<uint8_t*>(mask);
+  const double low = density - epsilon, spread = 2.0 * epsilon, span = double(row_len - 1);
+  // One fibre per iteration: load its row_len elements (strided by `inner` when the tensor has 3+
+  // dims), sort (|d| bits << 32 | position) so equal magnitudes rank by position like a stable
+  // sort, and draw each element's keep from its flat index.
+#pragma omp parallel
+  {
+    std::vector<uint64_t> order(row_len);
+    std::vector<float> row(row_len), scratch(row_len);
+#pragma omp for schedule(static)
+    for (int64_t fibre = 0; fibre < outer * inner; ++fibre) {
+      const int64_t start = (fibre / inner) * row_len * inner + fibre % inner;
+      if (inner == 1) {
+        load_delta(row.data(), scratch.data(), xp, x_dtype, bp, b_dtype, start, row_len);
+      } else {
+        for (int64_t r = 0; r < row_len; ++r)
+          load_delta(&row[r], &scratch[r], xp, x_dtype, bp, b_dtype, start + r * inner, 1);
+      }
+      // Every NaN ranks above +inf and ties with the other NaNs, as in a stable torch sort.
+      for (int64_t r = 0; r < row_len; ++r)
+        order[r] = (uint64_t(std::min(f32_bits(row[r]) & 0x7fffffffu, 0x7f800001u)) << 32) | uint64_t(r);
+      std::sort(order.begin(), order.end());
+      for (int64_t rank = 0; rank < row_len; ++rank) {
+        const int64_t r = int64_t(order[rank] & 0xffffffffu), index = start + r * inner;
+        const float p = float(low + (spread * double(rank)) / span);
+        keep[index] = philox_uniform(key, uint64_t(index)) < p;
+      }
+    }
+  }
+}
+
 void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<uintptr_t>& xs,
                 const std::vector<int>& x_dtypes, const std::vector<float>& weights, const std::vector<float>& scales,
                 const std::vector<Selector>& selectors, bool consensus, bool normalize, float lam) {
@@ -88,8 +147,10 @@ void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t 
   void* op = reinterpret_cast<void*>(out);
   const void* bp = reinterpret_cast<const void*>(b);
   // Without consensus every model counts, so the divisor is the same for every element.
+  // mergekit treats a plain weight sum below 1e-8 in magnitude as 1.
   float all_weights = 0.f;
   for (float w : weights) all_weights += w;
+  if (std::fabs(all_weights) < 1e-8f) all_weights = 1.f;
 
 #pragma omp parallel
   {

@@ -21,6 +21,7 @@ enum SparsifyMode : int {
   MAGNITUDE = 1,  // top-k by |d|: (t_hi, cut_hi)
   OUTLIERS = 2,   // breadcrumbs: in top-k_lo (t_lo, cut_lo) but not in top-k_hi (t_hi, cut_hi)
   RANDOM = 3,     // DARE: philox_uniform(key, index) < density
+  MASKED = 4,     // a precomputed keep mask (uint8 per element, e.g. della_mask below)
 };
 
 struct Selector {
@@ -31,6 +32,7 @@ struct Selector {
   int64_t cut_lo = 0;
   uint64_t key = 0;
   float density = 1.f;
+  const uint8_t* keep = nullptr;  // MASKED: nonzero = kept, indexed by flat element
 
   static bool in_top(uint32_t bits, int64_t i, uint32_t t, int64_t cut) {
     return bits > t || (bits == t && i < cut);
@@ -59,6 +61,10 @@ struct Selector {
         for (int64_t j = 0; j < len; ++j)
           d[j] = philox_uniform(key, uint64_t(off + j)) < density ? d[j] * scale : 0.f;
         return;
+      case MASKED:
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) d[j] = keep[off + j] ? d[j] * scale : 0.f;
+        return;
       default:
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) d[j] *= scale;
@@ -70,15 +76,18 @@ struct Selector {
 inline std::vector<Selector> make_selectors(const std::vector<int>& modes, const std::vector<uint32_t>& t_hi,
                                             const std::vector<int64_t>& cut_hi, const std::vector<uint32_t>& t_lo,
                                             const std::vector<int64_t>& cut_lo, const std::vector<uint64_t>& keys,
-                                            const std::vector<float>& densities) {
+                                            const std::vector<float>& densities,
+                                            const std::vector<uintptr_t>& masks) {
   const size_t k = modes.size();
   if (t_hi.size() != k || cut_hi.size() != k || t_lo.size() != k || cut_lo.size() != k || keys.size() != k ||
-      densities.size() != k)
+      densities.size() != k || masks.size() != k)
     throw std::invalid_argument("per-model selector lists differ in length");
   std::vector<Selector> out(k);
   for (size_t i = 0; i < k; ++i) {
-    if (modes[i] < KEEP_ALL || modes[i] > RANDOM) throw std::invalid_argument("unknown sparsify mode");
-    out[i] = Selector{modes[i], t_hi[i], cut_hi[i], t_lo[i], cut_lo[i], keys[i], densities[i]};
+    if (modes[i] < KEEP_ALL || modes[i] > MASKED) throw std::invalid_argument("unknown sparsify mode");
+    if (modes[i] == MASKED && !masks[i]) throw std::invalid_argument("MASKED selector without a mask");
+    out[i] = Selector{modes[i], t_hi[i], cut_hi[i], t_lo[i], cut_lo[i], keys[i], densities[i],
+                      reinterpret_cast<const uint8_t*>(masks[i])};
   }
   return out;
 }
@@ -118,6 +127,13 @@ int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, 
 // exclusive end of the ties that the keep-exactly-k rule keeps.
 int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uint32_t t_bits,
                    int64_t ties_to_keep);
+
+// DELLA's keep mask (uint8[n]) of d = x - b viewed as [outer, row_len, inner]: each fibre along
+// the middle axis (mergekit ranks along dim 1) ranks |d| ascending (ties by position), and element
+// (o, r, i) is kept where philox_uniform(key, flat index) < fp32((density - epsilon) +
+// (2 epsilon) * rank / (row_len - 1)), that expression in fp64. row_len >= 2.
+void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t outer, int64_t row_len, int64_t inner,
+                double density, double epsilon, uint64_t key, uintptr_t mask);
 
 // The fused TIES-family merge (fastmerge/ops/ties.py documents the arithmetic order).
 void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<uintptr_t>& xs,

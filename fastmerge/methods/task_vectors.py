@@ -4,10 +4,13 @@ della_linear (mergekit's generalized task arithmetic) and sce.
 The seven generalized-task-arithmetic methods differ only in their sparsifier, whether they
 elect a sign, and their defaults (METHODS.md), so they are one class parameterised by those
 three things, all running the fused `ops.ties_merge`. What this module adds on top of the op is
-mergekit 0.1.5's parameter semantics: which parameters exist and their defaults, magnitude
-trimming that keeps at least one element (`max(1, int(density * n))`), and the model-wide
-threshold of the TIES paper (`trim_scope: model`), computed in `prepare` by streaming every task
-vector through `ops.threshold.MagnitudeHistogram` once, so that merge_tensor stays per-tensor.
+mergekit 0.1.5's parameter semantics: which parameters exist and their defaults (gamma and
+epsilon are per model, as in mergekit), magnitude trimming that keeps at least one element
+(`max(1, int(density * n))`), and the model-wide threshold of the TIES paper
+(`trim_scope: model`, for the magnitude trimmers ties and breadcrumbs(_ties)), computed in
+`prepare` by streaming every task vector through `ops.threshold.MagnitudeHistogram` once, so
+that merge_tensor stays per-tensor. The random sparsifiers (DARE, DELLA) have no threshold to
+share, so they refuse `trim_scope: model`.
 
 sce weighs models by their mean squared task vector and elects signs on the unweighted sum,
 which the fused op (weights from the config, election on the weighted sum) cannot express; it is
@@ -23,7 +26,7 @@ import torch
 from ..errors import ConfigError
 from ..ops.threshold import KEEP_NOTHING, MagnitudeHistogram, Threshold, keep_mask, magnitude_threshold
 from ..ops._fma import fma_f32
-from ..ops.ties import ties_merge
+from ..ops.ties import OutlierBand, outlier_ranks, ties_merge
 from .base import MergeMethod, TensorTask, register
 
 TRIM_SCOPES = ("tensor", "model")
@@ -41,33 +44,50 @@ def magnitude_k(density: float, n: int) -> int:
     return 0 if density <= 0 or n == 0 else max(1, int(density * n))
 
 
-def shared_model_param(task: TensorTask, name: str) -> float:
-    """A per-model parameter that `ops.ties_merge` takes once for all models (gamma, epsilon):
-    mergekit allows one value per model, the fused op one per tensor, so differing values are
-    refused rather than silently unified."""
-    values = {float(p[name]) for p in task.params}
-    if len(values) > 1:
-        raise ConfigError(
-            f"tensor {task.name}: the models give different `{name}` values {sorted(values)}; "
-            f"fastmerge needs one `{name}` per tensor for all models (set it in the top-level `parameters`)"
-        )
-    return values.pop()
-
-
 class TaskVectorMerge(MergeMethod):
-    """b + lambda * (consensus) sum_i w_i sparsify(x_i - b) (/ sum of the counted w_i if normalize)."""
+    """b + lambda * (consensus) sum_i w_i sparsify(x_i - b) (/ sum of the counted w_i if normalize).
+
+    `trim_scope` (tensor, the default and mergekit's behaviour, or model) is accepted by every
+    sparsifying method so that `trim_scope: model` gets a reason when it cannot apply:
+    subclasses that support it set `model_wide_params` (the per-model parameters that fix a
+    model-wide selection and so must be the same for all of a model's tensors)."""
 
     sparsify: ClassVar[str]
     consensus: ClassVar[bool]
     required_model_params = ("weight",)
     model_params: ClassVar[dict[str, Any]] = {"density": 1.0}
     requires_base = True
+    model_wide_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        # tensor name -> one model-wide threshold (or None: keep all) per input model.
+        self.model_thresholds: dict[str, list[Any]] | None = None
 
     @staticmethod
     def defaults(normalize: bool, rescale: bool) -> dict[str, Any]:
-        """mergekit's shared parameters; int8_mask only picks mergekit's mask dtype, so it is
-        accepted and has no effect."""
-        return {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0}
+        """mergekit's shared parameters (plus fastmerge's trim_scope); int8_mask only picks
+        mergekit's mask dtype, so it is accepted and has no effect."""
+        return {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0, "trim_scope": "tensor"}
+
+    def _check_scope(self, scope: Any, where: str) -> None:
+        if scope not in TRIM_SCOPES:
+            raise ConfigError(f"{where}: parameter `trim_scope` must be one of {', '.join(TRIM_SCOPES)}, got {scope!r}")
+        if scope == "model" and not self.model_wide_params:
+            raise ConfigError(
+                f"{where}: {self.name} sparsifies at random ({self.sparsify}), so there is no magnitude threshold "
+                "to share across a model and `trim_scope: model` cannot apply; remove it, or use ties or "
+                "breadcrumbs(_ties) for model-wide trimming"
+            )
+
+    def prepare(self, context: Any) -> None:
+        scopes = {t.global_params["trim_scope"] for t in context.plan.tensors if not t.copy_only}
+        for scope in scopes:
+            self._check_scope(scope, f"merge_method {self.name}")
+        if "model" not in scopes:
+            return
+        if len(scopes) > 1:
+            raise ConfigError("`trim_scope: model` must hold for every tensor (a model-wide threshold spans them all)")
+        self.model_thresholds = model_wide_thresholds(context.plan, context.device, context.backend, self)
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         if not task.inputs:
@@ -92,46 +112,43 @@ class TaskVectorMerge(MergeMethod):
             backend=task.backend,
         )
 
-    def thresholds(self, task: TensorTask, densities: list[float]) -> list[Threshold | None] | None:
-        """Per-model magnitude thresholds the op uses instead of densities (None: the op's own
-        sparsifier decides)."""
-        return None
+    def thresholds(self, task: TensorTask, densities: list[float]) -> list[Any] | None:
+        """Per-model thresholds the op uses instead of densities (None: the op's own sparsifier
+        decides): the model-wide ones under `trim_scope: model`."""
+        scope = task.global_params["trim_scope"]
+        self._check_scope(scope, f"tensor {task.name}")
+        if scope == "tensor":
+            return None
+        if self.model_thresholds is None:
+            raise ConfigError(
+                f"tensor {task.name}: `trim_scope: model` needs every tensor of every model before merging; "
+                "run the merge from a config (fastmerge.run / fastmerge run), not tensor by tensor"
+            )
+        return self.model_thresholds[task.name]
 
-    def sparsifier_options(self, task: TensorTask) -> dict[str, float]:
+    def sparsifier_options(self, task: TensorTask) -> dict[str, Any]:
+        """Per-model sparsifier parameters beyond density (gamma, epsilon), one value per model."""
         return {}
+
+    def model_histogram(self, params: dict[str, Any], backend: str, name: str) -> MagnitudeHistogram | None:
+        """The model-wide selection of a model with these parameters (None: it keeps everything)."""
+        raise NotImplementedError
+
+    def model_threshold(self, histogram: MagnitudeHistogram, index: int) -> Any:
+        """Tensor `index`'s share of a model-wide selection, in the form `ties_merge` takes."""
+        raise NotImplementedError
 
 
 class MagnitudeTrim(TaskVectorMerge):
     """Top-k trimming by |d|, per tensor (mergekit) or per model over its whole task vector."""
 
     sparsify = "magnitude"
-
-    def __init__(self) -> None:
-        # tensor name -> one model-wide Threshold (or None: keep all) per input model.
-        self.model_thresholds: dict[str, list[Threshold | None]] | None = None
-
-    def prepare(self, context: Any) -> None:
-        scopes = {t.global_params["trim_scope"] for t in context.plan.tensors if not t.copy_only}
-        for scope in scopes:
-            if scope not in TRIM_SCOPES:
-                raise ConfigError(f"parameter `trim_scope` must be one of {', '.join(TRIM_SCOPES)}, got {scope!r}")
-        if "model" not in scopes:
-            return
-        if len(scopes) > 1:
-            raise ConfigError("`trim_scope: model` must hold for every tensor (a model-wide threshold spans them all)")
-        self.model_thresholds = model_wide_thresholds(context.plan, context.device, context.backend)
+    model_wide_params = ("density",)
 
     def thresholds(self, task: TensorTask, densities: list[float]) -> list[Threshold | None]:
-        scope = task.global_params["trim_scope"]
-        if scope == "model":
-            if self.model_thresholds is None:
-                raise ConfigError(
-                    f"tensor {task.name}: `trim_scope: model` needs every tensor of every model before merging; "
-                    "run the merge from a config (fastmerge.run / fastmerge run), not tensor by tensor"
-                )
-            return self.model_thresholds[task.name]
-        if scope != "tensor":
-            raise ConfigError(f"parameter `trim_scope` must be one of {', '.join(TRIM_SCOPES)}, got {scope!r}")
+        given = super().thresholds(task, densities)
+        if given is not None:
+            return given
         backend = selection_backend(task.base.device, task.backend)
         return [
             None if density >= 1 else magnitude_threshold(
@@ -140,26 +157,38 @@ class MagnitudeTrim(TaskVectorMerge):
             for i, (x, density) in enumerate(zip(task.inputs, densities))
         ]
 
+    def model_histogram(self, params: dict[str, Any], backend: str, name: str) -> MagnitudeHistogram | None:
+        density = float(params["density"])
+        return None if density >= 1 else MagnitudeHistogram(density, backend=backend, name=name)
 
-def model_wide_thresholds(plan: Any, device: torch.device, backend: str | None) -> dict[str, list[Threshold | None]]:
-    """One keep-exactly-k threshold per input model over its whole task vector (the TIES paper's
-    trimming), split into per-tensor shares. Two streaming passes over every tensor (coarse,
-    then exact histogram), one tensor in memory at a time. A model's density must be the same
-    for all its tensors: a model-wide top-k has one k."""
+    def model_threshold(self, histogram: MagnitudeHistogram, index: int) -> Threshold:
+        return histogram.tensor_threshold(index)
+
+
+def model_wide_thresholds(plan: Any, device: torch.device, backend: str | None,
+                          method: TaskVectorMerge) -> dict[str, list[Any]]:
+    """One selection per input model over its whole task vector (the TIES paper's trimming),
+    split into per-tensor shares. Two streaming passes over every tensor (coarse, then exact
+    histogram), one tensor in memory at a time. A model's `method.model_wide_params` (its
+    density, and gamma for breadcrumbs) must be the same for all its tensors: a model-wide
+    top-k has one k."""
     tensors = [t for t in plan.tensors if not t.copy_only and t.inputs]
     histograms: dict[int, MagnitudeHistogram | None] = {}
+    settings: dict[int, tuple[tuple[str, float], ...]] = {}
     for tensor in tensors:
         for ref, params in zip(tensor.inputs, tensor.params):
-            density = float(params["density"])
-            fresh = None if density >= 1 else MagnitudeHistogram(
-                density, backend=selection_backend(device, backend), name=f"task vector of {plan.checkpoint_names[ref.checkpoint]}"
-            )
-            known = histograms.setdefault(ref.checkpoint, fresh)
-            if (known.density if known else 1.0) != min(density, 1.0):
+            model = plan.checkpoint_names[ref.checkpoint]
+            mine = tuple((name, float(params[name])) for name in method.model_wide_params)
+            known = settings.setdefault(ref.checkpoint, mine)
+            if known != mine:
+                differ = ", ".join(f"{name} {a} vs {b}" for (name, a), (_, b) in zip(mine, known) if a != b)
                 raise ConfigError(
-                    f"`trim_scope: model` needs one density per model, but {plan.checkpoint_names[ref.checkpoint]} "
-                    f"has density {density} for tensor {tensor.name} and {known.density if known else 1.0} elsewhere"
+                    f"`trim_scope: model` needs one {' and one '.join(method.model_wide_params)} per model, but "
+                    f"{model} has different values for tensor {tensor.name} than elsewhere ({differ})"
                 )
+            if ref.checkpoint not in histograms:
+                histograms[ref.checkpoint] = method.model_histogram(
+                    params, selection_backend(device, backend), f"task vector of {model}")
     order: dict[tuple[str, int], int] = {}
     for phase in (1, 2):
         added = {checkpoint: 0 for checkpoint in histograms}
@@ -181,7 +210,7 @@ def model_wide_thresholds(plan: Any, device: torch.device, backend: str | None) 
     return {
         tensor.name: [
             None if histograms[ref.checkpoint] is None
-            else histograms[ref.checkpoint].tensor_threshold(order[tensor.name, ref.checkpoint])
+            else method.model_threshold(histograms[ref.checkpoint], order[tensor.name, ref.checkpoint])
             for ref in tensor.inputs
         ]
         for tensor in tensors
@@ -192,7 +221,7 @@ def model_wide_thresholds(plan: Any, device: torch.device, backend: str | None) 
 class Ties(MagnitudeTrim):
     name = "ties"
     consensus = True
-    global_params = TaskVectorMerge.defaults(normalize=True, rescale=False) | {"trim_scope": "tensor"}
+    global_params = TaskVectorMerge.defaults(normalize=True, rescale=False)
 
 
 class RandomDrop(TaskVectorMerge):
@@ -216,32 +245,25 @@ class DareLinear(RandomDrop):
 
 
 class OutlierTrim(TaskVectorMerge):
-    """Breadcrumbs: drop the top int(gamma n) by |d| and the smallest, keeping int(density n).
-
-    mergekit keeps everything at density >= 1 and, when int(density n) + int(gamma n) > n, drops
-    fewer outliers so int(density n) survive; the fused op drops int(gamma n) regardless. Both
-    cases are refused here (see `sparsifier_options`) instead of giving a different result."""
+    """Breadcrumbs: drop the top int(gamma n) by |d| and the smallest, keeping int(density n)
+    (mergekit's rules, `ops.ties.outlier_ranks`); model-wide, n is the model's whole task vector."""
 
     sparsify = "magnitude_outliers"
     model_params = {"density": 1.0, "gamma": 0.01}
+    model_wide_params = ("density", "gamma")
 
-    def sparsifier_options(self, task: TensorTask) -> dict[str, float]:
-        gamma = shared_model_param(task, "gamma")
-        n = task.base.numel()
-        for p, model in zip(task.params, task.model_names or [f"model {i}" for i in range(len(task.params))]):
-            density = float(p["density"])
-            if density >= 1 and gamma > 0:
-                raise ConfigError(
-                    f"tensor {task.name}: {model} has density {density} with gamma {gamma}; mergekit keeps the whole "
-                    "task vector at density >= 1 but fastmerge's breadcrumbs kernel would drop outliers; "
-                    "give a density below 1 or gamma 0"
-                )
-            if int(density * n) + int(gamma * n) > n:
-                raise ConfigError(
-                    f"tensor {task.name}: density {density} + gamma {gamma} of {model} exceed the whole tensor; "
-                    "keep density + gamma <= 1"
-                )
-        return {"gamma": gamma}
+    def sparsifier_options(self, task: TensorTask) -> dict[str, Any]:
+        return {"gamma": [float(p["gamma"]) for p in task.params]}
+
+    def model_histogram(self, params: dict[str, Any], backend: str, name: str) -> MagnitudeHistogram | None:
+        density, gamma = float(params["density"]), float(params["gamma"])
+        if density >= 1:
+            return None
+        return MagnitudeHistogram(density, backend=backend, name=name,
+                                  ranks=lambda total: outlier_ranks(total, density, gamma))
+
+    def model_threshold(self, histogram: MagnitudeHistogram, index: int) -> OutlierBand:
+        return OutlierBand(dropped=histogram.tensor_threshold(index, 0), reached=histogram.tensor_threshold(index, 1))
 
 
 @register
@@ -259,13 +281,13 @@ class BreadcrumbsTies(OutlierTrim):
 
 
 class RankedDrop(TaskVectorMerge):
-    """DELLA: keep with a probability that grows with the element's |d| rank in its row."""
+    """DELLA: keep with a probability that grows with the element's |d| rank along dim 1."""
 
     sparsify = "della"
     model_params = {"density": 1.0, "epsilon": 0.15}
 
-    def sparsifier_options(self, task: TensorTask) -> dict[str, float]:
-        return {"epsilon": shared_model_param(task, "epsilon")}
+    def sparsifier_options(self, task: TensorTask) -> dict[str, Any]:
+        return {"epsilon": [float(p["epsilon"]) for p in task.params]}
 
 
 @register

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -173,27 +173,33 @@ def tie_cutoff(x: torch.Tensor, threshold: Threshold, base: torch.Tensor | None 
 
 
 class MagnitudeHistogram:
-    """One keep-exactly-k threshold over many tensors (a model's whole task vector), fed tensor
-    by tensor so memory stays one tensor (DESIGN.md "Memory").
+    """Keep-exactly-k thresholds over many tensors (a model's whole task vector), fed tensor by
+    tensor so memory stays one tensor (DESIGN.md "Memory").
 
     Usage: `add` every tensor (phase 1: coarse histogram), call `refine()`, `add` the same
-    tensors again in the same order (phase 2: exact value), then `threshold()` for the global
+    tensors again in the same order (phase 2: exact values), then `threshold()` for the global
     threshold and `tensor_threshold(i)` for the i-th tensor's share of it: ties at the threshold
     are kept by tensor in the order added, then by flat index. Phase 2 remembers, per tensor, the
     non-zero fine bins only, to split the ties.
+
+    By default one k = int(density * total); `ranks` instead maps the total element count to
+    several ks (breadcrumbs needs two: the outliers it drops and the band it keeps), found from
+    the one coarse pass; thresholds are then picked with `which`.
     """
 
-    def __init__(self, density: float, backend: str | None = None, name: str = "task vector"):
+    def __init__(self, density: float, backend: str | None = None, name: str = "task vector",
+                 ranks: Callable[[int], Sequence[int]] | None = None):
         self.density = density
         self.backend = backend
         self.name = name
+        self._ranks = ranks or (lambda total: (density_to_k(density, total),))
         self._coarse = np.zeros(BINS, dtype=np.int64)
         self._sizes: list[int] = []
-        self._fine: list[tuple[np.ndarray, np.ndarray]] = []
+        # Per tensor: {bucket: (non-zero fine bins, their counts)} for every bucket refined.
+        self._fine: list[dict[int, tuple[np.ndarray, np.ndarray]]] = []
         self._phase = 1
-        self._k = 0
-        self._bucket = 0
-        self._above = 0
+        self._ks: tuple[int, ...] = ()
+        self._buckets: list[tuple[int, int]] = []  # (bucket, count above it) per k
 
     def add(self, x: torch.Tensor, base: torch.Tensor | None = None) -> None:
         """Count |x - base| in the current phase."""
@@ -206,45 +212,50 @@ class MagnitudeHistogram:
         i = len(self._fine)
         if i >= len(self._sizes) or self._sizes[i] != x.numel():
             raise KernelError(f"{label}: phase 2 must add the same tensors, in the same order, as phase 1")
-        fine = np.zeros(BINS, dtype=np.int64)
-        if self._k:
-            accumulate_histogram(x, base, 2, self._bucket, fine, backend, label)
-        bins = np.nonzero(fine)[0]
-        self._fine.append((bins, fine[bins]))
+        sparse = {}
+        for bucket in sorted({bucket for bucket, _ in self._buckets}):
+            fine = np.zeros(BINS, dtype=np.int64)
+            accumulate_histogram(x, base, 2, bucket, fine, backend, label)
+            bins = np.nonzero(fine)[0]
+            sparse[bucket] = (bins, fine[bins])
+        self._fine.append(sparse)
 
     def refine(self) -> None:
-        """End phase 1: fix k = int(density * total) and the bin to refine."""
+        """End phase 1: fix the ks from the total size and the bins to refine."""
         if self._phase != 1:
             raise KernelError("MagnitudeHistogram.refine() called twice")
         self._phase = 2
-        self._k = density_to_k(self.density, sum(self._sizes))
-        if self._k:
-            self._bucket, self._above = _bin_of_kth(self._coarse, self._k)
+        total = sum(self._sizes)
+        self._ks = tuple(min(max(int(k), 0), total) for k in self._ranks(total))
+        self._buckets = [_bin_of_kth(self._coarse, k) if k else (0, 0) for k in self._ks]
 
     def _check_done(self) -> None:
         if self._phase != 2 or len(self._fine) != len(self._sizes):
             raise KernelError("MagnitudeHistogram: add every tensor, refine(), then add them all again first")
 
-    def threshold(self) -> Threshold:
-        """The global threshold over every tensor added."""
+    def threshold(self, which: int = 0) -> Threshold:
+        """The global threshold over every tensor added (for the `which`-th k)."""
         self._check_done()
-        if not self._k:
+        k = self._ks[which]
+        if not k:
             return KEEP_NOTHING
+        bucket, above = self._buckets[which]
         fine = np.zeros(BINS, dtype=np.int64)
-        for bins, counts in self._fine:
+        for sparse in self._fine:
+            bins, counts = sparse[bucket]
             fine[bins] += counts
-        return _threshold_from(self._bucket, self._above, fine, self._k)
+        return _threshold_from(bucket, above, fine, k)
 
-    def tensor_threshold(self, index: int) -> Threshold:
+    def tensor_threshold(self, index: int, which: int = 0) -> Threshold:
         """The global threshold with the ties split: tensor `index` keeps the ties left over
         after the tensors added before it took theirs."""
-        total = self.threshold()
+        total = self.threshold(which)
         if total is KEEP_NOTHING:
             return KEEP_NOTHING
-        low = total.bits & 0xFFFF
+        bucket, low = total.bits >> 16, total.bits & 0xFFFF
 
         def ties_in(i: int) -> int:
-            bins, counts = self._fine[i]
+            bins, counts = self._fine[i][bucket]
             hit = np.nonzero(bins == low)[0]
             return int(counts[hit[0]]) if hit.size else 0
 

@@ -13,7 +13,8 @@ rounded to fp32):
   2. elect = 0; for i in order: elect = fma(w_i, d_i, elect);
   3. consensus: mixed = 0, div = 0; for i in order, where d_i != 0, w_i != 0 and
      sign(w_i) * sign(d_i) == (elect >= 0 ? +1 : -1): mixed = fma(w_i, d_i, mixed),
-     div = fp32(div + w_i). Without consensus: mixed = elect, div = fp32 sum of all w_i in order;
+     div = fp32(div + w_i). Without consensus: mixed = elect, div = fp32 sum of all w_i in order,
+     replaced by 1 when |div| < 1e-8 (mergekit's rule for a plain weight sum);
   4. normalize: mixed = fp32(mixed / (div == 0 ? 1 : div)) (IEEE division);
   5. out = round_to_nearest_even(fma(lam, mixed, b)) into out_dtype.
 The sign of W_i is taken exactly from the signs of w_i and d_i (a rounded product could underflow
@@ -23,17 +24,25 @@ Sparsifiers (per model, chosen before the element pass so the pass is a pure fun
 element index; the K deltas are recomputed from the inputs, never materialised):
   magnitude           keep-exactly-k top int(density*n) of |d| (histogram threshold, or a given
                       model-wide `Threshold` per model);
-  magnitude_outliers  breadcrumbs: drop the top int(gamma*n), keep the next int(density*n);
+  magnitude_outliers  breadcrumbs, as mergekit: keep int(density*n) elements, dropping the top
+                      int(gamma*n) outliers, or fewer when the two exceed n (`outlier_ranks`);
+                      density >= 1 keeps everything;
   random              DARE: keep where philox_uniform(key_i, index) < density_i, with
                       key_i = derive_key(seed, tensor_name, i) (fastmerge/ops/random.py);
-  della               per-row rank-based keep probability; reference backend only.
-rescale=True multiplies kept values by ||d||_1 / ||kept||_1 ("l1": fp64 sums in the fixed lane
-order of csrc/dare.cpp, ratio rounded to fp32; 1 when nothing is kept) or by 1/density
-("inverse_density").
+  della               rank |d| along dim 1 (mergekit's axis; 0/1-dim tensors are one row), keep
+                      where philox_uniform(key_i, index) < fp32((density - eps) + 2 eps rank /
+                      (row_len - 1)) (rank 0-based ascending, ties by position); density <= 0
+                      keeps nothing, >= 1 everything. The mask is computed per tensor (reference:
+                      torch sort; native: csrc della_mask, per-fibre sort) and the element pass
+                      reads it.
+gamma and epsilon are one value or one per model. rescale=True multiplies kept values by
+||d||_1 / ||kept||_1 ("l1": fp64 sums in the fixed lane order of csrc/dare.cpp, ratio rounded to
+fp32; 1 when either sum is below 1e-7, as mergekit) or by 1/density ("inverse_density").
 """
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -42,7 +51,7 @@ import torch
 
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
-from ._dispatch import resolve_backend
+from ._dispatch import available_backends, resolve_backend
 from ._fma import fma_f32
 from .random import derive_key, philox_uniform
 from .threshold import Threshold, density_to_k, magnitude_threshold, tie_cutoff
@@ -51,12 +60,38 @@ SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
 RESCALE_MODES = ("l1", "inverse_density")
 FUSED_BACKENDS = ("reference", "native", "triton")
 # Selector modes, as csrc/selection.h SparsifyMode.
-KEEP_ALL, MAGNITUDE, OUTLIERS, RANDOM = 0, 1, 2, 3
+KEEP_ALL, MAGNITUDE, OUTLIERS, RANDOM, MASKED = 0, 1, 2, 3, 4
 L1_LANES = 65536  # csrc/selection.h kL1Lanes
+# mergekit 0.1.5's cut-offs: no rescale when an L1 sum is below RESCALE_EPS; a plain (no
+# consensus) weight sum below PLAIN_DIV_EPS in magnitude divides by 1 instead.
+RESCALE_EPS = 1e-7
+PLAIN_DIV_EPS = float(np.float32(1e-8))
 
 
 def _f32(v: float) -> float:
     return float(np.float32(v))
+
+
+@dataclass(frozen=True)
+class OutlierBand:
+    """Breadcrumbs with given thresholds: keep what `reached` keeps and `dropped` does not
+    (e.g. a model-wide band from MagnitudeHistogram with two ranks)."""
+
+    dropped: Threshold
+    reached: Threshold
+
+
+def outlier_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(k_hi, k_lo): breadcrumbs keeps the top k_lo of |d| minus the top k_hi.
+
+    mergekit sorts ascending and keeps positions [bottom, bottom + target) with target =
+    int(density n), bottom = max(0, n - target - int(gamma n)): fewer outliers are dropped when
+    density + gamma exceed the tensor. Clamped to [0, n], so density <= 0 keeps nothing."""
+    target = int(density * n)
+    bottom = max(0, n - target - int(gamma * n))
+    start = min(bottom, n)
+    end = min(max(bottom + target, start), n)
+    return n - end, n - start
 
 
 @dataclass
@@ -70,7 +105,7 @@ class Selector:
     cut_lo: int = 0
     key: int = 0
     density: float = 1.0
-    della_keep: torch.Tensor | None = field(default=None, repr=False)
+    keep: torch.Tensor | None = field(default=None, repr=False)  # MASKED: bool per element
 
 
 # ---------------------------------------------------------------- exact fp32 helpers (torch)
@@ -92,8 +127,8 @@ def reference_keep(d: torch.Tensor, sel: Selector) -> torch.Tensor:
         return _in_top(bits, index, sel.t_hi, sel.cut_hi)
     if sel.mode == OUTLIERS:
         return _in_top(bits, index, sel.t_lo, sel.cut_lo) & ~_in_top(bits, index, sel.t_hi, sel.cut_hi)
-    if sel.della_keep is not None:
-        return sel.della_keep
+    if sel.mode == MASKED:
+        return sel.keep
     u = torch.from_numpy(philox_uniform(sel.key, 0, d.numel())).to(d.device)
     return u < torch.tensor(sel.density, dtype=torch.float32)
 
@@ -111,20 +146,57 @@ def lane_l1(values: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- per-model selection
 
-def _della_keep(d: torch.Tensor, shape: torch.Size, density: float, epsilon: float, key: int) -> torch.Tensor:
-    """DELLA: rank |d| within each row (last dim; stable, ascending), keep with probability
-    (density - eps) + 2 eps rank / (row_len - 1), drawing u from the same Philox stream as DARE."""
-    if not (0.0 < density - epsilon and density + epsilon < 1.0):
-        raise KernelError(f"della needs 0 < density - epsilon and density + epsilon < 1 "
-                          f"(density={density}, epsilon={epsilon})")
-    rows = d.reshape(-1, shape[-1] if len(shape) else 1).abs()
-    order = torch.argsort(rows, dim=1, stable=True)
+def della_fibres(shape: torch.Size) -> tuple[int, int, int]:
+    """(outer, row_len, inner): the tensor as [outer, row_len, inner] with DELLA's ranking axis
+    in the middle: dim 1 as mergekit (which lifts 0/1-dim tensors to one row first)."""
+    if len(shape) < 2:
+        return 1, int(np.prod(shape)) if len(shape) else 1, 1
+    return int(shape[0]), int(shape[1]), int(np.prod(shape[2:]))
+
+
+def _della_probability(rank: torch.Tensor, row_len: int, density: float, epsilon: float) -> torch.Tensor:
+    """fp32((density - eps) + (2 eps) * rank / (row_len - 1)), the expression in fp64."""
+    return ((density - epsilon) + 2 * epsilon * rank.double() / (row_len - 1)).float()
+
+
+def _reference_della_keep(x, base, fibres, density, epsilon, key) -> torch.Tensor:
+    outer, row_len, inner = fibres
+    d = (x.reshape(-1).float() - base.reshape(-1).float()).abs()
+    rows = d.reshape(outer, row_len, inner).transpose(1, 2)
+    order = torch.argsort(rows, dim=2, stable=True)
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(rows.shape[1], device=d.device).expand_as(order))
-    span = max(rows.shape[1] - 1, 1)
-    p = ((density - epsilon) + 2 * epsilon * rank.double() / span).float().reshape(-1)
+    rank.scatter_(2, order, torch.arange(row_len, device=d.device).expand_as(order))
+    p = _della_probability(rank, row_len, density, epsilon).transpose(1, 2).reshape(-1)
     u = torch.from_numpy(philox_uniform(key, 0, d.numel())).to(d.device)
     return u < p
+
+
+def _native_della_keep(x, base, fibres, density, epsilon, key) -> torch.Tensor:
+    from .. import _native
+
+    keep = torch.empty(x.numel(), dtype=torch.bool)
+    _native.della_mask(x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), *fibres,
+                       density, epsilon, key, keep.data_ptr())
+    return keep
+
+
+def _della_selector(x, base, density, epsilon, key, name, backend) -> Selector:
+    """DELLA as mergekit: density >= 1 keeps all, <= 0 nothing; otherwise density +- epsilon must
+    lie in (0, 1) and each fibre along dim 1 needs 2+ elements (mergekit's rank normalisation
+    divides by row_len - 1)."""
+    if density >= 1.0:
+        return Selector()
+    if density <= 0.0:
+        return Selector(RANDOM, key=key, density=0.0)  # u < 0 never holds
+    if not (0.0 < density - epsilon and density + epsilon < 1.0):
+        raise KernelError(f"{name}: della needs 0 < density - epsilon and density + epsilon < 1 "
+                          f"(density={density}, epsilon={epsilon})")
+    fibres = della_fibres(x.shape)
+    if fibres[1] < 2:
+        raise KernelError(f"{name}: della ranks |d| along dim 1, which has {fibres[1]} element(s) in shape "
+                          f"{tuple(x.shape)}; it needs at least 2 (mergekit fails on this tensor too)")
+    make = _native_della_keep if backend == "native" else _reference_della_keep
+    return Selector(MASKED, keep=make(x, base, fibres, density, epsilon, key))
 
 
 def _magnitude_params(x, base, k: int, backend: str, name: str) -> tuple[int, int]:
@@ -133,44 +205,59 @@ def _magnitude_params(x, base, k: int, backend: str, name: str) -> tuple[int, in
     return t.bits, tie_cutoff(x, t, base=base, backend=backend)
 
 
+def _given_threshold(x, base, threshold: Threshold | OutlierBand, backend: str) -> Selector:
+    if isinstance(threshold, OutlierBand):
+        dropped, reached = threshold.dropped, threshold.reached
+        return Selector(OUTLIERS, dropped.bits, tie_cutoff(x, dropped, base=base, backend=backend),
+                        reached.bits, tie_cutoff(x, reached, base=base, backend=backend))
+    return Selector(MAGNITUDE, threshold.bits, tie_cutoff(x, threshold, base=base, backend=backend))
+
+
 def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, tensor_name, backend) -> Selector:
     n = x.numel()
     name = f"{tensor_name or 'tensor'} (model {i})"
-    sel_backend = "native" if backend in ("native", "triton") and x.device.type == "cpu" else "reference"
+    if backend == "reference":
+        sel_backend = "reference"
+    elif x.device.type == "cpu":
+        sel_backend = "native"
+    else:  # the CUDA histogram where this build has it, else torch ops on the GPU
+        sel_backend = "cuda" if "cuda" in available_backends() else "reference"
     if threshold is not None:
-        return Selector(MAGNITUDE, threshold.bits, tie_cutoff(x, threshold, base=base, backend=sel_backend))
-    if sparsify == "magnitude_outliers":
-        k_hi = int(gamma * n)
-        k_lo = k_hi + density_to_k(density, n)
-        t_hi, cut_hi = _magnitude_params(x, base, k_hi, sel_backend, name)
-        t_lo, cut_lo = _magnitude_params(x, base, k_lo, sel_backend, name)
-        return Selector(OUTLIERS, t_hi, cut_hi, t_lo, cut_lo)
+        return _given_threshold(x, base, threshold, sel_backend)
     if density >= 1.0:
         return Selector()
+    if sparsify == "magnitude_outliers":
+        k_hi, k_lo = outlier_ranks(n, density, gamma)
+        return Selector(OUTLIERS, *_magnitude_params(x, base, k_hi, sel_backend, name),
+                        *_magnitude_params(x, base, k_lo, sel_backend, name))
     if sparsify == "magnitude":
         return Selector(MAGNITUDE, *_magnitude_params(x, base, density_to_k(density, n), sel_backend, name))
     key = derive_key(seed, tensor_name, i)
     if sparsify == "random":
         return Selector(RANDOM, key=key, density=_f32(density))
-    d = x.reshape(-1).float() - base.reshape(-1).float()
-    return Selector(RANDOM, key=key, density=_f32(density),
-                    della_keep=_della_keep(d, x.shape, density, epsilon, key))
+    return _della_selector(x, base, density, epsilon, key, name, sel_backend)
 
 
 def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) -> float:
     """The fp32 factor applied to kept values (see the module docstring)."""
     if mode == "inverse_density":
         return _f32(1.0 / density) if density > 0 else 1.0
-    if backend == "native" and sel.della_keep is None:
+    if backend == "native":
         from .. import _native
 
         all_l1, kept_l1 = _native.kept_l1(
             x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), x.numel(),
-            sel.mode, sel.t_hi, sel.cut_hi, sel.t_lo, sel.cut_lo, sel.key, sel.density)
+            sel.mode, sel.t_hi, sel.cut_hi, sel.t_lo, sel.cut_lo, sel.key, sel.density, _mask_ptr(sel))
     else:
         d = x.reshape(-1).float() - base.reshape(-1).float()
         all_l1, kept_l1 = lane_l1(d), lane_l1(torch.where(reference_keep(d, sel), d, 0.0))
-    return _f32(all_l1 / kept_l1) if kept_l1 > 0 else 1.0
+    if all_l1 < RESCALE_EPS or kept_l1 < RESCALE_EPS:
+        return 1.0
+    return _f32(all_l1 / kept_l1)
+
+
+def _mask_ptr(sel: Selector) -> int:
+    return sel.keep.data_ptr() if sel.keep is not None else 0
 
 
 # ---------------------------------------------------------------- element pass
@@ -193,18 +280,20 @@ def _reference_pass(base, inputs, weights, scales, selectors, consensus, normali
             mixed = torch.where(agrees, fma_f32(w32, d, mixed), mixed)
             div = torch.where(agrees, div + w32, div)
     else:
-        mixed, div = elect, torch.full_like(b, _sum_f32(weights))
+        mixed, div = elect, torch.full_like(b, plain_divisor(weights))
     if normalize:
         mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
     out = fma_f32(torch.tensor(lam, dtype=torch.float32), mixed, b)
     return out.to(out_dtype).reshape(base.shape)
 
 
-def _sum_f32(values: Sequence[float]) -> float:
+def plain_divisor(weights: Sequence[float]) -> float:
+    """The divisor without consensus: the fp32 sum of the weights in order, 1 when its
+    magnitude is below 1e-8 (mergekit)."""
     total = np.float32(0)
-    for v in values:
-        total = np.float32(total + np.float32(v))
-    return float(total)
+    for w in weights:
+        total = np.float32(total + np.float32(w))
+    return 1.0 if abs(total) < PLAIN_DIV_EPS else float(total)
 
 
 def _native_pass(base, inputs, weights, scales, selectors, consensus, normalize, lam, out_dtype):
@@ -216,7 +305,7 @@ def _native_pass(base, inputs, weights, scales, selectors, consensus, normalize,
         [x.data_ptr() for x in inputs], [native_code(x.dtype) for x in inputs], weights, scales,
         [s.mode for s in selectors], [s.t_hi for s in selectors], [s.cut_hi for s in selectors],
         [s.t_lo for s in selectors], [s.cut_lo for s in selectors], [s.key for s in selectors],
-        [s.density for s in selectors], consensus, normalize, lam)
+        [s.density for s in selectors], [_mask_ptr(s) for s in selectors], consensus, normalize, lam)
     return out
 
 
@@ -230,6 +319,16 @@ _PASSES = {"reference": _reference_pass, "native": _native_pass, "triton": _trit
 
 
 # ---------------------------------------------------------------- entry point
+
+def _per_model(name: str, value: float | Sequence[float], count: int) -> list[float]:
+    """One value for every model, or one per model."""
+    if isinstance(value, numbers.Real):
+        return [float(value)] * count
+    values = [float(v) for v in value]
+    if len(values) != count:
+        raise KernelError(f"ties_merge: {count} inputs but {len(values)} {name} values")
+    return values
+
 
 def _check(base, inputs, weights, densities, thresholds, sparsify, rescale_mode, out_dtype):
     if base is None:
@@ -264,8 +363,8 @@ def ties_merge(
     consensus: bool = True,
     rescale: bool = False,
     rescale_mode: str = "l1",
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
+    gamma: float | Sequence[float] = 0.01,
+    epsilon: float | Sequence[float] = 0.15,
     seed: int = 0,
     tensor_name: str = "",
     backend: str | None = None,
@@ -273,23 +372,25 @@ def ties_merge(
     """Merge `inputs` into `base` with the TIES-family pipeline (module docstring).
 
     densities: per-model keep fraction (default 1: nothing trimmed). thresholds: per-model
-    model-wide `Threshold` (MagnitudeHistogram.tensor_threshold) used instead of densities for
-    magnitude trimming; None entries keep everything. seed and tensor_name key the random
-    sparsifiers. Returns a new tensor of base's shape in out_dtype (default base's dtype).
+    given thresholds used instead of densities (e.g. model-wide ones from MagnitudeHistogram):
+    a `Threshold` for magnitude trimming, an `OutlierBand` for breadcrumbs; None entries defer
+    to the density. gamma (breadcrumbs) and epsilon (della): one value or one per model. seed
+    and tensor_name key the random sparsifiers. Returns a new tensor of base's shape in
+    out_dtype (default base's dtype).
     """
     inputs = [x.contiguous() for x in inputs]
     base = base.contiguous() if base is not None else None
     out_dtype = out_dtype or (base.dtype if base is not None else None)
     _check(base, inputs, weights, densities, thresholds, sparsify, rescale_mode, out_dtype)
-    supported = ("reference",) if sparsify == "della" else FUSED_BACKENDS
-    name = resolve_backend("ties_merge", [base, *inputs], supported, backend)
+    name = resolve_backend("ties_merge", [base, *inputs], FUSED_BACKENDS, backend)
     if base.numel() == 0:
         return torch.empty(base.shape, dtype=out_dtype, device=base.device)
     densities = list(densities) if densities is not None else [1.0] * len(inputs)
     thresholds = list(thresholds) if thresholds is not None else [None] * len(inputs)
+    gammas, epsilons = _per_model("gamma", gamma, len(inputs)), _per_model("epsilon", epsilon, len(inputs))
     selectors, scales = [], []
     for i, (x, density, threshold) in enumerate(zip(inputs, densities, thresholds)):
-        sel = _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, tensor_name, name)
+        sel = _selector(i, x, base, density, threshold, sparsify, gammas[i], epsilons[i], seed, tensor_name, name)
         selectors.append(sel)
         scales.append(_rescale(x, base, sel, density, rescale_mode, name) if rescale else 1.0)
     weights = [_f32(w) for w in weights]

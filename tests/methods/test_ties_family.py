@@ -63,10 +63,13 @@ def dare_mask(d, density, seed, name, i):
 
 
 def della_mask(d, density, epsilon, seed, name, i):
-    """Rank |d| within each row (ascending, 0-based); keep where u < (density - eps) + 2 eps rank / (len - 1)."""
-    rows = d.reshape(-1, d.shape[-1]).abs()
-    rank = torch.argsort(torch.argsort(rows, dim=1, stable=True), dim=1).double()
-    p = ((density - epsilon) + 2 * epsilon * rank / (rows.shape[1] - 1)).float().reshape(-1)
+    """Rank |d| along dim 1 as mergekit (ascending, 0-based; 0/1-dim tensors are one row); keep
+    where u < (density - eps) + 2 eps rank / (len - 1); density <= 0 keeps nothing."""
+    if density <= 0:
+        return torch.zeros(d.numel(), dtype=torch.bool)
+    a = d.abs().reshape(1, -1) if d.dim() < 2 else d.abs()
+    rank = torch.argsort(torch.argsort(a.movedim(1, -1), dim=-1, stable=True), dim=-1).movedim(-1, 1).double()
+    p = ((density - epsilon) + 2 * epsilon * rank / (a.shape[1] - 1)).float().reshape(-1)
     return philox_draws(seed, name, i, d.numel()) < p
 
 
@@ -83,7 +86,8 @@ def expected_merge(base, xs, weights, masks, consensus, normalize, lam=1.0, resc
     for x, keep in zip(xs, masks):
         d = x.reshape(-1).float() - b
         kept = torch.where(keep, d, torch.zeros_like(d))
-        scale = np.float32(l1(d) / l1(kept)) if rescale and l1(kept) > 0 else np.float32(1)
+        # mergekit rescales only when both L1 sums are at least 1e-7.
+        scale = np.float32(l1(d) / l1(kept)) if rescale and min(l1(d), l1(kept)) >= 1e-7 else np.float32(1)
         deltas.append(torch.where(keep, d * torch.tensor(scale), torch.zeros_like(d)))
     w32 = [torch.tensor(w, dtype=torch.float32) for w in weights]
     elect = torch.zeros_like(b)
@@ -97,7 +101,10 @@ def expected_merge(base, xs, weights, masks, consensus, normalize, lam=1.0, resc
             div = torch.where(counted, div + w, div)
     else:
         mixed = elect
-        div = torch.full_like(b, float(np.sum(np.float32(weights), dtype=np.float32)))
+        total = np.float32(0)
+        for w in weights:
+            total = np.float32(total + np.float32(w))
+        div = torch.full_like(b, 1.0 if abs(total) < np.float32(1e-8) else float(total))  # mergekit's cut-off
     if normalize:
         mixed = mixed / torch.where(div == 0, torch.ones_like(div), div)
     return fma_f32(torch.tensor(lam, dtype=torch.float32), mixed, b).reshape(base.shape)
@@ -223,19 +230,59 @@ def test_reference_and_native_backends_give_the_same_bytes(method):
     assert torch.equal(native, reference)
 
 
-def test_breadcrumbs_refuses_what_the_kernel_cannot_reproduce():
+def test_breadcrumbs_per_model_gamma_and_edge_cases_match_mergekit():
+    """gamma per model; density 1 keeps the whole task vector; density + gamma > 1 drops fewer
+    outliers so int(density n) survive."""
+    base, xs = random_models(3)
+    densities, gammas = [0.4, 0.97, 1.0], [0.05, 0.1, 0.2]
+    masks = [breadcrumbs_mask(d, p, g) if p < 1 else torch.ones(d.numel(), dtype=torch.bool)
+             for d, p, g in zip(deltas_of(base, xs), densities, gammas)]
+    assert int(masks[1].sum()) == int(0.97 * xs[1].numel())
+    out = fastmerge.merge_tensors("breadcrumbs_ties", xs, base=base, name=NAME, weight=WEIGHTS, density=densities,
+                                  gamma=gammas)
+    assert torch.equal(out, expected_merge(base, xs, WEIGHTS, masks, True, False))
+
+
+def test_della_per_model_epsilon_zero_density_and_3d_tensors():
+    shape = (4, 6, 5)
+    base, xs = random_models(3, shape=shape)
+    densities, epsilons = [0.5, 0.0, 0.4], [0.2, 0.15, 0.3]
+    masks = [della_mask(d.reshape(shape), p, e, 11, NAME, i)
+             for i, (d, p, e) in enumerate(zip(deltas_of(base, xs), densities, epsilons))]
+    out = fastmerge.merge_tensors("della", xs, base=base, name=NAME, seed=11, weight=WEIGHTS, density=densities,
+                                  epsilon=epsilons)
+    assert torch.equal(out, expected_merge(base, xs, WEIGHTS, masks, True, True, rescale=True))
+
+
+def test_tiny_task_vectors_are_not_rescaled_and_tiny_weight_sums_divide_by_one():
     base, xs = random_models(2)
-    with pytest.raises(ConfigError, match="gamma"):
-        fastmerge.merge_tensors("breadcrumbs", xs, base=base, weight=1.0, density=0.5, gamma=[0.01, 0.02])
-    with pytest.raises(ConfigError, match="density"):
-        fastmerge.merge_tensors("breadcrumbs", xs, base=base, weight=1.0, density=1.0)
+    xs = [base + (x - base) * 1e-10 for x in xs]  # sum |d| ~ 1e-8 < 1e-7
+    weights = [3e-9, 4e-9]
+    masks = [dare_mask(d, 0.5, 2, NAME, i) for i, d in enumerate(deltas_of(base, xs))]
+    out = fastmerge.merge_tensors("dare_linear", xs, base=base, name=NAME, seed=2, weight=weights, density=0.5,
+                                  normalize=True)
+    assert torch.equal(out, expected_merge(base, xs, weights, masks, False, True, rescale=True))
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 @pytest.mark.parametrize("scope", ["model", "layer"])
-def test_tensor_level_api_refuses_other_trim_scopes(scope):
+def test_tensor_level_api_refuses_other_trim_scopes(method, scope):
     base, xs = random_models(2)
     with pytest.raises(ConfigError, match="trim_scope"):
-        fastmerge.merge_tensors("ties", xs, base=base, weight=1.0, density=0.5, trim_scope=scope)
+        fastmerge.merge_tensors(method, xs, base=base, weight=1.0, density=0.5, trim_scope=scope)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_random_sparsifiers_refuse_a_model_wide_threshold(method, tiny_models, tmp_path):
+    config = {
+        "merge_method": method,
+        "base_model": str(tiny_models["base"]),
+        "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}}],
+        "parameters": {"trim_scope": "model"},
+    }
+    with pytest.raises(ConfigError, match="at random.*trim_scope: model"):
+        fastmerge.run(write_config(tmp_path / "m.yml", config), tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- configs on checkpoints
@@ -294,16 +341,22 @@ def test_configs_run_and_are_byte_reproducible(tiny_models, tmp_path, method, ex
     assert any(not torch.equal(a[n], load_dir(tiny_models["base"])[n]) for n in a)
 
 
-def test_model_wide_threshold_keeps_the_top_density_of_the_whole_task_vector(tmp_path):
-    """fp32 checkpoints, so no two task-vector elements tie and the top-k is unambiguous."""
+@pytest.mark.parametrize("method, params, whole_mask, normalize", [
+    ("ties", {"density": 0.2}, lambda d: top_k_mask(d, int(0.2 * d.numel())), True),
+    ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.05}, lambda d: breadcrumbs_mask(d, 0.3, 0.05), False),
+    ("breadcrumbs", {"density": 0.98, "gamma": 0.05}, lambda d: breadcrumbs_mask(d, 0.98, 0.05), False),
+])
+def test_model_wide_threshold_trims_the_whole_task_vector(tmp_path, method, params, whole_mask, normalize):
+    """fp32 checkpoints, so no two task-vector elements tie and the selection is unambiguous:
+    the mask is the per-tensor formula applied to each model's concatenated task vector."""
     state = make_state(TINY, seed=0)
     paths = [write_checkpoint(tmp_path / "base", state, TINY, torch.float32, max_shard_bytes=20_000)]
     paths += [write_checkpoint(tmp_path / f"ft{i}", fine_tune_of(state, seed=i, scale=0.05), TINY, torch.float32,
                                max_shard_bytes=20_000) for i in (1, 2)]
     config = {
-        "merge_method": "ties",
+        "merge_method": method,
         "base_model": str(paths[0]),
-        "models": [{"model": str(p), "parameters": {"weight": 1.0, "density": 0.2}} for p in paths[1:]],
+        "models": [{"model": str(p), "parameters": {"weight": 1.0} | params} for p in paths[1:]],
         "parameters": {"trim_scope": "model"},
     }
     fastmerge.run(write_config(tmp_path / "m.yml", config), tmp_path / "out", quiet=True)
@@ -311,13 +364,14 @@ def test_model_wide_threshold_keeps_the_top_density_of_the_whole_task_vector(tmp
     fts = [load_dir(p) for p in paths[1:]]
     names = list(base)
     masks = []
-    for ft in fts:  # one top-k over the concatenated task vector of the model
+    for ft in fts:  # one selection over the concatenated task vector of the model
         whole = torch.cat([(ft[n].float() - base[n].float()).reshape(-1) for n in names])
-        keep = top_k_mask(whole, int(0.2 * whole.numel()))
+        keep = whole_mask(whole)
         masks.append(dict(zip(names, keep.split([base[n].numel() for n in names]))))
     for name in names:
         xs = [ft[name] for ft in fts]
-        expected = expected_merge(base[name], xs, [1.0, 1.0], [m[name] for m in masks], True, True)
+        expected = expected_merge(base[name], xs, [1.0, 1.0], [m[name] for m in masks], method != "breadcrumbs",
+                                  normalize)
         assert torch.equal(merged[name], expected), name
 
 
@@ -330,3 +384,7 @@ def test_model_wide_threshold_needs_one_density_per_model(tiny_models, tmp_path)
     }
     with pytest.raises(ConfigError, match="one density per model"):
         fastmerge.run(write_config(tmp_path / "m.yml", config), tmp_path / "out", quiet=True)
+    config |= {"merge_method": "breadcrumbs", "models": [{"model": str(tiny_models["ft1"]), "parameters": {
+        "weight": 1.0, "density": 0.5, "gamma": [{"filter": "mlp", "value": 0.02}, {"value": 0.01}]}}]}
+    with pytest.raises(ConfigError, match="one density and one gamma per model.*gamma"):
+        fastmerge.run(write_config(tmp_path / "b.yml", config), tmp_path / "out", quiet=True)

@@ -97,6 +97,22 @@ def test_model_wide_histogram_matches_concatenated_oracle(sel_backend, gen):
         assert torch.equal(torch.cat(masks), oracle_keep(deltas, k))
 
 
+def test_model_wide_histogram_finds_several_ranks_in_one_coarse_pass(sel_backend, gen):
+    """`ranks` (breadcrumbs' dropped outliers and kept band) gives each k its own exact threshold."""
+    bases = [torch.randn(s, generator=gen) for s in (4097, 300)]
+    xs = [(b + torch.randint(-40, 41, b.shape, generator=gen) / 8).to(torch.bfloat16) for b in bases]
+    hist = MagnitudeHistogram(0.5, backend=sel_backend, ranks=lambda total: (3, total // 2, total + 9))
+    for phase in (1, 2):
+        for x, b in zip(xs, bases):
+            hist.add(x, b)
+        if phase == 1:
+            hist.refine()
+    deltas = torch.cat([x.float() - b.float() for x, b in zip(xs, bases)])
+    for which, k in enumerate((3, deltas.numel() // 2, deltas.numel())):
+        masks = [keep_mask(x, hist.tensor_threshold(i, which), base=b) for i, (x, b) in enumerate(zip(xs, bases))]
+        assert torch.equal(torch.cat(masks), oracle_keep(deltas, k))
+
+
 def test_model_wide_histogram_needs_both_phases():
     hist = MagnitudeHistogram(0.5)
     hist.add(torch.ones(4))

@@ -112,17 +112,93 @@ def test_model_wide_thresholds(backend, gen, assert_same_bytes):
     assert_same_bytes(expected, ties_merge(base, xs, weights, densities=[0.25, 0.25], backend="reference"))
 
 
-def test_della_keeps_about_density_and_is_reference_only(gen):
-    base, xs, weights, _ = _models(2, 64 * 200, torch.float32, gen)
-    base, xs = base.reshape(64, 200), [x.reshape(64, 200) for x in xs]
-    out = ties_merge(base, xs[:1], [1.0], densities=[0.4], sparsify="della", consensus=False,
-                     normalize=False, backend="reference")
-    kept = ((out - base) != 0).float().mean().item()
-    assert abs(kept - 0.4) < 0.02
-    with pytest.raises(KernelError, match="no 'native' backend"):
-        ties_merge(base, xs, weights, densities=[0.4, 0.4], sparsify="della", backend="native")
+def _della_oracle(d, density, epsilon, key):
+    """mergekit's DELLA rank rule written out: rank |d| along dim 1 (0/1-dim tensors are one
+    row) by a stable ascending sort, normalise to rank / (len - 1), draw from Philox."""
+    from fastmerge.ops.random import philox_uniform
+
+    a = d.float().abs()
+    a = a.reshape(1, -1) if a.dim() < 2 else a
+    moved = a.movedim(1, -1)
+    rank = torch.argsort(torch.argsort(moved, dim=-1, stable=True), dim=-1).movedim(-1, 1)
+    p = ((density - epsilon) + 2 * epsilon * rank.double() / (a.shape[1] - 1)).float().reshape(-1)
+    return torch.from_numpy(philox_uniform(key, 0, d.numel())) < p
+
+
+@pytest.mark.parametrize("shape", [(300,), (12, 40), (3, 10, 7), (2, 3, 4, 5)])
+def test_della_ranks_along_dim_1_in_every_backend(shape, backend, device, assert_same_bytes, gen):
+    from fastmerge.ops.random import derive_key
+
+    base = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    xs = [(base.float() + 0.05 * torch.randn(shape, generator=gen)).to(torch.bfloat16) for _ in range(3)]
+    kw = dict(densities=[0.5, 0.3, 0.7], epsilon=[0.2, 0.1, 0.25], sparsify="della", consensus=False,
+              normalize=False, seed=9, tensor_name="w")
+    expected = ties_merge(base, xs, [1.0, 0.0, 0.0], **kw, backend="reference")
+    keep = _della_oracle(xs[0].float() - base.float(), 0.5, 0.2, derive_key(9, "w", 0))
+    assert torch.equal((expected != base).reshape(-1), keep & (xs[0] != base).reshape(-1))
+    out = ties_merge(base.to(device), [x.to(device) for x in xs], [0.6, -0.3, 0.5], **kw | dict(consensus=True),
+                     rescale=True, backend=backend)
+    assert_same_bytes(out, ties_merge(base, xs, [0.6, -0.3, 0.5], **kw | dict(consensus=True), rescale=True,
+                                      backend="reference"))
+
+
+def test_della_density_bounds_follow_mergekit(backend, gen):
+    base, xs, weights, _ = _models(2, 64 * 20, torch.float32, gen)
+    base, xs = base.reshape(64, 20), [x.reshape(64, 20) for x in xs]
+    kw = dict(sparsify="della", consensus=False, normalize=False, rescale=True, backend=backend)
+    assert torch.equal(ties_merge(base, xs, weights, densities=[0.0, -0.5], **kw), base)  # nothing kept
+    whole = ties_merge(base, xs, weights, densities=[1.0, 1.0], **kw)
+    assert torch.equal(whole, ties_merge(base, xs, weights, **kw | dict(sparsify="magnitude")))
     with pytest.raises(KernelError, match="della needs"):
-        ties_merge(base, xs, weights, densities=[0.1, 0.4], sparsify="della", backend="reference")
+        ties_merge(base, xs, weights, densities=[0.1, 0.4], **kw)
+    with pytest.raises(KernelError, match="dim 1"):
+        ties_merge(base[:, :1], [x[:, :1] for x in xs], weights, densities=[0.4, 0.4], **kw)
+
+
+def test_breadcrumbs_per_model_gamma_and_mergekit_edge_cases(backend, device, gen, assert_same_bytes):
+    """Against mergekit's rule written as a sort: ascending order, keep positions
+    [bottom, bottom + target) with bottom = max(0, n - target - int(gamma n))."""
+    base, xs, _, _ = _models(3, 1000, torch.float32, gen)
+    densities, gammas = [0.5, 0.95, 1.0], [0.1, 0.2, 0.3]
+    out = ties_merge(base, xs, [1.0, 0.0, 0.0], densities=densities, gamma=gammas, sparsify="magnitude_outliers",
+                     consensus=False, normalize=False)
+    d = xs[0] - base
+    keep = torch.zeros(1000, dtype=torch.bool)
+    keep[torch.sort(d.abs(), stable=True).indices[400:900]] = True
+    assert torch.equal(out, base + torch.where(keep, d, 0.0))
+    for i, density in ((1, 0.95), (2, 1.0)):  # 950 + 200 > 1000: only 50 outliers go; density 1: none
+        one_hot = [float(j == i) for j in range(3)]
+        out = ties_merge(base, xs, one_hot, densities=densities, gamma=gammas, sparsify="magnitude_outliers",
+                         consensus=False, normalize=False)
+        d = xs[i] - base
+        keep = torch.zeros(1000, dtype=torch.bool)
+        keep[torch.sort(d.abs(), stable=True).indices[: int(density * 1000)]] = True
+        assert torch.equal(out, base + torch.where(keep, d, 0.0))
+    kw = dict(densities=densities, gamma=gammas, sparsify="magnitude_outliers", lam=0.7)
+    assert_same_bytes(ties_merge(base.to(device), [x.to(device) for x in xs], [0.5, -0.2, 0.9], backend=backend, **kw),
+                      ties_merge(base, xs, [0.5, -0.2, 0.9], backend="reference", **kw))
+
+
+def test_rescale_skips_sums_below_1e_7(backend, device):
+    """mergekit rescales only when both L1 sums are >= 1e-7: here the whole task vector sums to
+    about 4e-8, so the kept values stay as they are; larger deltas are rescaled."""
+    base = torch.zeros(4000, device=device)
+    for scale, rescaled in ((1e-11, False), (1e-3, True)):
+        x = torch.linspace(-1, 1, 4000, device=device) * scale
+        out = ties_merge(base, [x], [1.0], densities=[0.5], sparsify="magnitude", consensus=False, normalize=False,
+                         rescale=True, backend=backend)
+        kept = out != 0
+        assert int(kept.sum()) == 2000
+        assert torch.equal(out[kept] == x[kept], torch.full_like(out[kept], not rescaled, dtype=torch.bool))
+
+
+def test_plain_divisor_below_1e_8_is_one(backend, device):
+    """Without consensus mergekit divides by sum w, replaced by 1 when |sum w| < 1e-8."""
+    base = torch.zeros(64, device=device)
+    x = torch.ones(64, device=device)
+    kw = dict(consensus=False, normalize=True, backend=backend)
+    assert torch.equal(ties_merge(base, [x, x], [4e-9, 5e-9], **kw), torch.full_like(x, 9e-9))
+    assert torch.equal(ties_merge(base, [x, x], [4e-8, 5e-8], **kw), torch.ones_like(x))
 
 
 def test_bad_arguments_name_the_problem(gen):
