@@ -9,6 +9,7 @@
 #include "rbf.h"
 #include "selection.h"
 #ifdef FASTMERGE_WITH_CUDA
+#include "cuda/device.h"
 #include "selection_cuda.h"
 #endif
 
@@ -74,9 +75,15 @@ PYBIND11_MODULE(_native, m) {
         py::arg("inner"), py::arg("density"), py::arg("epsilon"), py::arg("key"), py::arg("mask"));
   m.def("philox_fill", &fastmerge::philox_fill, py::call_guard<py::gil_scoped_release>(), py::arg("out"),
         py::arg("key"), py::arg("offset"), py::arg("n"));
+  // CUDA kernels (csrc/cuda), present only in a FASTMERGE_CUDA=ON build.
 #ifdef FASTMERGE_WITH_CUDA
+  m.def("has_cuda", []() { return fastmerge::cuda_device_count() > 0; }, py::call_guard<py::gil_scoped_release>(),
+        "True: built with the CUDA kernels and a CUDA device is usable.");
   m.def("cuda_magnitude_histogram", &fastmerge::cuda_magnitude_histogram, py::call_guard<py::gil_scoped_release>(),
-        "magnitude_histogram on device pointers (csrc/cuda/selection.cu).", py::arg("x"), py::arg("x_dtype"),
-        py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("hist"), py::arg("phase"), py::arg("bucket"));
+        "magnitude_histogram on device pointers, queued on `stream` (csrc/selection_cuda.h).", py::arg("x"),
+        py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("hist"),
+        py::arg("nan_count"), py::arg("phase"), py::arg("bucket"), py::arg("device"), py::arg("stream"));
+#else
+  m.def("has_cuda", []() { return false; }, "False: this build has no CUDA kernels (FASTMERGE_CUDA=OFF).");
 #endif
 }

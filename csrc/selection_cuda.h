@@ -5,9 +5,11 @@
 
 namespace fastmerge {
 
-// Adds |x - b|'s phase-1/phase-2 histogram into the device buffer hist (int64[65536]), exactly
-// as magnitude_histogram in selection.h does on the CPU; returns the number of NaNs.
-int64_t cuda_magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uintptr_t hist,
-                                 int phase, uint32_t bucket);
+// Queues on `stream` (a cudaStream_t of GPU `device`; 0 = legacy default) the addition of
+// |x - b|'s phase-1 or phase-2 histogram into hist (device int64[65536]) and of the NaN count into
+// nan_count (device int64[1]), exactly as magnitude_histogram in selection.h does on the CPU.
+// Does not synchronise.
+void cuda_magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uintptr_t hist,
+                              uintptr_t nan_count, int phase, uint32_t bucket, int device, uintptr_t stream);
 
 }  // namespace fastmerge
