@@ -26,7 +26,7 @@ from ..errors import KernelError
 from ._dispatch import resolve_backend
 
 BINS = 65536
-BACKENDS = ("reference", "native")
+BACKENDS = ("reference", "native", "cuda")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,29 @@ def _native_histogram(x, base, phase: int, bucket: int, hist: np.ndarray) -> int
     )
 
 
-_HISTOGRAMS: dict[str, Callable[..., int]] = {"reference": _reference_histogram, "native": _native_histogram}
+def _cuda_histogram(x, base, phase: int, bucket: int, hist: np.ndarray) -> int:
+    """The CUDA kernel (csrc/cuda/selection.cu), queued on torch's current stream; reading the
+    counts back waits for it. A forced `backend="cuda"` on CPU tensors copies them to the GPU."""
+    from .. import _native
+
+    device = x.device if x.is_cuda else torch.device("cuda", torch.cuda.current_device())
+    x = x.to(device).contiguous()
+    base = base.to(device).contiguous() if base is not None else None
+    counts = torch.zeros(BINS + 1, dtype=torch.int64, device=device)  # the bins, then the NaN count
+    _native.cuda_magnitude_histogram(
+        x.data_ptr(), native_code(x.dtype),
+        base.data_ptr() if base is not None else 0, native_code(base.dtype) if base is not None else 0,
+        x.numel(), counts.data_ptr(), counts[BINS:].data_ptr(), phase, bucket,
+        device.index, torch.cuda.current_stream(device).cuda_stream,
+    )
+    counts = counts.cpu().numpy()
+    hist += counts[:BINS]
+    return int(counts[BINS])
+
+
+_HISTOGRAMS: dict[str, Callable[..., int]] = {
+    "reference": _reference_histogram, "native": _native_histogram, "cuda": _cuda_histogram,
+}
 
 
 def accumulate_histogram(x, base, phase: int, bucket: int, hist: np.ndarray, backend: str, name: str) -> None:
@@ -168,6 +190,7 @@ def tie_cutoff(x: torch.Tensor, threshold: Threshold, base: torch.Tensor | None 
             base.data_ptr() if base is not None else 0, native_code(base.dtype) if base is not None else 0,
             n, threshold.bits, threshold.ties_to_keep,
         )
+    # reference, and cuda (the scan is one torch nonzero on the device; no kernel of its own)
     where = torch.nonzero(_abs_bits(x, base) == threshold.bits).reshape(-1)
     return int(where[threshold.ties_to_keep]) if threshold.ties_to_keep < where.numel() else n
 
