@@ -140,8 +140,12 @@ def lane_l1(values: torch.Tensor) -> float:
     rows = -(-v.size // L1_LANES)
     padded = np.zeros(max(rows, 1) * L1_LANES)
     padded[: v.size] = v
-    lanes = np.cumsum(padded.reshape(-1, L1_LANES), axis=0)[-1]
-    return float(np.cumsum(lanes)[-1])
+    return _in_lane_order(np.cumsum(padded.reshape(-1, L1_LANES), axis=0)[-1])
+
+
+def _in_lane_order(lane_sums: np.ndarray) -> float:
+    """The total of the per-lane sums, lane 0 first (the last step of the fixed L1 order)."""
+    return float(np.cumsum(lane_sums)[-1])
 
 
 # ---------------------------------------------------------------- per-model selection
@@ -248,6 +252,10 @@ def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) ->
         all_l1, kept_l1 = _native.kept_l1(
             x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), x.numel(),
             sel.mode, sel.t_hi, sel.cut_hi, sel.t_lo, sel.cut_lo, sel.key, sel.density, _mask_ptr(sel))
+    elif backend == "triton":
+        from .triton_kernels.lane_l1 import kept_l1_lanes
+
+        all_l1, kept_l1 = map(_in_lane_order, kept_l1_lanes(x, base, sel, L1_LANES))
     else:
         d = x.reshape(-1).float() - base.reshape(-1).float()
         all_l1, kept_l1 = lane_l1(d), lane_l1(torch.where(reference_keep(d, sel), d, 0.0))
