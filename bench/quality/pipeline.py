@@ -12,6 +12,8 @@ Stages (each timed into the JSON):
 5. continual tasks arrive in order; (a) the sequential chain, (b) for each method, the running
              merge folded with each new fine-tune (`fastmerge.continual.run_continual`), with the
              hyper-parameters chosen in stage 4. Average accuracy and forgetting after every step.
+6. prune     each fine-tune pruned at 50% with every GAPrune-module score, plus pruned-then-merged
+             and merged-then-pruned rows (`pruning.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .evaluate import general_retention, load_model, task_accuracy
 from .merging import applicable, available_methods, grid_for, merge_config, run_merge
 from .model import new_model
 from .profiles import Profile
+from .pruning import prune_rows
 from .scoring import continual_summary
 from .tasks import TASKS, Splits, general_text, make_splits
 from .tokenizer import save_hf_tokenizer
@@ -251,11 +254,12 @@ def run_benchmark(profile: Profile, out_dir: Path, cache_dir: Path, seed: int = 
                                          ["base", *(f"ft:{t}" for t in profile.tasks)]})
     merges = ctx.timed("merge", lambda: merge_all(ctx, models))
     sequence = ctx.timed("continual", lambda: continual(ctx, models, merges))
+    pruning = ctx.timed("prune", lambda: prune_rows(ctx, models, merges))
     ctx.timings["total"] = round(time.perf_counter() - started, 2)
     # CPU seconds of this process: comparable across runs even when other jobs share the cores.
     ctx.timings["cpu_total"] = round(time.process_time() - cpu_started, 2)
     return {
         "profile": profile.to_dict(), "seed": seed, "tasks": {t: TASKS[t].description for t in profile.tasks},
-        "models": scored, "merges": merges, "continual": sequence, "timings": ctx.timings,
+        "models": scored, "merges": merges, "continual": sequence, "pruning": pruning, "timings": ctx.timings,
         "checkpoints": {name: str(path) for name, path in models.items()},
     }

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .plots import plot_continual, plot_task_bars
+from .pruning import pruning_table
 
 
 def _pct(x: float) -> str:
@@ -73,6 +74,8 @@ def markdown(results: dict[str, Any]) -> str:
         "### Continual learning: average accuracy / forgetting (%) after each step",
         "",
         continual_table(results),
+        "",
+        pruning_table(results),
         "",
         f"Timings: {timings}.",
         "",
