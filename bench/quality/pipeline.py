@@ -140,10 +140,12 @@ def train_all(ctx: Context) -> dict[str, Path]:
 
 # --- 3. scoring ---------------------------------------------------------------------------------
 
-def score(ctx: Context, path: Path, split: str = "test", retention: bool = True) -> dict[str, Any]:
-    """Accuracy per task on `split` (and retention on general text) of the checkpoint at `path`."""
+def score(ctx: Context, path: Path, split: str = "test", retention: bool = True,
+          tasks: list[str] | None = None) -> dict[str, Any]:
+    """Accuracy per task on `split` (and retention on general text) of the checkpoint at `path`;
+    `tasks` narrows the tasks scored (default: all of the profile's)."""
     model = load_model(path)
-    accuracy = {t: task_accuracy(model, TASKS[t], getattr(ctx.splits[t], split)) for t in ctx.profile.tasks}
+    accuracy = {t: task_accuracy(model, TASKS[t], getattr(ctx.splits[t], split)) for t in tasks or ctx.profile.tasks}
     result: dict[str, Any] = {"accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy)}
     if retention:
         kept = general_retention(model, ctx.general_eval, ctx.profile.pretrain.window)
@@ -254,7 +256,7 @@ def run_benchmark(profile: Profile, out_dir: Path, cache_dir: Path, seed: int = 
                                          ["base", *(f"ft:{t}" for t in profile.tasks)]})
     merges = ctx.timed("merge", lambda: merge_all(ctx, models))
     sequence = ctx.timed("continual", lambda: continual(ctx, models, merges))
-    pruning = ctx.timed("prune", lambda: prune_rows(ctx, models, merges))
+    pruning = ctx.timed("prune", lambda: prune_rows(ctx, models, merges, score))
     ctx.timings["total"] = round(time.perf_counter() - started, 2)
     # CPU seconds of this process: comparable across runs even when other jobs share the cores.
     ctx.timings["cpu_total"] = round(time.process_time() - cpu_started, 2)

@@ -26,18 +26,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from safetensors import safe_open
 
 from fastmerge.errors import FastmergeError
+from fastmerge.pruning import prune
 
-from .evaluate import general_retention, load_model, task_accuracy
 from .merging import merge_config, run_merge
-from .tasks import TASKS, Example, general_text
+from .tasks import Example, general_text
 
 if TYPE_CHECKING:
     from .pipeline import Context
+
+# pipeline.score: (ctx, checkpoint, tasks=...) -> {"accuracy", "mean", "general"}. Passed in by the
+# pipeline rather than imported, since the pipeline imports this module.
+Evaluator = Callable[..., dict[str, Any]]
 
 SCORES = ("gaprune", "fisher", "magnitude", "random")
 SPARSITY = 0.5
@@ -100,32 +104,29 @@ def mlp_zero_fraction(checkpoint: Path) -> float:
     return zeros / total
 
 
-def _score(ctx: Context, path: Path, tasks: list[str]) -> dict[str, Any]:
-    """Test accuracy on `tasks`, general retention, and measured MLP sparsity of a checkpoint."""
-    model = load_model(path)
-    accuracy = {t: task_accuracy(model, TASKS[t], ctx.splits[t].test) for t in tasks}
-    kept = general_retention(model, ctx.general_eval, ctx.profile.pretrain.window)
-    return {"accuracy": accuracy, "mean": sum(accuracy.values()) / len(accuracy),
-            "general": {"next_char_accuracy": kept.next_char_accuracy, "loss": kept.loss},
-            "mlp_sparsity": mlp_zero_fraction(path)}
+def _scored(ctx: Context, evaluate: Evaluator, path: Path, tasks: list[str]) -> dict[str, Any]:
+    """Test accuracy on `tasks` and general retention of a checkpoint, plus its MLP sparsity."""
+    return {**evaluate(ctx, path, tasks=tasks), "mlp_sparsity": mlp_zero_fraction(path)}
 
 
 def _prune(settings: PruneSettings, model: Path, score: str, domain: Path, general: Path, out: Path,
            seed: int) -> Path:
-    from fastmerge.pruning import prune
-
     config = {
         "model": str(model), "objective": "causal_lm", "score": score, "sparsity": SPARSITY,
         "targets": list(TARGETS), "batch_size": settings.batch_size, "num_batches": settings.num_batches,
         "max_length": settings.max_length, "seed": seed, "dtype": "float32",
+        # Data-free scores (magnitude, random) skip the statistics pass and never read it.
+        "data": {"domain": str(domain), "general": str(general)},
     }
-    if score not in ("magnitude", "random"):
-        config["data"] = {"domain": str(domain), "general": str(general)}
     return prune(config, out, device="cpu", overwrite=True).output_dir
 
 
-def prune_rows(ctx: Context, models: dict[str, Path], merges: dict[str, dict]) -> dict[str, Any]:
-    """Every pruning row of the report (see the module docstring); the results' `pruning` key."""
+def prune_rows(ctx: Context, models: dict[str, Path], merges: dict[str, dict],
+               evaluate: Evaluator) -> dict[str, Any]:
+    """Every pruning row of the report (see the module docstring); the results' `pruning` key.
+
+    `merges` is the merge stage's output (task_arithmetic's chosen point and path are reused);
+    `evaluate` is `pipeline.score`."""
     settings = SETTINGS[ctx.profile.name]
     tasks = list(ctx.profile.tasks)
     data_dir = ctx.out_dir / "data"
@@ -135,7 +136,7 @@ def prune_rows(ctx: Context, models: dict[str, Path], merges: dict[str, dict]) -
     general_lines = general_text(settings.general_lines, ctx.seed, "train").splitlines(keepends=True)
     general = _write_jsonl(data_dir / "prune_general.jsonl", general_lines)
 
-    pruned: dict[str, dict[str, Path]] = {score: {} for score in settings.scores}
+    pruned: dict[str, dict[str, Path]] = {s: {} for s in settings.scores}
     per_score: dict[str, dict[str, Any]] = {}
     for score in settings.scores:
         rows = {}
@@ -143,7 +144,7 @@ def prune_rows(ctx: Context, models: dict[str, Path], merges: dict[str, dict]) -
             path = _prune(settings, models[f"ft:{task}"], score, domain[task], general,
                           work / score / task, ctx.seed)
             pruned[score][task] = path
-            rows[task] = _score(ctx, path, [task])
+            rows[task] = _scored(ctx, evaluate, path, [task])
         per_score[score] = _own_task_summary(rows, tasks)
         ctx.log(f"prune {score}: own-task mean {per_score[score]['mean']:.3f}")
 
@@ -156,10 +157,10 @@ def prune_rows(ctx: Context, models: dict[str, Path], merges: dict[str, dict]) -
                             for key in ("pruned_then_merged", "merged_then_pruned")}
         return result
     result["merged"]["pruned_then_merged"] = _guarded(lambda: _pruned_then_merged(
-        ctx, models, pruned["gaprune"], chosen["chosen"], work / "pruned_then_merged"))
+        ctx, evaluate, models, pruned["gaprune"], chosen["chosen"], work / "pruned_then_merged"))
     union = _write_jsonl(data_dir / "prune_domain_union.jsonl",
                          (e.text for e in interleave([ctx.splits[t].train for t in tasks])))
-    result["merged"]["merged_then_pruned"] = _guarded(lambda: _score(ctx, _prune(
+    result["merged"]["merged_then_pruned"] = _guarded(lambda: _scored(ctx, evaluate, _prune(
         settings, Path(chosen["path"]), "gaprune", union, general, work / "merged_then_pruned", ctx.seed), tasks))
     for key, row in result["merged"].items():
         ctx.log(f"{key}: {row['status']} {row.get('mean', '')}")
@@ -176,14 +177,14 @@ def _own_task_summary(rows: dict[str, dict[str, Any]], tasks: list[str]) -> dict
     }
 
 
-def _pruned_then_merged(ctx: Context, models: dict[str, Path], masks: dict[str, Path], chosen: dict[str, Any],
-                        out: Path) -> dict[str, Any]:
+def _pruned_then_merged(ctx: Context, evaluate: Evaluator, models: dict[str, Path], masks: dict[str, Path],
+                        chosen: dict[str, Any], out: Path) -> dict[str, Any]:
     tasks = list(ctx.profile.tasks)
     config = merge_config(MERGE_METHOD, models["base"], [models[f"ft:{t}"] for t in tasks],
                           chosen["parameters"], chosen["model_parameters"], None)
     for entry, task in zip(config["models"], tasks):
         entry["parameters"]["mask"] = str(masks[task] / "masks.safetensors")
-    return _score(ctx, run_merge(config, out, ctx.seed), tasks)
+    return _scored(ctx, evaluate, run_merge(config, out, ctx.seed), tasks)
 
 
 def _guarded(build) -> dict[str, Any]:

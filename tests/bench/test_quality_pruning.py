@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bench.quality.merging import merge_config, run_merge
 from bench.quality.model import ModelShape, new_model
-from bench.quality.pipeline import Context, prepare_data
+from bench.quality.pipeline import Context, prepare_data, score
 from bench.quality.profiles import QUICK
-from bench.quality.pruning import SETTINGS, interleave, mlp_zero_fraction, prune_rows, pruning_table
+from bench.quality.pruning import MERGE_METHOD, SETTINGS, interleave, mlp_zero_fraction, prune_rows, pruning_table
 from bench.quality.tasks import Example
 from bench.quality.tokenizer import save_hf_tokenizer
 from bench.quality.training import TrainSettings
@@ -62,7 +63,7 @@ def pruned(tmp_path_factory):
                           chosen["parameters"], chosen["model_parameters"], None)
     merged = run_merge(config, tmp_path / "merged", 0)
     merges = {"task_arithmetic": {"status": "ok", "chosen": chosen, "path": str(merged)}}
-    return ctx, models, prune_rows(ctx, models, merges)
+    return ctx, models, prune_rows(ctx, models, merges, score)
 
 
 def test_every_score_prunes_each_finetune_to_half_its_mlp_weights(pruned):
@@ -91,22 +92,22 @@ def test_merged_rows_score_every_task_and_only_merged_then_pruned_is_sparse(prun
     assert first["mlp_sparsity"] < 0.01
 
 
-def test_pruned_then_merged_applies_each_models_mask(pruned, tmp_path):
+def test_pruned_then_merged_differs_from_the_unmasked_merge(pruned, tmp_path):
     ctx, models, _ = pruned
-    from safetensors.torch import load_file
-
-    from bench.quality.pruning import MERGE_METHOD
-
     config = merge_config(MERGE_METHOD, models["base"], [models[f"ft:{t}"] for t in TINY.tasks],
                           {"lambda": 0.5}, {"weight": 1.0}, None)
     unmasked = run_merge(config, tmp_path / "unmasked", 0)
+    masked = ctx.out_dir / "pruning" / "pruned_then_merged"
     name = "model.layers.0.mlp.up_proj.weight"
-    masked_path = ctx.out_dir / "pruning" / "pruned_then_merged"
+    assert not torch.equal(_tensor(masked, name), _tensor(unmasked, name))
 
-    def tensor(directory):
-        return next(load_file(str(p))[name] for p in directory.glob("model*.safetensors") if name in load_file(str(p)))
 
-    assert not torch.equal(tensor(masked_path), tensor(unmasked))
+def _tensor(checkpoint, name):
+    for shard in checkpoint.glob("model*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            if name in f.keys():
+                return f.get_tensor(name)
+    raise KeyError(name)
 
 
 def test_table_lists_every_row(pruned):
@@ -123,7 +124,7 @@ def test_table_lists_every_row(pruned):
 def test_merged_rows_are_skipped_without_a_task_arithmetic_merge(tmp_path, monkeypatch):
     ctx, models = _context(tmp_path)
     monkeypatch.setitem(SETTINGS, "quick", dataclasses.replace(SETTINGS["quick"], scores=("magnitude",)))
-    section = prune_rows(ctx, models, {"task_arithmetic": {"status": "failed", "message": "boom"}})
+    section = prune_rows(ctx, models, {"task_arithmetic": {"status": "failed", "message": "boom"}}, score)
     assert {row["status"] for row in section["merged"].values()} == {"skipped"}
     assert "skipped" in pruning_table({"tasks": {t: "" for t in TINY.tasks}, "pruning": section, "models": {
         f"ft:{t}": {"accuracy": {t: 0.0}, "general": {"next_char_accuracy": 0.1}} for t in TINY.tasks}})
