@@ -55,8 +55,20 @@ def _build_parser() -> argparse.ArgumentParser:
 
     prune = add_prune_parser(commands)
 
+    continual = commands.add_parser("continual", help="merge fine-tunes that arrive in sequence, after each one (RECALL by default)")
+    continual.add_argument("out", type=Path, help="output folder: one merged model per step (step-01, step-02, ...)")
+    continual.add_argument("checkpoints", type=Path, nargs="+", help="the fine-tunes, in training order")
+    continual.add_argument("--method", default="recall", help="merge method for every step [default: recall]")
+    continual.add_argument("--base", type=Path, default=None, help="base model (task-vector methods need one)")
+    continual.add_argument("--samples", type=Path, nargs="+", default=None, help="one samples file per checkpoint (the new task's data; RECALL needs them)")
+    continual.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter for every step, e.g. temperature=0.5 (repeatable)")
+    continual.add_argument("--model-param", action="append", default=[], metavar="KEY=VALUE", help="parameter of every model entry, e.g. weight=0.5 (repeatable)")
+    continual.add_argument("--dtype", default=None, help="output dtype (float32, float16, bfloat16)")
+    _add_merge_options(continual)
+    continual.set_defaults(handler=_cmd_continual)
+
     for arg in ("-v", "--verbose"):
-        for sub in (run, plan, demo, prune):
+        for sub in (run, plan, demo, prune, continual):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -84,6 +96,47 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from .engine import prepare_plan
 
     print(prepare_plan(args.config, allow_pickle=args.allow_pickle).summary())
+
+
+def _key_values(items: Sequence[str], flag: str) -> dict:
+    """`KEY=VALUE` flags; values are read as YAML scalars (0.5 -> float, true -> bool)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
+
+
+def _cmd_continual(args: argparse.Namespace) -> None:
+    from .continual import run_continual
+
+    steps = run_continual(
+        args.checkpoints,
+        args.out,
+        method=args.method,
+        base=args.base,
+        params=_key_values(args.param, "--param"),
+        model_params=_key_values(args.model_param, "--model-param"),
+        samples=[str(p) for p in args.samples] if args.samples else None,
+        dtype=args.dtype,
+        device=args.device,
+        out_shard_size=args.out_shard_size,
+        seed=args.seed,
+        threads=args.threads,
+        allow_pickle=args.allow_pickle,
+        copy_tokenizer=args.copy_tokenizer,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        backend=args.backend,
+    )
+    for step in steps:
+        print(step)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ import sys
 import torch
 
 from _support import load_dir, write_config
+from fastmerge import merge_tensors as fastmerge_merge
 from fastmerge.cli import main, mergekit_yaml_main
 
 
@@ -67,3 +68,26 @@ def test_demo_builds_and_merges(tmp_path):
     base = load_dir(tmp_path / "demo" / "models" / "base")
     assert tensors.keys() == base.keys()
     assert not torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_continual_merges_after_each_step(tiny_models, tmp_path, capsys):
+    out = tmp_path / "steps"
+    code = main([
+        "continual", str(out), str(tiny_models["ft1"]), str(tiny_models["ft2"]), str(tiny_models["ft3"]),
+        "--method", "task_arithmetic", "--base", str(tiny_models["base"]), "--model-param", "weight=0.5", "--quiet",
+    ])
+    assert code == 0, capsys.readouterr().err
+    steps = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(steps) == 3
+    base = load_dir(tiny_models["base"])
+    ft3 = load_dir(tiny_models["ft3"])
+    previous = load_dir(tmp_path / steps[1])
+    last = load_dir(tmp_path / steps[2])
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = fastmerge_merge("task_arithmetic", [previous[name], ft3[name]], base=base[name], weight=0.5)
+    assert torch.equal(last[name], expected)
+
+
+def test_continual_bad_param_exits_2(tiny_models, tmp_path, capsys):
+    code = main(["continual", str(tmp_path / "o"), str(tiny_models["ft1"]), "--method", "linear", "--param", "novalue", "--quiet"])
+    assert code == 2 and "KEY=VALUE" in capsys.readouterr().err
