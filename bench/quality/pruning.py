@@ -156,6 +156,7 @@ def prune_rows(ctx: Context, models: dict[str, Path], merges: dict[str, dict],
         result["merged"] = {key: {"status": "skipped", "message": message}
                             for key in ("pruned_then_merged", "merged_then_pruned")}
         return result
+    result["merge_point"] = chosen["chosen"]
     result["merged"]["pruned_then_merged"] = _guarded(lambda: _pruned_then_merged(
         ctx, evaluate, models, pruned["gaprune"], chosen["chosen"], work / "pruned_then_merged"))
     union = _write_jsonl(data_dir / "prune_domain_union.jsonl",
@@ -201,6 +202,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _merge_point(section: dict[str, Any]) -> str:
+    point = section.get("merge_point")
+    if point is None:
+        return "no successful merge"
+    return ", ".join(f"{k}={v}" for k, v in {**point["model_parameters"], **point["parameters"]}.items())
+
+
 def pruning_table(results: dict[str, Any]) -> str:
     """The markdown section for `results["pruning"]`: one row per score, then the merged rows."""
     section = results["pruning"]
@@ -212,7 +220,8 @@ def pruning_table(results: dict[str, Any]) -> str:
         "",
         "Fine-tune rows: each `ft:<task>` pruned, scored on its own task's test split (%); general "
         "next-char and MLP sparsity are means over the fine-tunes. Merged rows: "
-        f"{MERGE_METHOD} with the hyper-parameters chosen above, scored on every task.",
+        f"{MERGE_METHOD} ({_merge_point(section)}, chosen on validation above), scored on every task; "
+        "`MLP zeros` is measured on the scored checkpoint.",
         "",
         "| model | " + " | ".join(tasks) + " | mean | general next-char | MLP zeros |",
         "|---" * (len(tasks) + 4) + "|",

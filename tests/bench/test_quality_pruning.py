@@ -119,6 +119,7 @@ def test_table_lists_every_row(pruned):
     for label in ("fine-tunes, unpruned", *(f"fine-tunes, {s}" for s in section["finetunes"]),
                   "gaprune, then merged", "merged, then gaprune"):
         assert f"| {label} |" in table
+    assert "weight=1.0, lambda=0.5" in table  # the merge point the merged rows reused
 
 
 def test_merged_rows_are_skipped_without_a_task_arithmetic_merge(tmp_path, monkeypatch):
