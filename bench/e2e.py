@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = spec_from_args(args)
     label = "custom" if args.custom else args.preset
     models = generate(args.work / label, spec)
-    print(f"models: {models.directory} ({'reused' if models.reused else f'generated in {models.seconds:.1f} s'})")
+    print(f"models: {models.directory} ({'reused' if models.reused else f'generated in {models.seconds:.1f} s'})", flush=True)
     with_mergekit = args.mergekit and MERGEKIT_YAML.exists()
     registered = set(method_names())
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -317,7 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     skipped = [m for m in wanted if m not in registered]
     if skipped:
         print(f"skipping methods fastmerge has not registered: {', '.join(skipped)}")
-    results = [bench_method(m, models, args.work, with_mergekit) for m in wanted if m in registered]
+    results = []
+    for method in (m for m in wanted if m in registered):
+        results.append(bench_method(method, models, args.work, with_mergekit))
+        row = results[-1].row()
+        mergekit = f", mergekit {row['mergekit_s']:.1f} s {row['mergekit_peak_rss_gb']:.2f} GB" if "mergekit_s" in row else ""
+        print(f"  {method}: fastmerge {row['fastmerge_s']:.1f} s {row['fastmerge_peak_rss_gb']:.2f} GB{mergekit}, "
+              f"roofline {row['roofline_s']:.1f} s", flush=True)
     rows = [r.row() for r in results]
     print_table(rows)
     report = {
