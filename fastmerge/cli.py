@@ -73,21 +73,28 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _merge_options(args: argparse.Namespace) -> dict:
+    """The `fastmerge.run` keyword options that _add_merge_options defines."""
+    return {
+        "device": args.device,
+        "out_shard_size": args.out_shard_size,
+        "seed": args.seed,
+        "threads": args.threads,
+        "allow_pickle": args.allow_pickle,
+        "copy_tokenizer": args.copy_tokenizer,
+        "overwrite": args.overwrite,
+        "quiet": args.quiet,
+        "backend": args.backend,
+    }
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from .engine import run
 
     report = run(
         args.config,
         args.out,
-        device=args.device,
-        out_shard_size=args.out_shard_size,
-        seed=args.seed,
-        threads=args.threads,
-        allow_pickle=args.allow_pickle,
-        copy_tokenizer=args.copy_tokenizer,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-        backend=args.backend,
+        **_merge_options(args),
     )
     print(report)
 
@@ -125,15 +132,7 @@ def _cmd_continual(args: argparse.Namespace) -> None:
         model_params=_key_values(args.model_param, "--model-param"),
         samples=[str(p) for p in args.samples] if args.samples else None,
         dtype=args.dtype,
-        device=args.device,
-        out_shard_size=args.out_shard_size,
-        seed=args.seed,
-        threads=args.threads,
-        allow_pickle=args.allow_pickle,
-        copy_tokenizer=args.copy_tokenizer,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-        backend=args.backend,
+        **_merge_options(args),
     )
     for step in steps:
         print(step)
