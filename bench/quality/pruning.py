@@ -32,6 +32,7 @@ from safetensors import safe_open
 
 from fastmerge.errors import FastmergeError
 from fastmerge.pruning import prune
+from fastmerge.pruning.mask_file import FILE_NAME as MASK_FILE
 
 from .merging import merge_config, run_merge
 from .tasks import Example, general_text
@@ -91,7 +92,7 @@ def mlp_zero_fraction(checkpoint: Path) -> float:
     """Fraction of exactly-zero entries over the checkpoint's MLP weight tensors."""
     zeros = total = 0
     for shard in sorted(Path(checkpoint).glob("*.safetensors")):
-        if shard.name == "masks.safetensors":
+        if shard.name == MASK_FILE:
             continue
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
@@ -184,7 +185,7 @@ def _pruned_then_merged(ctx: Context, evaluate: Evaluator, models: dict[str, Pat
     config = merge_config(MERGE_METHOD, models["base"], [models[f"ft:{t}"] for t in tasks],
                           chosen["parameters"], chosen["model_parameters"], None)
     for entry, task in zip(config["models"], tasks):
-        entry["parameters"]["mask"] = str(masks[task] / "masks.safetensors")
+        entry["parameters"]["mask"] = str(masks[task] / MASK_FILE)
     return _scored(ctx, evaluate, run_merge(config, out, ctx.seed), tasks)
 
 
