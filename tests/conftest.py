@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# The benchmarks (bench/, not installed) are imported by their tests. Appending the repository
+# root, rather than prepending it, keeps the installed fastmerge ahead of the source tree.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from _support import TINY
 from fastmerge.demo import fine_tune_of, make_state, write_checkpoint
