@@ -67,8 +67,15 @@ def _two_numbers(rng: random.Random) -> str:
 
 
 def _add(raw: str) -> str:
+    """The sum as four digits, least significant first (zero-padded: 123+456 -> "9750").
+
+    Written the way the sum is computed, each answer digit depends only on the input digits at
+    its own place and the carry from the digit just emitted, and sits at a fixed offset from
+    them. With the usual most-significant-first answer the first digit needs every carry
+    before it is written; the full-profile model did not learn that in 400 steps (1%).
+    """
     left, right = raw.split("+")
-    return str(int(left) + int(right))
+    return f"{int(left) + int(right):04d}"[::-1]
 
 
 def _shift(raw: str, by: int = 3) -> str:
@@ -92,7 +99,7 @@ TASKS: dict[str, Task] = {
              lambda rng: _word(rng), lambda s: s[::-1], WORD),
         Task("sort", "srt", "sort the letters of a 5-letter string (letters a-j)",
              lambda rng: _word(rng), lambda s: "".join(sorted(s)), WORD),
-        Task("add", "add", "add two 3-digit numbers",
+        Task("add", "add", "add two 3-digit numbers (4-digit sum, least significant digit first)",
              _two_numbers, _add, 4),
         Task("shift", "shf", "shift each letter 3 places forward (a-j -> d-m)",
              lambda rng: _word(rng), _shift, WORD),
@@ -137,12 +144,21 @@ def make_splits(task: Task, n_train: int, n_val: int, n_test: int, seed: int) ->
 
 
 # --- the general stream -------------------------------------------------------------------------
-# Pre-training data for the base model and the yardstick for retention. It teaches the prompt
-# format through a copy task (``cpy:x=x``) over the same input kinds the tasks use, plus
-# pseudo-English words from a fixed random bigram chain, but never any task's answer, so the base
-# knows the format and the alphabet and still scores low on every task.
+# Pre-training data for the base model and the yardstick for retention: pseudo-English words
+# from a fixed random chain, and operation lines in the prompt format over the same input kinds
+# the tasks use: a copy (``cpy:x=x``) and each task's string operation under a *different* tag
+# (``SKILL_TAGS``). So the base, like a pre-trained LLM, already has the skills, but it has
+# never seen a task's prompt and scores low on every task; a fine-tune has to learn which skill
+# the task's tag asks for, a small move away from the base. That is the regime merging methods
+# are built for. Without the skills in pre-training each fine-tune had to learn its operation
+# from scratch, moved far from the base, and no merge of five such fine-tunes kept more than one
+# task.
 
 _VOWELS = "aeiou"
+SKILL_TAGS = {"reverse": "flp", "sort": "ord", "add": "sum", "shift": "rot", "count": "num"}
+COPY_TAG = "cpy"
+# Share of general lines that are operation lines (the rest are pseudo-words).
+OPERATION_SHARE = 0.8
 
 
 def _pseudo_word(rng: random.Random) -> str:
@@ -153,10 +169,14 @@ def _pseudo_word(rng: random.Random) -> str:
 
 
 def _general_line(rng: random.Random) -> str:
-    kind = rng.random()
-    if kind < 0.8:
-        raw = _word(rng) if rng.random() < 0.6 else _two_numbers(rng)
-        return f"cpy:{raw}={raw}{ANSWER_END}"
+    if rng.random() < OPERATION_SHARE:
+        skill = rng.choice([COPY_TAG, *SKILL_TAGS])
+        if skill == COPY_TAG:
+            raw = _word(rng) if rng.random() < 0.6 else _two_numbers(rng)
+            return f"{COPY_TAG}:{raw}={raw}{ANSWER_END}"
+        task = TASKS[skill]
+        raw = task.sample_input(rng)
+        return f"{SKILL_TAGS[skill]}:{raw}={task.solve(raw)}{ANSWER_END}"
     words = " ".join(_pseudo_word(rng) for _ in range(rng.randint(3, 8)))
     return words + ANSWER_END
 

@@ -9,7 +9,7 @@ import pytest
 
 from bench.quality.cache import cached_checkpoint, recipe_key
 from bench.quality.scoring import continual_summary, exact_match_accuracy
-from bench.quality.tasks import ALPHABET, TASKS, general_text, make_splits
+from bench.quality.tasks import ALPHABET, SKILL_TAGS, TASKS, general_text, make_splits
 from bench.quality.tokenizer import decode, encode, save_hf_tokenizer
 
 
@@ -20,8 +20,8 @@ def _check_answer(task: str, raw: str, answer: str) -> bool:
     if task == "sort":
         return Counter(answer) == Counter(raw) and all(a <= b for a, b in zip(answer, answer[1:]))
     if task == "add":
-        left, right = raw.split("+")
-        return int(answer) - int(left) == int(right) and not answer.startswith("0")
+        left, right = raw.split("+")  # four digits, least significant first
+        return len(answer) == 4 and answer.isdigit() and int(answer[::-1]) - int(left) == int(right)
     if task == "shift":
         return len(answer) == len(raw) and all(ord(a) - ord(r) == 3 for a, r in zip(answer, raw))
     if task == "count":
@@ -61,13 +61,20 @@ def test_tasks_disagree_on_the_same_input():
     assert len(set(answers.values())) == 3
 
 
-def test_general_stream_is_deterministic_and_never_shows_task_answers():
+def test_general_stream_is_deterministic_and_never_shows_task_prompts():
     text = general_text(500, seed=0, split="train")
     assert text == general_text(500, seed=0, split="train")
     assert text != general_text(500, seed=0, split="eval")
     assert set(text) <= set(ALPHABET)
     tags = {t.tag + ":" for t in TASKS.values()}
     assert not any(line[:4] in tags for line in text.splitlines())
+    # Every task's skill appears, under its own skill tag, with correct answers.
+    for name, skill in SKILL_TAGS.items():
+        lines = [line for line in text.splitlines() if line.startswith(skill + ":")]
+        assert len(lines) > 20, name
+        for line in lines:
+            raw, answer = line[len(skill) + 1 :].split("=")
+            assert _check_answer(name, raw, answer), line
 
 
 def test_tokenizer_round_trip_and_hf_agreement(tmp_path):
@@ -132,3 +139,21 @@ def test_cache_leaves_nothing_behind_when_the_build_fails(tmp_path):
         cached_checkpoint(tmp_path, "m", {"a": 1}, broken)
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_finetune_replay_needs_the_general_stream_and_changes_the_weights():
+    import torch
+
+    from bench.quality.model import ModelShape, new_model
+    from bench.quality.training import TrainSettings, finetune
+
+    shape = ModelShape(hidden=16, layers=1, heads=2, intermediate=32)
+    examples = make_splits(TASKS["reverse"], 20, 1, 1, seed=0).train
+    settings = TrainSettings(steps=2, batch=4, lr=1e-2, window=16, replay_batch=2)
+    with pytest.raises(ValueError, match="replay_batch=2"):
+        finetune(new_model(shape, 0), examples, settings, seed=0)
+    text = general_text(50, seed=0, split="train")
+    plain, replayed = new_model(shape, 0), new_model(shape, 0)
+    finetune(plain, examples, TrainSettings(steps=2, batch=4, lr=1e-2, window=16), seed=0)
+    finetune(replayed, examples, settings, seed=0, replay_text=text)
+    assert not torch.equal(plain.lm_head.weight, replayed.lm_head.weight)
