@@ -109,15 +109,17 @@ def train_base(ctx: Context) -> tuple[Path, dict]:
 
 
 def train_finetune(ctx: Context, parent: tuple[Path, dict], task: str, label: str) -> tuple[Path, dict]:
-    """Full fine-tune of the parent checkpoint on `task`'s training split."""
+    """Full fine-tune of the parent checkpoint on `task`'s training split, replaying the
+    pre-training stream when the profile asks for it."""
     p = ctx.profile
+    replay = general_text(p.general_train_lines, ctx.seed, "train") if p.finetune.replay_batch else ""
     data = "".join(e.text for e in ctx.splits[task].train)
     recipe = {"kind": "finetune", "parent": parent[1], "task": task, "train": p.finetune.to_dict(),
-              "data": _fingerprint(data), "seed": ctx.seed}
+              "data": _fingerprint(data + replay), "seed": ctx.seed}
 
     def build(directory: Path) -> None:
         model = load_model(parent[0])
-        _save(model, directory, finetune(model, ctx.splits[task].train, p.finetune, ctx.seed))
+        _save(model, directory, finetune(model, ctx.splits[task].train, p.finetune, ctx.seed, replay))
 
     path, built = cached_checkpoint(ctx.cache_dir, label, recipe, build)
     ctx.log(f"{label}: {'trained' if built else 'cached'} {path}")
