@@ -56,8 +56,10 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
 
 void philox_fill(uintptr_t out, uint64_t key, int64_t offset, int64_t n) {
   float* o = reinterpret_cast<float*>(out);
+  const int64_t blocks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) o[i] = philox_uniform(key, uint64_t(offset + i));
+  for (int64_t c = 0; c < blocks; ++c)
+    philox_uniform_block(key, uint64_t(offset + c * kChunk), std::min(kChunk, n - c * kChunk), o + c * kChunk);
 }
 
 }  // namespace fastmerge

@@ -4,6 +4,10 @@
 #pragma once
 #include <cstdint>
 
+#if !defined(__CUDACC__) && defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #if defined(__CUDACC__)
 #define FASTMERGE_HD __host__ __device__ __forceinline__
 #else
@@ -36,10 +40,86 @@ FASTMERGE_HD uint32_t philox_u32(uint64_t key, uint64_t offset) {
 }
 
 // Triton's uint -> [0, 1) conversion: read as int32, invert negatives, fp32 multiply.
-FASTMERGE_HD float philox_uniform(uint64_t key, uint64_t offset) {
-  int32_t v = int32_t(philox_u32(key, offset));
+FASTMERGE_HD float philox_to_uniform(uint32_t bits) {
+  int32_t v = int32_t(bits);
   if (v < 0) v = ~v;
   return float(v) * 4.6566127342e-10f;
 }
+
+FASTMERGE_HD float philox_uniform(uint64_t key, uint64_t offset) { return philox_to_uniform(philox_u32(key, offset)); }
+
+#if !defined(__CUDACC__)
+// Vector Philox for the CPU kernels: one counter per 64-bit lane, so a round's 32x32->64
+// multiplies are single vpmuludq instructions (they read the low 32 bits of each lane; the high
+// bits may hold anything and are never used). One counter's 10 rounds are a serial chain of
+// multiplies; running 8 (AVX-512) or 4 (AVX2) counters per vector, kPhiloxUnroll vectors at a
+// time, keeps the multipliers busy. Without AVX2 the scalar form is used.
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+struct PhiloxSimd {
+  using V = __m512i;
+  static constexpr int kLanes = 8;
+  static V set1(uint64_t v) { return _mm512_set1_epi64(int64_t(v)); }
+  static V counters(uint64_t first) { return _mm512_add_epi64(set1(first), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static V mul(V a, V b) { return _mm512_mul_epu32(a, b); }
+  static V high(V a) { return _mm512_srli_epi64(a, 32); }
+  static V xor3(V a, V b, V c) { return _mm512_xor_si512(_mm512_xor_si512(a, b), c); }
+  // philox_to_uniform of each lane's low 32 bits into out[0 .. kLanes).
+  static void store_uniform(V c, float* out) {
+    __m256i v = _mm512_cvtepi64_epi32(c);
+    v = _mm256_xor_si256(v, _mm256_srai_epi32(v, 31));  // negative -> ~v
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(4.6566127342e-10f)));
+  }
+};
+#elif defined(__AVX2__)
+struct PhiloxSimd {
+  using V = __m256i;
+  static constexpr int kLanes = 4;
+  static V set1(uint64_t v) { return _mm256_set1_epi64x(int64_t(v)); }
+  static V counters(uint64_t first) { return _mm256_add_epi64(set1(first), _mm256_setr_epi64x(0, 1, 2, 3)); }
+  static V mul(V a, V b) { return _mm256_mul_epu32(a, b); }
+  static V high(V a) { return _mm256_srli_epi64(a, 32); }
+  static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+  static void store_uniform(V c, float* out) {
+    __m128i v = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
+    v = _mm_xor_si128(v, _mm_srai_epi32(v, 31));
+    _mm_storeu_ps(out, _mm_mul_ps(_mm_cvtepi32_ps(v), _mm_set1_ps(4.6566127342e-10f)));
+  }
+};
+#endif
+
+// out[i] = philox_uniform(key, offset + i) for i < n: the same values as the scalar form.
+inline void philox_uniform_block(uint64_t key, uint64_t offset, int64_t n, float* __restrict out) {
+  int64_t s = 0;
+#if defined(__AVX2__)
+  using S = PhiloxSimd;
+  constexpr int kUnroll = 4;
+  constexpr int64_t kStep = S::kLanes * kUnroll;
+  const S::V round_a = S::set1(kPhiloxRoundA), round_b = S::set1(kPhiloxRoundB);
+  for (; s + kStep <= n; s += kStep) {
+    S::V c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) {
+      c0[u] = S::counters(offset + uint64_t(s + u * S::kLanes));  // low word in the low 32 bits
+      c1[u] = S::high(c0[u]);
+      c2[u] = c3[u] = S::set1(0);
+    }
+    uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const S::V key0 = S::set1(k0), key1 = S::set1(k1);
+      for (int u = 0; u < kUnroll; ++u) {
+        const S::V pb = S::mul(c2[u], round_b), pa = S::mul(c0[u], round_a);
+        c0[u] = S::xor3(S::high(pb), c1[u], key0);
+        c2[u] = S::xor3(S::high(pa), c3[u], key1);
+        c1[u] = pb;
+        c3[u] = pa;
+      }
+      k0 += kPhiloxKeyA;
+      k1 += kPhiloxKeyB;
+    }
+    for (int u = 0; u < kUnroll; ++u) S::store_uniform(c0[u], out + s + u * S::kLanes);
+  }
+#endif
+  for (; s < n; ++s) out[s] = philox_uniform(key, offset + uint64_t(s));
+}
+#endif
 
 }  // namespace fastmerge

@@ -56,11 +56,19 @@ struct Selector {
           d[j] = keep ? d[j] * scale : 0.f;
         }
         return;
-      case RANDOM:
+      case RANDOM: {
+        // Draws a block at a time with the vector Philox, then one vectorised select.
+        constexpr int64_t kDraws = 512;
+        float u[kDraws];
+        for (int64_t s = 0; s < len; s += kDraws) {
+          const int64_t m = len - s < kDraws ? len - s : kDraws;
+          philox_uniform_block(key, uint64_t(off + s), m, u);
+          float* __restrict ds = d + s;
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j)
-          d[j] = philox_uniform(key, uint64_t(off + j)) < density ? d[j] * scale : 0.f;
+          for (int64_t j = 0; j < m; ++j) ds[j] = u[j] < density ? ds[j] * scale : 0.f;
+        }
         return;
+      }
       case MASKED:
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) d[j] = keep[off + j] ? d[j] * scale : 0.f;
