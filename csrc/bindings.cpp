@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include "blend.h"
+#include "dot.h"
 #include "mask.h"
 #include "rbf.h"
 #include "selection.h"
@@ -25,6 +26,10 @@ PYBIND11_MODULE(_native, m) {
         "Weighted blend over raw pointers; see csrc/blend.h.", py::arg("inputs"), py::arg("input_dtypes"),
         py::arg("weights"), py::arg("base"), py::arg("base_dtype"), py::arg("lam"), py::arg("out"),
         py::arg("out_dtype"), py::arg("n"));
+  m.def("gram", &fastmerge::gram, py::call_guard<py::gil_scoped_release>(),
+        "fp64 Gram matrix of K (base-subtracted) fibred vectors; see csrc/dot.h.", py::arg("inputs"),
+        py::arg("input_dtypes"), py::arg("base"), py::arg("base_dtype"), py::arg("outer"), py::arg("length"),
+        py::arg("inner"), py::arg("out"));
   // Masks (csrc/mask.h).
   m.def("apply_mask", &fastmerge::apply_mask, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
         py::arg("dtype"), py::arg("mask"), py::arg("packed"), py::arg("scale"), py::arg("out"), py::arg("n"));

@@ -3,8 +3,8 @@
 Every method here (slerp, nuslerp, multislerp, karcher, model_stock) produces its output as a
 linear combination of its inputs whose coefficients depend only on inner products between them.
 So each one is two passes over the data: `gram` (all pairwise dot products, fp64 accumulation
-as DESIGN.md asks for whole-tensor dot products, in bounded-size chunks so no full fp64 copy of
-a tensor is ever made), then a tiny fp64 computation on K x K numbers, then `mix` (one fused
+as DESIGN.md asks for whole-tensor dot products, `ops.dot.gram`: no copy of an input is ever
+made), then a tiny fp64 computation on K x K numbers, then `mix` (one fused
 weighted sum with the blend kernel's arithmetic).
 
 Vectors can be whole tensors (`dim=None`) or the fibres of a tensor along one dimension
@@ -16,15 +16,14 @@ numbers.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 
 from .. import ops
-
-# Elements per fp64 scratch block in `gram` (per input): 8 MiB each.
-_CHUNK_ELEMENTS = 1 << 20
-
+from ..ops import dot
+from ..ops._dispatch import available_backends
 
 def fibres(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     """`x` as a [R, D] matrix whose rows are the vectors: one row (the flattened tensor) when
@@ -42,31 +41,24 @@ def unfibre(rows: torch.Tensor, like: torch.Tensor, dim: int | None) -> torch.Te
     return rows.reshape(like.movedim(dim, -1).shape).movedim(-1, dim)
 
 
-def _vector_rows(x: torch.Tensor, base: torch.Tensor | None, dim: int | None) -> torch.Tensor:
-    """Rows of x (or of the fp32 task vector x - base)."""
-    if base is None:
-        return fibres(x, dim)
-    return fibres(x.float() - base.float(), dim)
-
-
-def gram(vectors: Sequence[torch.Tensor], base: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
+def gram(
+    vectors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    dim: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """fp64 inner products G[i, j, r] = <v_i, v_j> of fibre r, where v_i is vectors[i] (or the
     task vector vectors[i] - base). Shape [K, K, R]; R = 1 for whole tensors.
 
-    The sum runs over fixed-size blocks in a fixed order, so the result does not depend on the
-    visiting order of tensors; blocks bound the fp64 scratch to K x 1 Mi elements.
+    `ops.dot.gram` does the work (fused native kernel on CPU: inputs read once, no tensor-sized
+    copies, fixed summation order). `backend` is the run's backend: one gram has no kernel for
+    (triton, cuda) falls back to gram's own default for the device.
     """
-    rows = [_vector_rows(v, base, dim) for v in vectors]
-    count, (n_rows, length) = len(rows), rows[0].shape
-    result = torch.zeros((count, count, n_rows), dtype=torch.float64, device=rows[0].device)
-    rows_per_block = max(1, _CHUNK_ELEMENTS // max(1, length))
-    cols_per_block = _CHUNK_ELEMENTS
-    for r0 in range(0, n_rows, rows_per_block):
-        r1 = min(n_rows, r0 + rows_per_block)
-        for c0 in range(0, length, cols_per_block):
-            block = torch.stack([r[r0:r1, c0 : c0 + cols_per_block].double() for r in rows])
-            result[:, :, r0:r1] += torch.einsum("ird,jrd->ijr", block, block)
-    return result
+    requested = backend or os.environ.get("FASTMERGE_BACKEND")
+    if requested not in dot.SUPPORTED_BACKENDS:
+        on_cpu = not vectors[0].is_cuda
+        requested = "native" if on_cpu and "native" in available_backends() else "reference"
+    return dot.gram(vectors, base=base, dim=dim, backend=requested)
 
 
 def norms(g: torch.Tensor) -> torch.Tensor:
