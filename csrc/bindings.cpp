@@ -67,14 +67,14 @@ PYBIND11_MODULE(_native, m) {
   m.def(
       "kept_l1",
       [](uintptr_t x, int x_dtype, uintptr_t base, int base_dtype, int64_t n, int mode, uint32_t t_hi, int64_t cut_hi,
-         uint32_t t_lo, int64_t cut_lo, uint64_t key, float density, uintptr_t mask) {
+         uint32_t t_lo, int64_t cut_lo, uint64_t key, float density, uintptr_t mask, uintptr_t keep_out) {
         auto sel = fastmerge::make_selectors({mode}, {t_hi}, {cut_hi}, {t_lo}, {cut_lo}, {key}, {density}, {mask});
         py::gil_scoped_release release;
-        return fastmerge::kept_l1(x, x_dtype, base, base_dtype, n, sel[0]);
+        return fastmerge::kept_l1(x, x_dtype, base, base_dtype, n, sel[0], keep_out);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("mode"),
       py::arg("t_hi"), py::arg("cut_hi"), py::arg("t_lo"), py::arg("cut_lo"), py::arg("key"), py::arg("density"),
-      py::arg("mask"));
+      py::arg("mask"), py::arg("keep_out") = 0);
   m.def("della_mask", &fastmerge::della_mask, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
         py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("outer"), py::arg("row_len"),
         py::arg("inner"), py::arg("density"), py::arg("epsilon"), py::arg("key"), py::arg("mask"));

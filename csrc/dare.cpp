@@ -16,11 +16,12 @@
 namespace fastmerge {
 
 std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n,
-                                  const Selector& selector) {
+                                  const Selector& selector, uintptr_t keep_out) {
   check_input_dtype(x_dtype);
   if (b) check_input_dtype(b_dtype);
   const void* xp = reinterpret_cast<const void*>(x);
   const void* bp = reinterpret_cast<const void*>(b);
+  uint8_t* keep = reinterpret_cast<uint8_t*>(keep_out);
   std::vector<double> all(kL1Lanes, 0.0), kept(kL1Lanes, 0.0);
   const int64_t lane_blocks = kL1Lanes / kChunk;
   // A thread owns whole blocks of kChunk lanes and walks their rows in order, so each lane's
@@ -43,6 +44,12 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
         selector.apply(scratch.data(), off, len, 1.f);
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) kept_acc[j] += std::fabs(double(scratch[j]));
+        if (keep) {
+          // A kept zero and a dropped element both contribute 0 to every later step, so
+          // "value survived as nonzero" is a faithful keep mask (NaN != 0 counts as kept).
+#pragma omp simd
+          for (int64_t j = 0; j < len; ++j) keep[off + j] = scratch[j] != 0.f;
+        }
       }
     }
   }

@@ -148,9 +148,11 @@ void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t 
                 const std::vector<int>& x_dtypes, const std::vector<float>& weights, const std::vector<float>& scales,
                 const std::vector<Selector>& selectors, bool consensus, bool normalize, float lam);
 
-// (sum |d|, sum over kept |d|) in fp64, in the fixed lane order of dare.cpp.
+// (sum |d|, sum over kept |d|) in fp64, in the fixed lane order of dare.cpp. With keep_out
+// (uint8[n], 0 = none) it also writes the selection as a mask, so a MASKED selector can replay it
+// in the merge without drawing the DARE randoms a second time.
 std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n,
-                                  const Selector& selector);
+                                  const Selector& selector, uintptr_t keep_out);
 
 // philox_uniform(key, offset + i) for i < n into an fp32 buffer (tests compare the draws).
 void philox_fill(uintptr_t out, uint64_t key, int64_t offset, int64_t n);

@@ -42,6 +42,7 @@ fp32; 1 when either sum is below 1e-7, as mergekit) or by 1/density ("inverse_de
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -242,16 +243,23 @@ def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, te
     return _della_selector(x, base, density, epsilon, key, name, sel_backend)
 
 
-def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) -> float:
-    """The fp32 factor applied to kept values (see the module docstring)."""
+def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) -> tuple[float, Selector]:
+    """The fp32 factor applied to kept values (see the module docstring), and the selector the
+    element pass should use: on the native backend a `random` selector comes back as the mask of
+    the values the L1 pass kept nonzero, so the Philox draws are made once per model, not twice.
+    That mask drops kept zeros, which is exact only while the factor is finite (0 * inf is NaN),
+    so an infinite or NaN factor keeps the draws."""
     if mode == "inverse_density":
-        return _f32(1.0 / density) if density > 0 else 1.0
+        return (_f32(1.0 / density) if density > 0 else 1.0), sel
+    replay = None
     if backend == "native":
         from .. import _native
 
+        replay = torch.empty(x.numel(), dtype=torch.bool) if sel.mode == RANDOM else None
         all_l1, kept_l1 = _native.kept_l1(
             x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), x.numel(),
-            sel.mode, sel.t_hi, sel.cut_hi, sel.t_lo, sel.cut_lo, sel.key, sel.density, _mask_ptr(sel))
+            sel.mode, sel.t_hi, sel.cut_hi, sel.t_lo, sel.cut_lo, sel.key, sel.density, _mask_ptr(sel),
+            replay.data_ptr() if replay is not None else 0)
     elif backend == "triton":
         from .triton_kernels.lane_l1 import kept_l1_lanes
 
@@ -259,9 +267,10 @@ def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) ->
     else:
         d = x.reshape(-1).float() - base.reshape(-1).float()
         all_l1, kept_l1 = lane_l1(d), lane_l1(torch.where(reference_keep(d, sel), d, 0.0))
-    if all_l1 < RESCALE_EPS or kept_l1 < RESCALE_EPS:
-        return 1.0
-    return _f32(all_l1 / kept_l1)
+    scale = 1.0 if all_l1 < RESCALE_EPS or kept_l1 < RESCALE_EPS else _f32(all_l1 / kept_l1)
+    if replay is not None and math.isfinite(scale):
+        sel = Selector(MASKED, keep=replay)
+    return scale, sel
 
 
 def _mask_ptr(sel: Selector) -> int:
@@ -399,7 +408,10 @@ def ties_merge(
     selectors, scales = [], []
     for i, (x, density, threshold) in enumerate(zip(inputs, densities, thresholds)):
         sel = _selector(i, x, base, density, threshold, sparsify, gammas[i], epsilons[i], seed, tensor_name, name)
+        scale = 1.0
+        if rescale:
+            scale, sel = _rescale(x, base, sel, density, rescale_mode, name)
         selectors.append(sel)
-        scales.append(_rescale(x, base, sel, density, rescale_mode, name) if rescale else 1.0)
+        scales.append(scale)
     weights = [_f32(w) for w in weights]
     return _PASSES[name](base, inputs, weights, scales, selectors, consensus, normalize, _f32(lam), out_dtype)

@@ -220,3 +220,24 @@ def test_fma_f32_rounds_once():
     c = torch.tensor([-(2**-47)], dtype=torch.float32)
     exact_above_midpoint = fma_f32(a, b, torch.tensor([1.0]) + c)
     assert exact_above_midpoint.item() == 1 + 2**-23
+
+
+@pytest.mark.parametrize("consensus", [True, False])
+def test_dare_rescale_mask_replay_keeps_zero_deltas_exact(backend, device, consensus, assert_same_bytes):
+    """The native L1 pass hands its selection to the merge as a mask (nonzero kept values): task
+    vectors full of exact zeros, -0 (x = -0, b = +0) and an inf must still merge byte for byte."""
+    gen = torch.Generator().manual_seed(11)
+    n = 5000
+    base = torch.randn(n, generator=gen)
+    base[:1000] = 0.0
+    xs = []
+    for i in range(3):
+        x = base + torch.randn(n, generator=gen) * 0.01
+        x[i * 700: i * 700 + 1500] = base[i * 700: i * 700 + 1500]  # d == 0 exactly
+        x[:300] = -0.0  # d = -0 - (+0) = -0
+        xs.append(x)
+    xs[1][4321] = float("inf")
+    kw = dict(weights=[0.6, -0.4, 0.8], densities=[0.3, 0.5, 0.7], sparsify="random", consensus=consensus,
+              normalize=False, rescale=True, seed=5, tensor_name="zeros")
+    expected = ties_merge(base, xs, backend="reference", **kw)
+    assert_same_bytes(ties_merge(base.to(device), [x.to(device) for x in xs], backend=backend, **kw), expected)
