@@ -145,21 +145,36 @@ def _threshold_from(bucket: int, above: int, fine: np.ndarray, k: int) -> Thresh
 def magnitude_threshold(x: torch.Tensor, k: int, base: torch.Tensor | None = None, backend: str | None = None,
                         name: str = "tensor") -> Threshold:
     """The keep-exactly-k threshold of |x| (or |x - base|). k <= 0 keeps nothing, k >= n all."""
+    return magnitude_thresholds(x, [k], base=base, backend=backend, name=name)[0]
+
+
+def magnitude_thresholds(x: torch.Tensor, ks: Sequence[int], base: torch.Tensor | None = None,
+                         backend: str | None = None, name: str = "tensor") -> list[Threshold]:
+    """`magnitude_threshold` for several ks of one tensor (breadcrumbs needs two). Each pass
+    reads the whole tensor, so the ks share one coarse pass and one fine pass per distinct
+    bucket instead of two passes each."""
     backend = resolve_backend("magnitude_threshold", [x, base], BACKENDS, backend)
     n = x.numel()
     if base is not None and base.numel() != n:
         raise KernelError(f"{name}: base has {base.numel()} elements, tensor has {n}")
-    if k <= 0 or n == 0:
-        if n:  # still reject NaN, so k never changes whether bad input is noticed
-            accumulate_histogram(x, base, 1, 0, np.zeros(BINS, dtype=np.int64), backend, name)
-        return KEEP_NOTHING
-    k = min(k, n)
+    if n == 0:
+        return [KEEP_NOTHING] * len(ks)
+    # The coarse pass runs even when every k <= 0, so k never changes whether NaN is noticed.
     coarse = np.zeros(BINS, dtype=np.int64)
     accumulate_histogram(x, base, 1, 0, coarse, backend, name)
-    bucket, above = _bin_of_kth(coarse, k)
-    fine = np.zeros(BINS, dtype=np.int64)
-    accumulate_histogram(x, base, 2, bucket, fine, backend, name)
-    return _threshold_from(bucket, above, fine, k)
+    fines: dict[int, np.ndarray] = {}
+    thresholds = []
+    for k in ks:
+        if k <= 0:
+            thresholds.append(KEEP_NOTHING)
+            continue
+        k = min(k, n)
+        bucket, above = _bin_of_kth(coarse, k)
+        if bucket not in fines:
+            fines[bucket] = np.zeros(BINS, dtype=np.int64)
+            accumulate_histogram(x, base, 2, bucket, fines[bucket], backend, name)
+        thresholds.append(_threshold_from(bucket, above, fines[bucket], k))
+    return thresholds
 
 
 def keep_mask(x: torch.Tensor, threshold: Threshold, base: torch.Tensor | None = None) -> torch.Tensor:

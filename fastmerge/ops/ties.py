@@ -55,7 +55,7 @@ from ..errors import KernelError
 from ._dispatch import available_backends, resolve_backend
 from ._fma import fma_f32
 from .random import derive_key, philox_uniform
-from .threshold import Threshold, density_to_k, magnitude_threshold, tie_cutoff
+from .threshold import Threshold, density_to_k, magnitude_thresholds, tie_cutoff
 
 SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
 RESCALE_MODES = ("l1", "inverse_density")
@@ -204,10 +204,12 @@ def _della_selector(x, base, density, epsilon, key, name, backend) -> Selector:
     return Selector(MASKED, keep=make(x, base, fibres, density, epsilon, key))
 
 
-def _magnitude_params(x, base, k: int, backend: str, name: str) -> tuple[int, int]:
-    """(threshold bits, tie cut-off) of the top k of |x - base|."""
-    t = magnitude_threshold(x, k, base=base, backend=backend, name=name)
-    return t.bits, tie_cutoff(x, t, base=base, backend=backend)
+def _magnitude_params(x, base, ks: Sequence[int], backend: str, name: str) -> list[int]:
+    """(threshold bits, tie cut-off) of the top k of |x - base| for each k, flattened."""
+    params = []
+    for t in magnitude_thresholds(x, ks, base=base, backend=backend, name=name):
+        params += [t.bits, tie_cutoff(x, t, base=base, backend=backend)]
+    return params
 
 
 def _given_threshold(x, base, threshold: Threshold | OutlierBand, backend: str) -> Selector:
@@ -233,10 +235,9 @@ def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, te
         return Selector()
     if sparsify == "magnitude_outliers":
         k_hi, k_lo = outlier_ranks(n, density, gamma)
-        return Selector(OUTLIERS, *_magnitude_params(x, base, k_hi, sel_backend, name),
-                        *_magnitude_params(x, base, k_lo, sel_backend, name))
+        return Selector(OUTLIERS, *_magnitude_params(x, base, (k_hi, k_lo), sel_backend, name))
     if sparsify == "magnitude":
-        return Selector(MAGNITUDE, *_magnitude_params(x, base, density_to_k(density, n), sel_backend, name))
+        return Selector(MAGNITUDE, *_magnitude_params(x, base, [density_to_k(density, n)], sel_backend, name))
     key = derive_key(seed, tensor_name, i)
     if sparsify == "random":
         return Selector(RANDOM, key=key, density=_f32(density))

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from fastmerge.errors import KernelError
-from fastmerge.ops.threshold import BACKENDS, MagnitudeHistogram, density_to_k, keep_mask, magnitude_threshold
+from fastmerge.ops import threshold as threshold_module
+from fastmerge.ops.threshold import (BACKENDS, MagnitudeHistogram, density_to_k, keep_mask, magnitude_threshold,
+                                    magnitude_thresholds)
 
 from conftest import ACCELERATED, BIG_SIZE
 
@@ -121,3 +123,22 @@ def test_model_wide_histogram_needs_both_phases():
     hist.refine()
     with pytest.raises(KernelError, match="same tensors"):
         hist.add(torch.ones(5))
+
+
+def test_several_ks_share_the_histogram_passes(sel_backend, monkeypatch):
+    """magnitude_thresholds gives each k's own threshold from one coarse pass plus one fine pass
+    per distinct bucket (ks in one bucket share it)."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(6000, generator=gen) * 0.01).to(torch.bfloat16)  # bf16: many ties
+    base = torch.randn(6000, generator=gen).to(torch.bfloat16) * 0
+    ks = [60, 61, 3000, 0, 7000]
+    expected = [magnitude_threshold(x, k, base=base, backend=sel_backend) for k in ks]
+    buckets = {t.bits >> 16 for t in expected if t.ties_to_keep or t.value != float("inf")}
+    passes = []
+    real = threshold_module.accumulate_histogram
+    monkeypatch.setattr(threshold_module, "accumulate_histogram",
+                        lambda *a, **kw: (passes.append(a[2]), real(*a, **kw))[1])
+    assert magnitude_thresholds(x, ks, base=base, backend=sel_backend) == expected
+    assert passes == [1] + [2] * len(buckets)
+    for k, t in zip(ks, expected):
+        assert torch.equal(keep_mask(x.float() - base.float(), t), oracle_keep(x.float(), k))
