@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 # Bump when training or data generation changes in a way the recipe fields do not capture.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 RECIPE_FILE = "recipe.json"
 
 
