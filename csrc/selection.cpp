@@ -95,6 +95,35 @@ int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n
   return n;
 }
 
+namespace {
+// Stable LSD radix sort of positions 0 .. len-1 by a 32-bit key, 8 bits a pass, using the two
+// buffers `order` and `spare`; returns the one that holds the result. Stability makes equal keys keep ascending positions,
+// the ranking a stable sort gives. O(len) per pass, against std::sort's O(len log len) with
+// unpredictable branches; a pass is skipped when every key has the same digit there (|d| of one
+// row spans few exponents, so the top byte usually is).
+uint32_t* radix_order(const uint32_t* __restrict keys, int64_t len, uint32_t* order, uint32_t* spare) {
+  int64_t count[4][256] = {};
+  for (int64_t i = 0; i < len; ++i)
+    for (int pass = 0; pass < 4; ++pass) ++count[pass][(keys[i] >> (8 * pass)) & 0xffu];
+  for (int64_t i = 0; i < len; ++i) order[i] = uint32_t(i);
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 8 * pass;
+    if (count[pass][(keys[0] >> shift) & 0xffu] == len) continue;
+    int64_t next[256], total = 0;
+    for (int digit = 0; digit < 256; ++digit) {
+      next[digit] = total;
+      total += count[pass][digit];
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      const uint32_t v = order[i];
+      spare[next[(keys[v] >> shift) & 0xffu]++] = v;
+    }
+    std::swap(order, spare);
+  }
+  return order;
+}
+}  // namespace
+
 void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t outer, int64_t row_len, int64_t inner,
                 double density, double epsilon, uint64_t key, uintptr_t mask) {
   check_inputs(x_dtype, b, b_dtype);
@@ -105,29 +134,33 @@ void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t oute
   uint8_t* keep = reinterpret_cast<uint8_t*>(mask);
   const double low = density - epsilon, spread = 2.0 * epsilon, span = double(row_len - 1);
   // One fibre per iteration: load its row_len elements (strided by `inner` when the tensor has 3+
-  // dims), sort (|d| bits << 32 | position) so equal magnitudes rank by position like a stable
-  // sort, and draw each element's keep from its flat index.
+  // dims), order them by |d| bits (stable: equal magnitudes rank by position), and draw each
+  // element's keep from its flat index.
 #pragma omp parallel
   {
-    std::vector<uint64_t> order(row_len);
-    std::vector<float> row(row_len), scratch(row_len);
+    std::vector<uint32_t> keys(row_len), order(row_len), spare(row_len);
+    std::vector<float> row(row_len), scratch(row_len), draws(row_len), probability(row_len);
+    // The keep probability of each rank is the same for every fibre.
+    for (int64_t rank = 0; rank < row_len; ++rank) probability[rank] = float(low + (spread * double(rank)) / span);
 #pragma omp for schedule(static)
     for (int64_t fibre = 0; fibre < outer * inner; ++fibre) {
       const int64_t start = (fibre / inner) * row_len * inner + fibre % inner;
       if (inner == 1) {
         load_delta(row.data(), scratch.data(), xp, x_dtype, bp, b_dtype, start, row_len);
+        philox_uniform_block(key, uint64_t(start), row_len, draws.data());
       } else {
-        for (int64_t r = 0; r < row_len; ++r)
+        for (int64_t r = 0; r < row_len; ++r) {
           load_delta(&row[r], &scratch[r], xp, x_dtype, bp, b_dtype, start + r * inner, 1);
+          draws[r] = philox_uniform(key, uint64_t(start + r * inner));
+        }
       }
       // Every NaN ranks above +inf and ties with the other NaNs, as in a stable torch sort.
-      for (int64_t r = 0; r < row_len; ++r)
-        order[r] = (uint64_t(std::min(f32_bits(row[r]) & 0x7fffffffu, 0x7f800001u)) << 32) | uint64_t(r);
-      std::sort(order.begin(), order.end());
+#pragma omp simd
+      for (int64_t r = 0; r < row_len; ++r) keys[r] = std::min(f32_bits(row[r]) & 0x7fffffffu, 0x7f800001u);
+      const uint32_t* sorted = radix_order(keys.data(), row_len, order.data(), spare.data());
       for (int64_t rank = 0; rank < row_len; ++rank) {
-        const int64_t r = int64_t(order[rank] & 0xffffffffu), index = start + r * inner;
-        const float p = float(low + (spread * double(rank)) / span);
-        keep[index] = philox_uniform(key, uint64_t(index)) < p;
+        const int64_t r = sorted[rank];
+        keep[start + r * inner] = draws[r] < probability[rank];
       }
     }
   }

@@ -10,7 +10,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops import MagnitudeHistogram, ties_merge
 from fastmerge.ops._fma import fma_f32
 
-from conftest import BIG_SIZE
+from conftest import ACCELERATED, BIG_SIZE
 
 VARIANTS = {
     "ties": dict(sparsify="magnitude", consensus=True, normalize=True),
@@ -241,3 +241,26 @@ def test_dare_rescale_mask_replay_keeps_zero_deltas_exact(backend, device, conse
               normalize=False, rescale=True, seed=5, tensor_name="zeros")
     expected = ties_merge(base, xs, backend="reference", **kw)
     assert_same_bytes(ties_merge(base.to(device), [x.to(device) for x in xs], backend=backend, **kw), expected)
+
+
+@pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+@pytest.mark.parametrize("shape", [(3, 5000), (4, 700, 3)])
+def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape):
+    """The native mask (radix-ordered rows, vector Philox draws) against the torch sort: rows
+    longer than a kernel chunk, magnitudes spread over many exponents, exact ties (bf16 steps,
+    zeros, +-inf) and NaN, which ranks above inf."""
+    from fastmerge.ops.ties import _native_della_keep, _reference_della_keep, della_fibres
+
+    gen = torch.Generator().manual_seed(21)
+    n = int(torch.tensor(shape).prod())
+    d = (torch.randn(n, generator=gen) * torch.exp2(torch.randint(-20, 20, (n,), generator=gen).float()))
+    d = d.to(torch.bfloat16).float()
+    d[::7] = 0.0
+    d[5::97] = float("inf")
+    d[6::89] = -float("inf")
+    d[8::101] = float("nan")
+    base = torch.randn(n, generator=gen).to(torch.bfloat16).float()
+    x = (base + d).reshape(shape)  # base + inf = inf, so d stays inf / NaN
+    base = base.reshape(shape)
+    args = (x, base, della_fibres(x.shape), 0.4, 0.15, (1 << 40) + 17)
+    assert torch.equal(_native_della_keep(*args), _reference_della_keep(*args))
