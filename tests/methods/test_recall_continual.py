@@ -46,9 +46,9 @@ def test_recall_after_each_step(sequence, tmp_path):
 
 def test_any_method_with_base(sequence, tmp_path):
     base = save_toy_llama(tmp_path / "base", seed=9, num_layers=2)
-    steps = run_continual(sequence, tmp_path / "out", method="linear", base=base, model_params={"weight": 1.0}, device="cpu", quiet=True)
+    steps = run_continual(sequence, tmp_path / "out", method="task_arithmetic", base=base, model_params={"weight": 1.0}, device="cpu", quiet=True)
     assert [p.name for p in steps] == ["step_01", "step_02", "step_03"]
-    # linear ignores the base: step 1 is the first fine-tune, step 2 the mean of it and ft2
+    # step 1 is base + 1.0 * (ft1 - base), i.e. the first fine-tune up to fp32 rounding
     first = load_file(steps[0] / "model.safetensors")
     torch.testing.assert_close(first["model.norm.weight"], load_file(sequence[0] / "model.safetensors")["model.norm.weight"])
 
