@@ -281,9 +281,12 @@ def _prefetched(plan: Plan, depth: int = 2) -> Iterator[PlannedTensor]:
     """Yield the plan's tensors while a reader thread hints the kernel to read ahead `depth`
     tensors, so disk reads overlap the merge of the current tensor."""
     hints: queue.Queue[PlannedTensor | None] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
 
     def reader() -> None:
         for tensor in plan.tensors:
+            if stop.is_set():
+                return
             for ref in _refs(tensor):
                 plan.checkpoints[ref.checkpoint].prefetch(ref.name)
             hints.put(tensor)
@@ -291,8 +294,18 @@ def _prefetched(plan: Plan, depth: int = 2) -> Iterator[PlannedTensor]:
 
     thread = threading.Thread(target=reader, name="fastmerge-prefetch", daemon=True)
     thread.start()
-    while (tensor := hints.get()) is not None:
-        yield tensor
+    try:
+        while (tensor := hints.get()) is not None:
+            yield tensor
+    finally:
+        # A merge that fails mid-way must not leave the reader blocked on a full queue (or
+        # touching checkpoints the caller is about to close): stop it and drain until it exits.
+        stop.set()
+        while thread.is_alive():
+            try:
+                hints.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: int, backend: str | None,

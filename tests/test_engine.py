@@ -202,3 +202,26 @@ def test_output_directory_gets_normal_permissions(tiny_models, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_failure_mid_stream_stops_the_prefetch_thread(tiny_models, tmp_path, monkeypatch):
+    """A merge that fails on an early tensor leaves no reader thread blocked behind it."""
+    import threading
+
+    from fastmerge.errors import FastmergeError
+    from fastmerge.methods.linear import Linear
+
+    calls = []
+
+    def failing(self, task):
+        calls.append(task.name)
+        if len(calls) == 2:
+            raise FastmergeError("injected failure")
+        return torch.zeros(task.inputs[0].shape, dtype=task.out_dtype)
+
+    monkeypatch.setattr(Linear, "merge_tensor", failing)
+    config = {"merge_method": "linear", "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(FastmergeError, match="injected"):
+        fastmerge.run(config, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+    assert not [t for t in threading.enumerate() if t.name == "fastmerge-prefetch" and t.is_alive()]
