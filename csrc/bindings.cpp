@@ -44,6 +44,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("magnitude_histogram", &fastmerge::magnitude_histogram, py::call_guard<py::gil_scoped_release>(),
         py::arg("x"), py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("hist"),
         py::arg("phase"), py::arg("bucket"));
+  m.def("select_top_k", &fastmerge::select_top_k, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
+        py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("ks"),
+        py::arg("sample"));
   m.def("tie_cutoff", &fastmerge::tie_cutoff, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
         py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"), py::arg("t_bits"),
         py::arg("ties_to_keep"));

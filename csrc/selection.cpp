@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "bin_counter.h"
 #include "selection.h"
 
 namespace fastmerge {
@@ -19,30 +20,35 @@ int64_t chunk_count(int64_t n) { return (n + kChunk - 1) / kChunk; }
 }  // namespace
 
 namespace {
-// Histogram of chunks [c0, c1) into hist; returns the NaN count (a chunk with NaN is not counted:
-// the caller raises, so the counts no longer matter).
+// Histogram of chunks [c0, c1) (phase 1: top 16 bits; phase 2: low 16 bits of the elements in
+// `bucket`) through `count(len, bin_of, keep)`; returns the NaN count (a chunk with NaN is not
+// counted: the caller raises, so the counts no longer matter).
+template <class Count>
 int64_t histogram_chunks(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t n, int64_t c0,
-                         int64_t c1, int64_t* __restrict hist, int phase, uint32_t bucket) {
+                         int64_t c1, int phase, uint32_t bucket, Count count) {
   std::vector<float> d(kChunk), scratch(kChunk);
-  std::vector<uint32_t> bits(kChunk);
+  std::vector<uint32_t> bits(kChunk), low(kChunk);
+  const uint32_t* b = bits.data();
+  const uint32_t* l = low.data();
+  const auto all = [](int64_t) { return true; };
   int64_t nan_count = 0;
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
-    load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
-    int64_t nans = 0;
-#pragma omp simd reduction(+ : nans)
-    for (int64_t j = 0; j < len; ++j) {
-      bits[j] = f32_bits(d[j]) & 0x7fffffffu;
-      nans += bits[j] > 0x7f800000u;
-    }
+    const int64_t nans = load_abs_bits(bits.data(), d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
     nan_count += nans;
     if (nans) continue;
     if (phase == 1) {
-      for (int64_t j = 0; j < len; ++j) ++hist[bits[j] >> 16];
-    } else {
-      for (int64_t j = 0; j < len; ++j)
-        if ((bits[j] >> 16) == bucket) ++hist[bits[j] & 0xffffu];
+      count(len, [b](int64_t j) { return b[j] >> 16; }, all);
+      continue;
     }
+    // Phase 2: compact the low halves of the bucket's elements first (written always, kept by
+    // advancing m), so the counting loop has no data-dependent branch to mispredict.
+    int64_t m = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      low[m] = b[j] & 0xffffu;
+      m += (b[j] >> 16) == bucket;
+    }
+    count(m, [l](int64_t j) { return l[j]; }, all);
   }
   return nan_count;
 }
@@ -60,21 +66,25 @@ int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, 
   const void* bp = reinterpret_cast<const void*>(b);
   int64_t* out = reinterpret_cast<int64_t*>(hist);
   const int64_t chunks = chunk_count(n);
-  if (n < kSerialHistogram || omp_get_max_threads() == 1)
-    return histogram_chunks(xp, x_dtype, bp, b_dtype, n, 0, chunks, out, phase, bucket);
+  if (n < kSerialHistogram || omp_get_max_threads() == 1) {
+    auto direct = [out](int64_t len, auto bin_of, auto keep) {
+      for (int64_t j = 0; j < len; ++j)
+        if (keep(j)) ++out[bin_of(j)];
+    };
+    return histogram_chunks(xp, x_dtype, bp, b_dtype, n, 0, chunks, phase, bucket, direct);
+  }
   int64_t nan_count = 0;
-  // Private histograms per thread over contiguous chunk ranges, summed at the end: integer
-  // counts, so the result does not depend on the thread count or schedule. Most bins are empty
-  // (|x| spans a few exponents; phase 2 sees one bucket), so the merge skips zeros.
+  // A BinCounter per thread over contiguous chunk ranges, summed at the end: integer counts, so
+  // the result does not depend on the thread count or schedule.
 #pragma omp parallel reduction(+ : nan_count)
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    std::vector<int64_t> local(kHistBins, 0);
+    BinCounter local;
+    auto counted = [&local](int64_t len, auto bin_of, auto keep) { local.add(len, bin_of, keep); };
     nan_count += histogram_chunks(xp, x_dtype, bp, b_dtype, n, chunks * t / threads, chunks * (t + 1) / threads,
-                                  local.data(), phase, bucket);
+                                  phase, bucket, counted);
 #pragma omp critical
-    for (int j = 0; j < kHistBins; ++j)
-      if (local[j]) out[j] += local[j];
+    local.drain_into(out);
   }
   return nan_count;
 }

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -115,6 +116,20 @@ inline void load_delta(float* __restrict d, float* __restrict scratch, const voi
   for (int64_t j = 0; j < len; ++j) d[j] -= scratch[j];
 }
 
+// bits[j] = fp32 bit pattern of |x - b| at element off + j, for j < len; returns how many are NaN
+// (patterns above +inf's). d and scratch hold kChunk floats each.
+inline int64_t load_abs_bits(uint32_t* __restrict bits, float* __restrict d, float* __restrict scratch, const void* x,
+                             int x_dtype, const void* b, int b_dtype, int64_t off, int64_t len) {
+  load_delta(d, scratch, x, x_dtype, b, b_dtype, off, len);
+  int64_t nans = 0;
+#pragma omp simd reduction(+ : nans)
+  for (int64_t j = 0; j < len; ++j) {
+    bits[j] = f32_bits(d[j]) & 0x7fffffffu;
+    nans += bits[j] > 0x7f800000u;
+  }
+  return nans;
+}
+
 }  // namespace fastmerge
 
 // ---- kernel entry points (bound in bindings.cpp; pointers are raw addresses, 0 = absent) ----
@@ -130,6 +145,13 @@ constexpr int64_t kL1Lanes = 65536;
 // Returns how many elements are NaN (the caller raises).
 int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uintptr_t hist,
                             int phase, uint32_t bucket);
+
+// The keep-exactly-k threshold of |x - b| for each k (1 <= k <= n) as (t_bits, ties_to_keep,
+// tie_count, tie cut-off), plus the NaN count (non-zero: no thresholds are computed). Usually one
+// pass, when a `sample`-element strided sample predicts where the threshold lies
+// (topk_select.cpp); otherwise the two histogram passes and the tie scan. Same result either way.
+std::pair<std::vector<std::tuple<uint32_t, int64_t, int64_t, int64_t>>, int64_t> select_top_k(
+    uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<int64_t>& ks, int64_t sample);
 
 // Flat index of the (ties_to_keep + 1)-th element with bits(|x - b|) == t_bits, or n: the
 // exclusive end of the ties that the keep-exactly-k rule keeps.

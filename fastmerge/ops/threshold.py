@@ -6,6 +6,11 @@ holding the k-th largest; pass 2 bins the low 16 bits of the elements in that bi
 exact value. Two streaming passes, 65536 counters, no sort, no copy of the tensor, and integer
 counts make the answer independent of thread count and backend.
 
+On the native backend `magnitude_thresholds` usually needs one pass: a strided sample predicts a
+narrow window of buckets holding the threshold, and one pass counts the elements above the window
+and histograms those inside it, which pins the threshold and tells where to look for the tie
+cut-off (csrc/topk_select.cpp).
+
 Keep-exactly-k rule (DESIGN.md "Magnitude selection"): keep every |x| > t, then the elements with
 |x| == t in ascending flat index until k are kept. A `Threshold` therefore carries t and how many
 of its ties to keep. `MagnitudeHistogram` does the same over many tensors (a model's whole task
@@ -15,7 +20,7 @@ vector), with ties ordered by tensor (in the order added) and then by flat index
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -34,12 +39,15 @@ class Threshold:
     """Keep |x| > value, plus the first `ties_to_keep` elements with |x| == value (flat order).
 
     value is an fp32 number (or +inf for "keep nothing"); tie_count, when known, is how many
-    elements equal it, which lets kernels skip the scan for the tie cut-off when all are kept.
+    elements equal it, which lets kernels skip the scan for the tie cut-off when all are kept;
+    cutoff, when known, is that cut-off (`tie_cutoff`) in the tensor the threshold was computed
+    from, so it is only valid for that tensor.
     """
 
     value: float
     ties_to_keep: int
     tie_count: int | None = None
+    cutoff: int | None = None
 
     @property
     def bits(self) -> int:
@@ -47,7 +55,10 @@ class Threshold:
         return struct.unpack("<I", struct.pack("<f", self.value))[0]
 
 
-KEEP_NOTHING = Threshold(float("inf"), 0, 0)
+KEEP_NOTHING = Threshold(float("inf"), 0, 0, 0)
+# Elements in the strided sample with which the native selection predicts where the threshold
+# lies (more: a narrower window to histogram, but a slower sample).
+SELECT_SAMPLE = 65536
 
 
 def density_to_k(density: float, n: int) -> int:
@@ -150,30 +161,57 @@ def magnitude_threshold(x: torch.Tensor, k: int, base: torch.Tensor | None = Non
 
 def magnitude_thresholds(x: torch.Tensor, ks: Sequence[int], base: torch.Tensor | None = None,
                          backend: str | None = None, name: str = "tensor") -> list[Threshold]:
-    """`magnitude_threshold` for several ks of one tensor (breadcrumbs needs two). Each pass
-    reads the whole tensor, so the ks share one coarse pass and one fine pass per distinct
-    bucket instead of two passes each."""
+    """`magnitude_threshold` for several ks of one tensor (breadcrumbs needs two), each with
+    its tie cut-off. Each pass reads the whole tensor, so the ks share them: on the native
+    backend one pass for all (usually), otherwise one coarse pass and one fine pass per distinct
+    bucket."""
     backend = resolve_backend("magnitude_threshold", [x, base], BACKENDS, backend)
     n = x.numel()
     if base is not None and base.numel() != n:
         raise KernelError(f"{name}: base has {base.numel()} elements, tensor has {n}")
     if n == 0:
         return [KEEP_NOTHING] * len(ks)
-    # The coarse pass runs even when every k <= 0, so k never changes whether NaN is noticed.
+    clamped = [min(k, n) for k in ks]
+    wanted = sorted({k for k in clamped if k > 0})
+    if backend == "native":
+        found = _native_select(x, base, wanted, name)
+    else:
+        found = _histogram_select(x, base, wanted, backend, name)
+    by_k = dict(zip(wanted, found))
+    return [by_k[k] if k > 0 else KEEP_NOTHING for k in clamped]
+
+
+def _native_select(x, base, ks: list[int], name: str) -> list[Threshold]:
+    """The one-pass native selection (also run for no k, so NaN is always noticed)."""
+    from .. import _native
+
+    x = x.contiguous()
+    base = base.contiguous() if base is not None else None
+    n = x.numel()
+    found, nans = _native.select_top_k(
+        x.data_ptr(), native_code(x.dtype),
+        base.data_ptr() if base is not None else 0, native_code(base.dtype) if base is not None else 0,
+        n, ks, SELECT_SAMPLE)
+    if nans:
+        raise KernelError(f"{name} contains NaN; magnitude selection needs finite or infinite values")
+    return [Threshold(_bits_value(bits), keep, count, cut) for bits, keep, count, cut in found]
+
+
+def _histogram_select(x, base, ks: list[int], backend: str, name: str) -> list[Threshold]:
+    """Two histogram passes (the coarse one shared by every k, one fine pass per distinct
+    bucket), then each threshold's tie cut-off."""
+    # The coarse pass runs even without a k, so k never changes whether NaN is noticed.
     coarse = np.zeros(BINS, dtype=np.int64)
     accumulate_histogram(x, base, 1, 0, coarse, backend, name)
     fines: dict[int, np.ndarray] = {}
     thresholds = []
     for k in ks:
-        if k <= 0:
-            thresholds.append(KEEP_NOTHING)
-            continue
-        k = min(k, n)
         bucket, above = _bin_of_kth(coarse, k)
         if bucket not in fines:
             fines[bucket] = np.zeros(BINS, dtype=np.int64)
             accumulate_histogram(x, base, 2, bucket, fines[bucket], backend, name)
-        thresholds.append(_threshold_from(bucket, above, fines[bucket], k))
+        t = _threshold_from(bucket, above, fines[bucket], k)
+        thresholds.append(replace(t, cutoff=tie_cutoff(x, t, base=base, backend=backend)))
     return thresholds
 
 
@@ -190,6 +228,8 @@ def tie_cutoff(x: torch.Tensor, threshold: Threshold, base: torch.Tensor | None 
                backend: str | None = None) -> int:
     """Exclusive flat-index end of the kept ties: keep |x| == t exactly where index < cut-off."""
     n = x.numel()
+    if threshold.cutoff is not None:
+        return threshold.cutoff
     if threshold.ties_to_keep <= 0:
         return 0
     if threshold.tie_count is not None and threshold.ties_to_keep >= threshold.tie_count:

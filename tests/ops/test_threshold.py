@@ -3,13 +3,15 @@ threshold by ascending flat index; model-wide: by tensor order, then flat index)
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fastmerge.errors import KernelError
 from fastmerge.ops import threshold as threshold_module
 from fastmerge.ops.threshold import (BACKENDS, MagnitudeHistogram, density_to_k, keep_mask, magnitude_threshold,
-                                    magnitude_thresholds)
+                                    magnitude_thresholds, tie_cutoff)
 
 from conftest import ACCELERATED, BIG_SIZE
 
@@ -125,20 +127,60 @@ def test_model_wide_histogram_needs_both_phases():
         hist.add(torch.ones(5))
 
 
-def test_several_ks_share_the_histogram_passes(sel_backend, monkeypatch):
-    """magnitude_thresholds gives each k's own threshold from one coarse pass plus one fine pass
-    per distinct bucket (ks in one bucket share it)."""
+@pytest.mark.parametrize("hist_backend", [b for b in THRESHOLD_BACKENDS if b != "native"])
+def test_several_ks_share_the_histogram_passes(hist_backend, monkeypatch):
+    """The histogram backends give each k its own threshold from one coarse pass plus one fine
+    pass per distinct bucket (ks in one bucket share it)."""
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(6000, generator=gen) * 0.01).to(torch.bfloat16)  # bf16: many ties
     base = torch.randn(6000, generator=gen).to(torch.bfloat16) * 0
     ks = [60, 61, 3000, 0, 7000]
-    expected = [magnitude_threshold(x, k, base=base, backend=sel_backend) for k in ks]
+    expected = [magnitude_threshold(x, k, base=base, backend=hist_backend) for k in ks]
     buckets = {t.bits >> 16 for t in expected if t.ties_to_keep or t.value != float("inf")}
     passes = []
     real = threshold_module.accumulate_histogram
     monkeypatch.setattr(threshold_module, "accumulate_histogram",
                         lambda *a, **kw: (passes.append(a[2]), real(*a, **kw))[1])
-    assert magnitude_thresholds(x, ks, base=base, backend=sel_backend) == expected
+    assert magnitude_thresholds(x, ks, base=base, backend=hist_backend) == expected
     assert passes == [1] + [2] * len(buckets)
     for k, t in zip(ks, expected):
         assert torch.equal(keep_mask(x.float() - base.float(), t), oracle_keep(x.float(), k))
+
+
+def test_thresholds_carry_their_tie_cutoff(sel_backend, gen):
+    x = torch.randint(-3, 4, (4097,), generator=gen).to(torch.bfloat16)
+    for t in magnitude_thresholds(x, [0, 1, 1500, 4097], backend=sel_backend):
+        t_alone = replace(t, cutoff=None)
+        assert t.cutoff == tie_cutoff(x, t_alone, backend="reference")
+
+
+# The native one-pass selection, forced down each of its paths; every path must give the
+# reference's thresholds (values, ties and cut-offs) on a tensor big enough for the thread team.
+NATIVE_PATHS = {
+    "sampled window": 65536,
+    "whole tensor as sample": 1 << 30,
+    "one-element sample, mostly second pass": 1,
+}
+
+
+@pytest.mark.skipif("native" not in THRESHOLD_BACKENDS, reason="native extension not built")
+@pytest.mark.parametrize("path", list(NATIVE_PATHS))
+@pytest.mark.parametrize("data", ["continuous", "few magnitudes"])
+def test_native_one_pass_selection_matches_reference(monkeypatch, path, data):
+    from fastmerge import _native
+
+    monkeypatch.setattr(threshold_module, "SELECT_SAMPLE", NATIVE_PATHS[path])
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(BIG_SIZE, generator=gen).to(torch.bfloat16)
+    step = torch.randn(BIG_SIZE, generator=gen) * 0.05 if data == "continuous" else \
+        torch.randint(-3, 4, (BIG_SIZE,), generator=gen) * 2.0 ** -8
+    x = (base.float() * (1 + step)).to(torch.bfloat16)
+    ks = [1, 1000, BIG_SIZE // 5, BIG_SIZE // 2, BIG_SIZE]
+    expected = magnitude_thresholds(x, ks, base=base, backend="reference")
+    threads = _native.max_threads()
+    try:
+        for n_threads in (1, max(threads, 3)):
+            _native.set_num_threads(n_threads)
+            assert magnitude_thresholds(x, ks, base=base, backend="native") == expected
+    finally:
+        _native.set_num_threads(threads)

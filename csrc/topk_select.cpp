@@ -1,0 +1,288 @@
+// Keep-exactly-k selection of |x - b| in one read of the tensor (usually).
+//
+// The two-phase histogram (magnitude_histogram) reads the tensor twice, incrementing a counter
+// for every element in the first pass, and the tie cut-off scan reads it a third time. Here a
+// strided sample first predicts a window of coarse buckets (top 16 bits of the fp32 pattern) that
+// holds the k-th largest, and which of them the sample actually saw near that rank (a bf16 task
+// vector's magnitudes are a few multiples of an ulp, so a window can span many buckets of which
+// only two or three are occupied; spread-out data occupies many, and the histograms go to those
+// nearest the expected rank). One pass then counts, per thread: the elements above the
+// window (a vectorised compare), the elements in each of its buckets, and the full-bit-pattern
+// histogram of the elements in the occupied buckets. That pins the k-th largest exactly whenever
+// it falls in an occupied bucket, and the per-thread counts of its value say which thread's range
+// holds the tie cut-off, so only that range is scanned. When the sample mispredicts, the classic
+// passes decide. The answer never depends on the sample: only the speed does.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#include "bin_counter.h"
+#include "selection.h"
+
+namespace fastmerge {
+
+namespace {
+
+// A window spans at most this many coarse buckets (counted per bucket) ...
+constexpr uint32_t kMaxWindowBuckets = 64;
+// ... of which at most this many get a full 65536-bin histogram.
+constexpr int kMaxOccupied = 4;
+constexpr int64_t kFineBins = 65536;
+// Below this many elements one thread does the pass (as magnitude_histogram).
+constexpr int64_t kSerialSelect = int64_t(1) << 20;
+
+using Result = std::tuple<uint32_t, int64_t, int64_t, int64_t>;  // t_bits, ties_to_keep, tie_count, cut-off
+
+// (bin holding the k-th largest, count in higher bins) for 1 <= k <= the histogram's total.
+std::pair<int64_t, int64_t> bin_of_kth(const int64_t* hist, int64_t bins, int64_t k) {
+  int64_t above = 0;
+  for (int64_t bin = bins - 1; bin > 0; --bin) {
+    if (above + hist[bin] >= k) return {bin, above};
+    above += hist[bin];
+  }
+  return {0, above};
+}
+
+// Coarse buckets [lo, hi] predicted to hold the k-th largest; slot[bucket - lo] is the index of
+// its full histogram among the occupied buckets, or kMaxOccupied (no histogram of its own).
+struct Window {
+  uint32_t lo = 1, hi = 0;  // lo > hi: no usable window
+  std::vector<int> slot;
+  int occupied = 0;
+
+  bool usable() const { return lo <= hi; }
+  uint32_t span() const { return hi - lo; }
+  uint32_t last_bits() const { return (hi << 16) | 0xffffu; }
+};
+
+// For each k, the window from a histogram of `sample` evenly strided elements: the sample rank of
+// the true k-th largest is binomial, so +-5 standard deviations (plus a few ranks) around
+// k * sample / n covers it. A sample of the whole tensor is exact.
+std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t n,
+                                    const std::vector<int64_t>& ks, int64_t sample) {
+  const int64_t m = std::min(n, std::max<int64_t>(sample, 1));
+  std::vector<int64_t> hist(kHistBins, 0);
+  for (int64_t s = 0; s < m; ++s) {
+    float d, scratch;
+    load_delta(&d, &scratch, xp, x_dtype, bp, b_dtype, m == n ? s : int64_t((__int128)s * n / m), 1);
+    ++hist[std::min(f32_bits(d) & 0x7fffffffu, 0x7f800000u) >> 16];
+  }
+  std::vector<Window> windows(ks.size());
+  for (size_t q = 0; q < ks.size(); ++q) {
+    int64_t top = ks[q], bottom = ks[q];
+    if (m < n) {
+      const double centre = double(ks[q]) * double(m) / double(n);
+      const double margin = 5.0 * std::sqrt(centre * std::max(0.0, 1.0 - centre / double(m))) + 4.0;
+      top = std::clamp<int64_t>(int64_t(std::floor(centre - margin)), 1, m);
+      bottom = std::clamp<int64_t>(int64_t(std::ceil(centre + margin)), 1, m);
+    }
+    Window w;
+    w.lo = uint32_t(bin_of_kth(hist.data(), kHistBins, bottom).first);
+    w.hi = uint32_t(bin_of_kth(hist.data(), kHistBins, top).first);
+    if (w.span() >= kMaxWindowBuckets) continue;
+    // Histograms go to the occupied buckets most likely to hold the k-th largest (spread-out
+    // data occupies more buckets than there are histograms): the sample rank of the k-th largest
+    // is about normal around `centre`, so a bucket's chance is that normal's mass over the ranks
+    // it covers in the sample.
+    const double centre = double(ks[q]) * double(m) / double(n);
+    const double scale = std::sqrt(2.0) * std::max(0.5, std::sqrt(centre * std::max(0.0, 1.0 - centre / double(m))));
+    std::vector<std::pair<double, uint32_t>> by_chance;  // (chance, bucket)
+    int64_t rank = bin_of_kth(hist.data(), kHistBins, top).second;  // sample elements above w.hi
+    for (uint32_t bucket = w.hi + 1; bucket-- > w.lo;) {
+      if (!hist[bucket]) continue;
+      const double first = double(rank) + 0.5, last = double(rank + hist[bucket]) + 0.5;
+      by_chance.push_back({std::erf((last - centre) / scale) - std::erf((first - centre) / scale), bucket});
+      rank += hist[bucket];
+    }
+    std::stable_sort(by_chance.begin(), by_chance.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    w.slot.assign(w.span() + 1, kMaxOccupied);
+    for (const auto& [chance, bucket] : by_chance)
+      if (w.occupied < kMaxOccupied) w.slot[bucket - w.lo] = w.occupied++;
+    windows[q] = std::move(w);
+  }
+  return windows;
+}
+
+// One thread's counts for one window.
+struct WindowCounts {
+  int64_t above = 0;
+  std::vector<int64_t> buckets;  // per bucket of the window
+  std::vector<int64_t> fine;     // per occupied slot, 65536 bins (low 16 bits); then one spill bin
+};
+
+// Counts one chunk's bits into a window: the compare-and-count vectorises, and the elements in
+// the window are compacted first so the counting loops run without a branch to mispredict.
+class WindowCounter {
+ public:
+  explicit WindowCounter(const Window& w)
+      : w_(w), buckets_(w.usable() ? int64_t(w.span()) + 1 : 1), fine_(int64_t(w.occupied) * kFineBins + 1),
+        inside_(kChunk) {}
+
+  void add(const uint32_t* bits, int64_t len, WindowCounts& out) {
+    const uint32_t lo = w_.lo << 16, span = w_.last_bits() - lo, last = w_.last_bits();
+    int64_t above = 0, m = 0;
+    uint32_t* in = inside_.data();
+#pragma omp simd reduction(+ : above)
+    for (int64_t j = 0; j < len; ++j) above += bits[j] > last;
+    for (int64_t j = 0; j < len; ++j) {
+      in[m] = bits[j] - lo;
+      m += bits[j] - lo <= span;
+    }
+    out.above += above;
+    buckets_.add(m, [in](int64_t j) { return in[j] >> 16; }, [](int64_t) { return true; });
+    const int* slot = w_.slot.data();
+    const int64_t spill = int64_t(w_.occupied) * kFineBins;
+    fine_.add(m, [in, slot, spill](int64_t j) {
+      const int s = slot[in[j] >> 16];
+      return s < kMaxOccupied ? int64_t(s) * kFineBins + (in[j] & 0xffffu) : spill;
+    }, [](int64_t) { return true; });
+  }
+
+  void drain_into(WindowCounts& out) {
+    out.buckets.assign(w_.span() + 1, 0);
+    out.fine.assign(int64_t(w_.occupied) * kFineBins + 1, 0);
+    buckets_.drain_into(out.buckets.data());
+    fine_.drain_into(out.fine.data());
+  }
+
+ private:
+  const Window& w_;
+  BinCounter buckets_, fine_;
+  std::vector<uint32_t> inside_;
+};
+
+// Flat index of the (ties_to_keep + 1)-th element with bits == t_bits in [begin, end), counting
+// from `seen` ties before begin; `end` if it is not there.
+int64_t scan_for_tie(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t begin, int64_t end,
+                     uint32_t t_bits, int64_t seen, int64_t ties_to_keep) {
+  std::vector<float> d(kChunk), scratch(kChunk);
+  std::vector<uint32_t> bits(kChunk);
+  for (int64_t off = begin; off < end; off += kChunk) {
+    const int64_t len = std::min(kChunk, end - off);
+    load_abs_bits(bits.data(), d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+    int64_t here = 0;
+#pragma omp simd reduction(+ : here)
+    for (int64_t j = 0; j < len; ++j) here += bits[j] == t_bits;
+    if (seen + here > ties_to_keep)
+      for (int64_t j = 0; j < len; ++j)
+        if (bits[j] == t_bits && seen++ == ties_to_keep) return off + j;
+    seen += here;
+  }
+  return end;
+}
+
+// The tie cut-off when no scan is needed: keep no tie (0) or all of them (n).
+int64_t cut_without_scan(int64_t ties_to_keep, int64_t n) { return ties_to_keep <= 0 ? 0 : n; }
+
+// The classic selection: coarse pass, fine pass, tie scan (what a mispredicted window falls back on).
+Result two_pass_select(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, int64_t k) {
+  std::vector<int64_t> coarse(kHistBins, 0), fine(kHistBins, 0);
+  magnitude_histogram(x, x_dtype, b, b_dtype, n, reinterpret_cast<uintptr_t>(coarse.data()), 1, 0);
+  const auto [bucket, above] = bin_of_kth(coarse.data(), kHistBins, k);
+  magnitude_histogram(x, x_dtype, b, b_dtype, n, reinterpret_cast<uintptr_t>(fine.data()), 2, uint32_t(bucket));
+  const auto [low, above_fine] = bin_of_kth(fine.data(), kHistBins, k - above);
+  const uint32_t t_bits = (uint32_t(bucket) << 16) | uint32_t(low);
+  const int64_t ties_to_keep = k - above - above_fine, tie_count = fine[low];
+  int64_t cut = cut_without_scan(ties_to_keep, n);
+  if (ties_to_keep > 0 && ties_to_keep < tie_count) cut = tie_cutoff(x, x_dtype, b, b_dtype, n, t_bits, ties_to_keep);
+  return {t_bits, ties_to_keep, tie_count, cut};
+}
+
+}  // namespace
+
+std::pair<std::vector<Result>, int64_t> select_top_k(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n,
+                                                     const std::vector<int64_t>& ks, int64_t sample) {
+  check_input_dtype(x_dtype);
+  if (b) check_input_dtype(b_dtype);
+  for (int64_t k : ks)
+    if (k < 1 || k > n) throw std::invalid_argument("select_top_k needs 1 <= k <= n for every k");
+  const void* xp = reinterpret_cast<const void*>(x);
+  const void* bp = reinterpret_cast<const void*>(b);
+  std::vector<Result> results;
+  if (n == 0) return {results, 0};
+
+  const std::vector<Window> windows = predict_windows(xp, x_dtype, bp, b_dtype, n, ks, sample);
+  const int team = n < kSerialSelect ? 1 : omp_get_max_threads();
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  // counts[t][q]: thread t's counts for window q; first[t]: its first element.
+  std::vector<std::vector<WindowCounts>> counts(team, std::vector<WindowCounts>(windows.size()));
+  std::vector<int64_t> first(team + 1, n);
+  int used = team;  // the team OpenMP actually gave (it may be smaller)
+  int64_t nan_count = 0;
+#pragma omp parallel num_threads(team) reduction(+ : nan_count)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+#pragma omp single
+    used = int(threads);
+    const int64_t c0 = chunks * t / threads, c1 = chunks * (t + 1) / threads;
+    first[t] = std::min(n, c0 * kChunk);
+    std::vector<WindowCounter> counters;
+    counters.reserve(windows.size());
+    for (const Window& w : windows) counters.emplace_back(w);
+    std::vector<float> d(kChunk), scratch(kChunk);
+    std::vector<uint32_t> bits(kChunk);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t off = c * kChunk, len = std::min(kChunk, n - off);
+      const int64_t nans = load_abs_bits(bits.data(), d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+      nan_count += nans;
+      if (nans) continue;
+      for (size_t q = 0; q < windows.size(); ++q)
+        if (windows[q].usable()) counters[q].add(bits.data(), len, counts[t][q]);
+    }
+    for (size_t q = 0; q < windows.size(); ++q)
+      if (windows[q].usable()) counters[q].drain_into(counts[t][q]);
+  }
+  if (nan_count) return {results, nan_count};
+  counts.resize(used);
+  first[used] = n;
+
+  for (size_t q = 0; q < ks.size(); ++q) {
+    const int64_t k = ks[q];
+    const Window& w = windows[q];
+    // Find the bucket of the k-th largest from the exact counts above and in the window.
+    int64_t above = 0;
+    for (const auto& thread : counts) above += w.usable() ? thread[q].above : 0;
+    int64_t bucket = -1;
+    for (int64_t i = w.usable() && k > above ? int64_t(w.span()) : -1; i >= 0; --i) {
+      int64_t here = 0;
+      for (const auto& thread : counts) here += thread[q].buckets[i];
+      if (above + here >= k) {
+        bucket = i;
+        break;
+      }
+      above += here;
+    }
+    const int slot = bucket >= 0 ? w.slot[bucket] : kMaxOccupied;
+    if (slot == kMaxOccupied) {  // mispredicted: outside the window, or in a bucket without a histogram
+      results.push_back(two_pass_select(x, x_dtype, b, b_dtype, n, k));
+      continue;
+    }
+    std::vector<int64_t> fine(kFineBins, 0);
+    for (const auto& thread : counts)
+      for (int64_t bin = 0; bin < kFineBins; ++bin) fine[bin] += thread[q].fine[slot * kFineBins + bin];
+    const auto [low, above_fine] = bin_of_kth(fine.data(), kFineBins, k - above);
+    const uint32_t t_bits = ((w.lo + uint32_t(bucket)) << 16) | uint32_t(low);
+    const int64_t ties_to_keep = k - above - above_fine, tie_count = fine[low];
+    int64_t cut = cut_without_scan(ties_to_keep, n);
+    if (ties_to_keep > 0 && ties_to_keep < tie_count) {
+      // The thread ranges are in flat order: skip whole ranges by their tie counts.
+      int64_t seen = 0;
+      for (int t = 0; t < used; ++t) {
+        const int64_t here = counts[t][q].fine[slot * kFineBins + low];
+        if (seen + here > ties_to_keep) {
+          cut = scan_for_tie(xp, x_dtype, bp, b_dtype, first[t], first[t + 1], t_bits, seen, ties_to_keep);
+          break;
+        }
+        seen += here;
+      }
+    }
+    results.push_back({t_bits, ties_to_keep, tie_count, cut});
+  }
+  return {results, 0};
+}
+
+}  // namespace fastmerge
