@@ -13,6 +13,9 @@
 // holds the tie cut-off, so only that range is scanned. When the sample mispredicts, the classic
 // passes decide. The answer never depends on the sample: only the speed does.
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -36,10 +39,11 @@ constexpr int64_t kSerialSelect = int64_t(1) << 20;
 
 using Result = std::tuple<uint32_t, int64_t, int64_t, int64_t>;  // t_bits, ties_to_keep, tie_count, cut-off
 
-// (bin holding the k-th largest, count in higher bins) for 1 <= k <= the histogram's total.
-std::pair<int64_t, int64_t> bin_of_kth(const int64_t* hist, int64_t bins, int64_t k) {
+// (bin holding the k-th largest, count in higher bins) for 1 <= k <= the histogram's total,
+// walking down from `highest` (no bin above it may be non-empty).
+std::pair<int64_t, int64_t> bin_of_kth(const int64_t* hist, int64_t highest, int64_t k) {
   int64_t above = 0;
-  for (int64_t bin = bins - 1; bin > 0; --bin) {
+  for (int64_t bin = highest; bin > 0; --bin) {
     if (above + hist[bin] >= k) return {bin, above};
     above += hist[bin];
   }
@@ -64,12 +68,16 @@ struct Window {
 std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t n,
                                     const std::vector<int64_t>& ks, int64_t sample) {
   const int64_t m = std::min(n, std::max<int64_t>(sample, 1));
+  // Element s * n / m for s < m, as s * q + s * r / m (no overflow: s * r < m^2).
+  const int64_t q_step = n / m, r_step = n % m;
   std::vector<int64_t> hist(kHistBins, 0);
   for (int64_t s = 0; s < m; ++s) {
-    float d, scratch;
-    load_delta(&d, &scratch, xp, x_dtype, bp, b_dtype, m == n ? s : int64_t((__int128)s * n / m), 1);
+    const int64_t i = s * q_step + s * r_step / m;
+    const float d = bp ? load(xp, x_dtype, i) - load(bp, b_dtype, i) : load(xp, x_dtype, i);  // as load_delta
     ++hist[std::min(f32_bits(d) & 0x7fffffffu, 0x7f800000u) >> 16];
   }
+  int64_t highest = kHistBins - 1;
+  while (highest > 0 && !hist[highest]) --highest;
   std::vector<Window> windows(ks.size());
   for (size_t q = 0; q < ks.size(); ++q) {
     int64_t top = ks[q], bottom = ks[q];
@@ -80,8 +88,8 @@ std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp,
       bottom = std::clamp<int64_t>(int64_t(std::ceil(centre + margin)), 1, m);
     }
     Window w;
-    w.lo = uint32_t(bin_of_kth(hist.data(), kHistBins, bottom).first);
-    w.hi = uint32_t(bin_of_kth(hist.data(), kHistBins, top).first);
+    w.lo = uint32_t(bin_of_kth(hist.data(), highest, bottom).first);
+    w.hi = uint32_t(bin_of_kth(hist.data(), highest, top).first);
     if (w.span() >= kMaxWindowBuckets) continue;
     // Histograms go to the occupied buckets most likely to hold the k-th largest (spread-out
     // data occupies more buckets than there are histograms): the sample rank of the k-th largest
@@ -90,7 +98,7 @@ std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp,
     const double centre = double(ks[q]) * double(m) / double(n);
     const double scale = std::sqrt(2.0) * std::max(0.5, std::sqrt(centre * std::max(0.0, 1.0 - centre / double(m))));
     std::vector<std::pair<double, uint32_t>> by_chance;  // (chance, bucket)
-    int64_t rank = bin_of_kth(hist.data(), kHistBins, top).second;  // sample elements above w.hi
+    int64_t rank = bin_of_kth(hist.data(), highest, top).second;  // sample elements above w.hi
     for (uint32_t bucket = w.hi + 1; bucket-- > w.lo;) {
       if (!hist[bucket]) continue;
       const double first = double(rank) + 0.5, last = double(rank + hist[bucket]) + 0.5;
@@ -120,7 +128,7 @@ class WindowCounter {
  public:
   explicit WindowCounter(const Window& w)
       : w_(w), buckets_(w.usable() ? int64_t(w.span()) + 1 : 1), fine_(int64_t(w.occupied) * kFineBins + 1),
-        inside_(kChunk) {}
+        inside_(kChunk + 16) {}
 
   void add(const uint32_t* bits, int64_t len, WindowCounts& out) {
     const uint32_t lo = w_.lo << 16, span = w_.last_bits() - lo, last = w_.last_bits();
@@ -128,7 +136,19 @@ class WindowCounter {
     uint32_t* in = inside_.data();
 #pragma omp simd reduction(+ : above)
     for (int64_t j = 0; j < len; ++j) above += bits[j] > last;
-    for (int64_t j = 0; j < len; ++j) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    // 16 at a time: compare, compress the hits to the front of a register, store it whole (the
+    // buffer has 16 spare elements) and advance by the hit count.
+    const __m512i lo_v = _mm512_set1_epi32(int(lo)), span_v = _mm512_set1_epi32(int(span));
+    for (; j + 16 <= len; j += 16) {
+      const __m512i v = _mm512_sub_epi32(_mm512_loadu_si512(bits + j), lo_v);
+      const __mmask16 hit = _mm512_cmple_epu32_mask(v, span_v);
+      _mm512_storeu_si512(in + m, _mm512_maskz_compress_epi32(hit, v));
+      m += __builtin_popcount(hit);
+    }
+#endif
+    for (; j < len; ++j) {
       in[m] = bits[j] - lo;
       m += bits[j] - lo <= span;
     }
@@ -182,9 +202,9 @@ int64_t cut_without_scan(int64_t ties_to_keep, int64_t n) { return ties_to_keep 
 Result two_pass_select(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, int64_t k) {
   std::vector<int64_t> coarse(kHistBins, 0), fine(kHistBins, 0);
   magnitude_histogram(x, x_dtype, b, b_dtype, n, reinterpret_cast<uintptr_t>(coarse.data()), 1, 0);
-  const auto [bucket, above] = bin_of_kth(coarse.data(), kHistBins, k);
+  const auto [bucket, above] = bin_of_kth(coarse.data(), kHistBins - 1, k);
   magnitude_histogram(x, x_dtype, b, b_dtype, n, reinterpret_cast<uintptr_t>(fine.data()), 2, uint32_t(bucket));
-  const auto [low, above_fine] = bin_of_kth(fine.data(), kHistBins, k - above);
+  const auto [low, above_fine] = bin_of_kth(fine.data(), kHistBins - 1, k - above);
   const uint32_t t_bits = (uint32_t(bucket) << 16) | uint32_t(low);
   const int64_t ties_to_keep = k - above - above_fine, tie_count = fine[low];
   int64_t cut = cut_without_scan(ties_to_keep, n);
@@ -264,7 +284,7 @@ std::pair<std::vector<Result>, int64_t> select_top_k(uintptr_t x, int x_dtype, u
     std::vector<int64_t> fine(kFineBins, 0);
     for (const auto& thread : counts)
       for (int64_t bin = 0; bin < kFineBins; ++bin) fine[bin] += thread[q].fine[slot * kFineBins + bin];
-    const auto [low, above_fine] = bin_of_kth(fine.data(), kFineBins, k - above);
+    const auto [low, above_fine] = bin_of_kth(fine.data(), kFineBins - 1, k - above);
     const uint32_t t_bits = ((w.lo + uint32_t(bucket)) << 16) | uint32_t(low);
     const int64_t ties_to_keep = k - above - above_fine, tie_count = fine[low];
     int64_t cut = cut_without_scan(ties_to_keep, n);
