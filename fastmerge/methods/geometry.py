@@ -23,7 +23,7 @@ import torch
 
 from .. import ops
 from ..ops import dot
-from ..ops._dispatch import available_backends
+from ..ops._dispatch import backend_usable
 
 def fibres(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     """`x` as a [R, D] matrix whose rows are the vectors: one row (the flattened tensor) when
@@ -57,7 +57,7 @@ def gram(
     requested = backend or os.environ.get("FASTMERGE_BACKEND")
     if requested not in dot.SUPPORTED_BACKENDS:
         on_cpu = not vectors[0].is_cuda
-        requested = "native" if on_cpu and "native" in available_backends() else "reference"
+        requested = "native" if on_cpu and backend_usable("native") else "reference"
     return dot.gram(vectors, base=base, dim=dim, backend=requested)
 
 

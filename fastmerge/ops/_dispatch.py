@@ -45,15 +45,24 @@ def _cuda_available() -> bool:
     return _native.has_cuda()  # built with FASTMERGE_CUDA=ON and a device the driver can use
 
 
+# How to tell whether each backend is usable; each check runs once (lru_cache), and only when a
+# call could pick that backend, so a CPU merge never pays for importing triton.
+_CHECKS = {
+    "reference": lambda: True,
+    "native": _native_available,
+    "triton": _triton_available,
+    "cuda": _cuda_available,
+}
+
+
 def available_backends() -> list[str]:
     """Backends usable in this process, in ALL_BACKENDS order."""
-    checks = {
-        "reference": lambda: True,
-        "native": _native_available,
-        "triton": _triton_available,
-        "cuda": _cuda_available,
-    }
-    return [name for name in ALL_BACKENDS if checks[name]()]
+    return [name for name in ALL_BACKENDS if _CHECKS[name]()]
+
+
+def backend_usable(name: str) -> bool:
+    """Whether one backend is usable here, checking only that one."""
+    return _CHECKS[name]()
 
 
 def resolve_backend(
@@ -71,12 +80,11 @@ def resolve_backend(
             raise KernelError(f"unknown backend {requested!r} for {op}; use one of {', '.join(ALL_BACKENDS)}")
         if requested not in supported:
             raise KernelError(f"{op} has no {requested!r} backend; it has {', '.join(supported)}")
-        if requested not in available_backends():
+        if not backend_usable(requested):
             raise KernelError(f"backend {requested!r} is not usable here (see fastmerge.ops.available_backends())")
         return requested
-    usable = set(available_backends())
     preference = ("cuda", "triton") if on_cuda else ("native",)
     for name in preference:
-        if name in supported and name in usable:
+        if name in supported and backend_usable(name):
             return name
     return "reference"

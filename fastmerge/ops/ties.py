@@ -52,7 +52,7 @@ import torch
 
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
-from ._dispatch import available_backends, resolve_backend
+from ._dispatch import backend_usable, resolve_backend
 from ._fma import fma_f32
 from .random import derive_key, philox_uniform
 from .threshold import Threshold, density_to_k, magnitude_thresholds, tie_cutoff
@@ -228,7 +228,7 @@ def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, te
     elif x.device.type == "cpu":
         sel_backend = "native"
     else:  # the CUDA histogram where this build has it, else torch ops on the GPU
-        sel_backend = "cuda" if "cuda" in available_backends() else "reference"
+        sel_backend = "cuda" if backend_usable("cuda") else "reference"
     if threshold is not None:
         return _given_threshold(x, base, threshold, sel_backend)
     if density >= 1.0:
