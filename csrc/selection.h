@@ -35,8 +35,9 @@ struct Selector {
   float density = 1.f;
   const uint8_t* keep = nullptr;  // MASKED: nonzero = kept, indexed by flat element
 
+  // Bitwise, not short-circuit, operators: the loops below stay branch-free and vectorise.
   static bool in_top(uint32_t bits, int64_t i, uint32_t t, int64_t cut) {
-    return bits > t || (bits == t && i < cut);
+    return (bits > t) | ((bits == t) & (i < cut));
   }
   // d[j] (element off + j) becomes d[j] * scale if kept, else 0. One loop per mode so the
   // compiler can vectorise each.
@@ -53,7 +54,7 @@ struct Selector {
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) {
           const uint32_t bits = f32_bits(d[j]) & 0x7fffffffu;
-          const bool keep = in_top(bits, off + j, t_lo, cut_lo) && !in_top(bits, off + j, t_hi, cut_hi);
+          const bool keep = in_top(bits, off + j, t_lo, cut_lo) & !in_top(bits, off + j, t_hi, cut_hi);
           d[j] = keep ? d[j] * scale : 0.f;
         }
         return;
