@@ -30,14 +30,12 @@ class Profile:
 FULL = Profile(
     name="full",
     tasks=("reverse", "sort", "add", "shift", "count"),
-    shape=ModelShape(hidden=128, layers=4, heads=4, intermediate=384),
-    # 2000 steps: the base has to learn the task skills (SKILL_TAGS) under their own tags; at 800
-    # steps it reversed 22% and sorted 49% of skill prompts, at 2000 steps 100% and 98%.
-    pretrain=TrainSettings(steps=2000, batch=32, lr=3e-3),
+    shape=ModelShape(hidden=256, layers=4, heads=4, intermediate=688),
+    pretrain=TrainSettings(steps=1800, batch=32, lr=2e-3),
     # A short, gentle fine-tune with general-stream replay: it only has to route the task's tag
     # to a skill the base has, which keeps the task vectors small (see training.py).
     finetune=TrainSettings(steps=100, batch=32, lr=5e-4, replay_batch=16),
-    general_train_lines=20000,
+    general_train_lines=50000,
     general_eval_lines=300,
     n_train=4000,
     n_val=100,

@@ -63,19 +63,24 @@ def _word(rng: random.Random) -> str:
 
 
 def _two_numbers(rng: random.Random) -> str:
-    return f"{rng.randint(100, 999)}+{rng.randint(100, 999)}"
+    """Two 3-digit numbers, each written least significant digit first (123 and 456 -> "321+654")."""
+    return f"{str(rng.randint(100, 999))[::-1]}+{str(rng.randint(100, 999))[::-1]}"
 
 
 def _add(raw: str) -> str:
-    """The sum as four digits, least significant first (zero-padded: 123+456 -> "9750").
+    """The sum of two numbers written least significant digit first, as four digits written the
+    same way (zero-padded: "321+654", i.e. 123+456, -> "9750").
 
-    Written the way the sum is computed, each answer digit depends only on the input digits at
-    its own place and the carry from the digit just emitted, and sits at a fixed offset from
-    them. With the usual most-significant-first answer the first digit needs every carry
-    before it is written; the full-profile model did not learn that in 400 steps (1%).
+    With every number least significant digit first, each answer digit sits at the same offset
+    from the two input digits it adds and from the two before them (the carry) whatever its
+    place, so one attention pattern serves every digit; the sum is computed in the order it is
+    written. With most-significant-first inputs (the answer reversed only) the offsets differ
+    per digit and a 3.2M-parameter base had not learned the skill after 1500 steps (1.5%);
+    with the usual most-significant-first answer the first digit needs every carry before it is
+    written and a fine-tune did not learn it in 400 steps (1%).
     """
     left, right = raw.split("+")
-    return f"{int(left) + int(right):04d}"[::-1]
+    return f"{int(left[::-1]) + int(right[::-1]):04d}"[::-1]
 
 
 def _shift(raw: str, by: int = 3) -> str:
@@ -99,7 +104,7 @@ TASKS: dict[str, Task] = {
              lambda rng: _word(rng), lambda s: s[::-1], WORD),
         Task("sort", "srt", "sort the letters of a 5-letter string (letters a-j)",
              lambda rng: _word(rng), lambda s: "".join(sorted(s)), WORD),
-        Task("add", "add", "add two 3-digit numbers (4-digit sum, least significant digit first)",
+        Task("add", "add", "add two 3-digit numbers (all numbers least significant digit first, 4-digit sum)",
              _two_numbers, _add, 4),
         Task("shift", "shf", "shift each letter 3 places forward (a-j -> d-m)",
              lambda rng: _word(rng), _shift, WORD),
@@ -146,19 +151,25 @@ def make_splits(task: Task, n_train: int, n_val: int, n_test: int, seed: int) ->
 # --- the general stream -------------------------------------------------------------------------
 # Pre-training data for the base model and the yardstick for retention: pseudo-English words
 # from a fixed random chain, and operation lines in the prompt format over the same input kinds
-# the tasks use: a copy (``cpy:x=x``) and each task's string operation under a *different* tag
-# (``SKILL_TAGS``). So the base, like a pre-trained LLM, already has the skills, but it has
-# never seen a task's prompt and scores low on every task; a fine-tune has to learn which skill
-# the task's tag asks for, a small move away from the base. That is the regime merging methods
+# the tasks use: a copy under a random tag (``xqz:x=x``) and each task's string operation under
+# a *different* tag (``SKILL_TAGS``). So the base, like a pre-trained LLM, already has the
+# skills, but it has never seen a task's prompt and, reading an unknown tag, copies: it scores
+# near 0 on every task. A fine-tune has to learn which skill the task's tag asks for, a small
+# move away from the base. That is the regime merging methods
 # are built for. Without the skills in pre-training each fine-tune had to learn its operation
 # from scratch, moved far from the base, and no merge of five such fine-tunes kept more than one
 # task.
 
 _VOWELS = "aeiou"
 SKILL_TAGS = {"reverse": "flp", "sort": "ord", "add": "sum", "shift": "rot", "count": "num"}
-COPY_TAG = "cpy"
+# Relative frequency of each operation line. Addition gets the most: it is the one skill a base
+# did not learn at equal shares (0% on `sum` after 2000 steps, see README tuning log).
+OPERATION_WEIGHTS = {"copy": 2, "reverse": 1, "sort": 1, "add": 4, "shift": 1, "count": 1}
 # Share of general lines that are operation lines (the rest are pseudo-words).
 OPERATION_SHARE = 0.8
+TAG_LENGTH = 3
+# Tags a copy line never carries: those of the skills and of the tasks.
+RESERVED_TAGS = frozenset(SKILL_TAGS.values()) | {task.tag for task in TASKS.values()}
 
 
 def _pseudo_word(rng: random.Random) -> str:
@@ -168,15 +179,50 @@ def _pseudo_word(rng: random.Random) -> str:
     )
 
 
+def _round_two_numbers(rng: random.Random) -> str:
+    """Two 3-digit numbers (000-999, least significant digit first) whose digits are each 0 half
+    the time: the pre-training stream's addition operands.
+
+    On uniform digits an answer digit, the sum of two input digits modulo 10, is independent of
+    either input digit alone, so learning to attend to one of them earns nothing until both are
+    used: a 0.87M model trained on uniform sums alone stayed at chance on every digit for 600
+    steps. Where one of the two digits is 0 the answer digit is the other one, which breaks that
+    symmetry: the same model then reached 70% on the first digit and 16% exact after 500 steps,
+    on uniform test sums.
+    """
+    def number() -> str:
+        return "".join("0" if rng.random() < 0.5 else rng.choice(DIGITS[1:]) for _ in range(3))
+
+    return f"{number()}+{number()}"
+
+
+# How the stream draws a skill's inputs where it differs from the task's own sampler.
+SKILL_INPUTS: dict[str, Callable[[random.Random], str]] = {"add": _round_two_numbers}
+
+
+def _copy_tag(rng: random.Random) -> str:
+    """A random tag outside RESERVED_TAGS.
+
+    Copy lines carry random tags so that the base learns "a tag I do not know asks for a copy"
+    over every input kind. With one fixed copy tag the base mapped the unseen task tags to some
+    skill of its own choosing instead (it answered 31-39% of `shf` prompts with its `rot` skill,
+    and guessed counts), so its score on a task depended on which skill it happened to pick.
+    """
+    while True:
+        tag = "".join(rng.choice(LETTERS) for _ in range(TAG_LENGTH))
+        if tag not in RESERVED_TAGS:
+            return tag
+
+
 def _general_line(rng: random.Random) -> str:
     if rng.random() < OPERATION_SHARE:
-        skill = rng.choice([COPY_TAG, *SKILL_TAGS])
-        if skill == COPY_TAG:
-            raw = _word(rng) if rng.random() < 0.6 else _two_numbers(rng)
-            return f"{COPY_TAG}:{raw}={raw}{ANSWER_END}"
-        task = TASKS[skill]
-        raw = task.sample_input(rng)
-        return f"{SKILL_TAGS[skill]}:{raw}={task.solve(raw)}{ANSWER_END}"
+        operation = rng.choices(list(OPERATION_WEIGHTS), weights=list(OPERATION_WEIGHTS.values()))[0]
+        if operation == "copy":
+            raw = TASKS[rng.choice(list(TASKS))].sample_input(rng)
+            return f"{_copy_tag(rng)}:{raw}={raw}{ANSWER_END}"
+        task = TASKS[operation]
+        raw = SKILL_INPUTS.get(operation, task.sample_input)(rng)
+        return f"{SKILL_TAGS[operation]}:{raw}={task.solve(raw)}{ANSWER_END}"
     words = " ".join(_pseudo_word(rng) for _ in range(rng.randint(3, 8)))
     return words + ANSWER_END
 

@@ -9,7 +9,7 @@ import pytest
 
 from bench.quality.cache import cached_checkpoint, recipe_key
 from bench.quality.scoring import continual_summary, exact_match_accuracy
-from bench.quality.tasks import ALPHABET, SKILL_TAGS, TASKS, general_text, make_splits
+from bench.quality.tasks import ALPHABET, RESERVED_TAGS, SKILL_TAGS, TASKS, general_text, make_splits
 from bench.quality.tokenizer import decode, encode, save_hf_tokenizer
 
 
@@ -20,8 +20,11 @@ def _check_answer(task: str, raw: str, answer: str) -> bool:
     if task == "sort":
         return Counter(answer) == Counter(raw) and all(a <= b for a, b in zip(answer, answer[1:]))
     if task == "add":
-        left, right = raw.split("+")  # four digits, least significant first
-        return len(answer) == 4 and answer.isdigit() and int(answer[::-1]) - int(left) == int(right)
+        # Every number least significant digit first; inputs have three digits, the sum four.
+        left, right = (side[::-1] for side in raw.split("+"))
+        three_digits = all(len(side) == 3 and side[0] != "0" for side in (left, right))
+        return three_digits and len(answer) == 4 and answer.isdigit() \
+            and int(answer[::-1]) - int(left) == int(right)
     if task == "shift":
         return len(answer) == len(raw) and all(ord(a) - ord(r) == 3 for a, r in zip(answer, raw))
     if task == "count":
@@ -75,6 +78,14 @@ def test_general_stream_is_deterministic_and_never_shows_task_prompts():
         for line in lines:
             raw, answer = line[len(skill) + 1 :].split("=")
             assert _check_answer(name, raw, answer), line
+    # The other operation lines copy their input, under tags that are neither skill nor task tags
+    # and vary from line to line (so an unknown tag means "copy" to the base).
+    copies = [line for line in text.splitlines() if "=" in line and line[:3] not in SKILL_TAGS.values()]
+    assert len({line.split(":")[0] for line in copies}) > 20
+    for line in copies:
+        tag, rest = line.split(":", 1)
+        raw, answer = rest.split("=")
+        assert tag not in RESERVED_TAGS and raw == answer, line
 
 
 def test_tokenizer_round_trip_and_hf_agreement(tmp_path):
