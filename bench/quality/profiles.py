@@ -30,11 +30,15 @@ class Profile:
 FULL = Profile(
     name="full",
     tasks=("reverse", "sort", "add", "shift", "count"),
+    # 3.19M parameters: 0.42 s per pre-training step on 2 idle cores.
     shape=ModelShape(hidden=256, layers=4, heads=4, intermediate=688),
+    # The base has to learn the task skills under their own tags (SKILL_TAGS); at 1200 of these
+    # 1800 steps it added 92.5% and sorted 39.5% of skill prompts, at 1800 96% and 72%.
     pretrain=TrainSettings(steps=1800, batch=32, lr=2e-3),
     # A short, gentle fine-tune with general-stream replay: it only has to route the task's tag
-    # to a skill the base has, which keeps the task vectors small (see training.py).
-    finetune=TrainSettings(steps=100, batch=32, lr=5e-4, replay_batch=16),
+    # to a skill the base has, which keeps the task vectors small (see training.py). 150 steps:
+    # at 100 the sort fine-tune stopped at 87% (the base sorts 72% of skill prompts).
+    finetune=TrainSettings(steps=150, batch=32, lr=5e-4, replay_batch=16),
     general_train_lines=50000,
     general_eval_lines=300,
     n_train=4000,

@@ -162,8 +162,9 @@ def make_splits(task: Task, n_train: int, n_val: int, n_test: int, seed: int) ->
 
 _VOWELS = "aeiou"
 SKILL_TAGS = {"reverse": "flp", "sort": "ord", "add": "sum", "shift": "rot", "count": "num"}
-# Relative frequency of each operation line. Addition gets the most: it is the one skill a base
-# did not learn at equal shares (0% on `sum` after 2000 steps, see README tuning log).
+# Relative frequency of each operation line. Addition gets the most: it is the slowest skill to
+# learn (at equal shares, uniform operands: 0% on `sum` after 2000 steps; see the README's
+# tuning log).
 OPERATION_WEIGHTS = {"copy": 2, "reverse": 1, "sort": 1, "add": 4, "shift": 1, "count": 1}
 # Share of general lines that are operation lines (the rest are pseudo-words).
 OPERATION_SHARE = 0.8
