@@ -89,20 +89,29 @@ int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, 
   return nan_count;
 }
 
+int64_t find_tie(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t begin, int64_t end,
+                 uint32_t t_bits, int64_t seen, int64_t ties_to_keep) {
+  std::vector<float> d(kChunk), scratch(kChunk);
+  std::vector<uint32_t> bits(kChunk);
+  for (int64_t off = begin; off < end; off += kChunk) {
+    const int64_t len = std::min(kChunk, end - off);
+    load_abs_bits(bits.data(), d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+    int64_t here = 0;
+#pragma omp simd reduction(+ : here)
+    for (int64_t j = 0; j < len; ++j) here += bits[j] == t_bits;
+    if (seen + here > ties_to_keep)
+      for (int64_t j = 0; j < len; ++j)
+        if (bits[j] == t_bits && seen++ == ties_to_keep) return off + j;
+    seen += here;
+  }
+  return end;
+}
+
 int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uint32_t t_bits,
                    int64_t ties_to_keep) {
   check_inputs(x_dtype, b, b_dtype);
-  const void* xp = reinterpret_cast<const void*>(x);
-  const void* bp = reinterpret_cast<const void*>(b);
-  std::vector<float> d(kChunk), scratch(kChunk);
-  int64_t seen = 0;
-  for (int64_t off = 0; off < n; off += kChunk) {
-    const int64_t len = std::min(kChunk, n - off);
-    load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
-    for (int64_t j = 0; j < len; ++j)
-      if ((f32_bits(d[j]) & 0x7fffffffu) == t_bits && seen++ == ties_to_keep) return off + j;
-  }
-  return n;
+  return find_tie(reinterpret_cast<const void*>(x), x_dtype, reinterpret_cast<const void*>(b), b_dtype, 0, n, t_bits,
+                  0, ties_to_keep);
 }
 
 namespace {

@@ -154,6 +154,12 @@ int64_t magnitude_histogram(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, 
 std::pair<std::vector<std::tuple<uint32_t, int64_t, int64_t, int64_t>>, int64_t> select_top_k(
     uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<int64_t>& ks, int64_t sample);
 
+// Flat index of the (ties_to_keep + 1)-th element with bits(|x - b|) == t_bits in [begin, end),
+// counting `seen` such elements before begin; `end` if it is not there. Vectorised counts per
+// chunk, element by element only in the chunk that holds it.
+int64_t find_tie(const void* x, int x_dtype, const void* b, int b_dtype, int64_t begin, int64_t end, uint32_t t_bits,
+                 int64_t seen, int64_t ties_to_keep);
+
 // Flat index of the (ties_to_keep + 1)-th element with bits(|x - b|) == t_bits, or n: the
 // exclusive end of the ties that the keep-exactly-k rule keeps.
 int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uint32_t t_bits,

@@ -175,26 +175,6 @@ class WindowCounter {
   std::vector<uint32_t> inside_;
 };
 
-// Flat index of the (ties_to_keep + 1)-th element with bits == t_bits in [begin, end), counting
-// from `seen` ties before begin; `end` if it is not there.
-int64_t scan_for_tie(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t begin, int64_t end,
-                     uint32_t t_bits, int64_t seen, int64_t ties_to_keep) {
-  std::vector<float> d(kChunk), scratch(kChunk);
-  std::vector<uint32_t> bits(kChunk);
-  for (int64_t off = begin; off < end; off += kChunk) {
-    const int64_t len = std::min(kChunk, end - off);
-    load_abs_bits(bits.data(), d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
-    int64_t here = 0;
-#pragma omp simd reduction(+ : here)
-    for (int64_t j = 0; j < len; ++j) here += bits[j] == t_bits;
-    if (seen + here > ties_to_keep)
-      for (int64_t j = 0; j < len; ++j)
-        if (bits[j] == t_bits && seen++ == ties_to_keep) return off + j;
-    seen += here;
-  }
-  return end;
-}
-
 // The tie cut-off when no scan is needed: keep no tie (0) or all of them (n).
 int64_t cut_without_scan(int64_t ties_to_keep, int64_t n) { return ties_to_keep <= 0 ? 0 : n; }
 
@@ -294,7 +274,7 @@ std::pair<std::vector<Result>, int64_t> select_top_k(uintptr_t x, int x_dtype, u
       for (int t = 0; t < used; ++t) {
         const int64_t here = counts[t][q].fine[slot * kFineBins + low];
         if (seen + here > ties_to_keep) {
-          cut = scan_for_tie(xp, x_dtype, bp, b_dtype, first[t], first[t + 1], t_bits, seen, ties_to_keep);
+          cut = find_tie(xp, x_dtype, bp, b_dtype, first[t], first[t + 1], t_bits, seen, ties_to_keep);
           break;
         }
         seen += here;
