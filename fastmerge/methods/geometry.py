@@ -16,14 +16,13 @@ numbers.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
 from .. import ops
 from ..ops import dot
-from ..ops._dispatch import backend_usable
+from ..ops._dispatch import helper_backend
 
 def fibres(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     """`x` as a [R, D] matrix whose rows are the vectors: one row (the flattened tensor) when
@@ -54,10 +53,7 @@ def gram(
     copies, fixed summation order). `backend` is the run's backend: one gram has no kernel for
     (triton, cuda) falls back to gram's own default for the device.
     """
-    requested = backend or os.environ.get("FASTMERGE_BACKEND")
-    if requested not in dot.SUPPORTED_BACKENDS:
-        on_cpu = not vectors[0].is_cuda
-        requested = "native" if on_cpu and backend_usable("native") else "reference"
+    requested = helper_backend(vectors[0].device, dot.SUPPORTED_BACKENDS, backend)
     return dot.gram(vectors, base=base, dim=dim, backend=requested)
 
 

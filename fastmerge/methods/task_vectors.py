@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..ops._dispatch import helper_backend
+from ..ops.threshold import BACKENDS as THRESHOLD_BACKENDS
 from ..ops.threshold import KEEP_NOTHING, MagnitudeHistogram, Threshold, keep_mask, magnitude_threshold
 from ..ops._fma import fma_f32
 from ..ops.ties import OutlierBand, outlier_ranks, ties_merge
@@ -33,9 +35,8 @@ TRIM_SCOPES = ("tensor", "model")
 
 
 def selection_backend(device: torch.device, backend: str | None) -> str:
-    """The backend of the histogram selection ops (reference or native only) for a merge whose
-    element pass runs on `backend`: native for CPU tensors unless the reference is forced."""
-    return "native" if device.type == "cpu" and backend != "reference" else "reference"
+    """The backend of the threshold ops for a merge whose element pass runs on `backend`."""
+    return helper_backend(device, THRESHOLD_BACKENDS, backend)
 
 
 def magnitude_k(density: float, n: int) -> int:

@@ -83,6 +83,28 @@ def resolve_backend(
         if not backend_usable(requested):
             raise KernelError(f"backend {requested!r} is not usable here (see fastmerge.ops.available_backends())")
         return requested
+    return _device_default(on_cuda, supported)
+
+
+def helper_backend(device: torch.device, supported: Iterable[str], run_backend: str | None) -> str:
+    """The backend of a helper op (a threshold, a Gram matrix) inside a merge whose element pass
+    runs on `run_backend` (None: FASTMERGE_BACKEND or the default).
+
+    One rule for every method, so a forced backend means the same everywhere: `reference`
+    forces the oracle end to end; a backend the helper has and can use here is kept; otherwise
+    (say triton, which has no threshold kernel) the helper takes its own default for the device.
+    """
+    supported = tuple(supported)
+    run_backend = run_backend or os.environ.get("FASTMERGE_BACKEND") or None
+    if run_backend == "reference":
+        return "reference"
+    if run_backend in supported and backend_usable(run_backend):
+        return run_backend
+    return _device_default(device.type == "cuda", supported)
+
+
+def _device_default(on_cuda: bool, supported: tuple[str, ...]) -> str:
+    """The fastest usable backend among `supported` for tensors on CUDA or on the CPU."""
     preference = ("cuda", "triton") if on_cuda else ("native",)
     for name in preference:
         if name in supported and backend_usable(name):

@@ -52,9 +52,10 @@ import torch
 
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
-from ._dispatch import backend_usable, resolve_backend
+from ._dispatch import helper_backend, resolve_backend
 from ._fma import fma_f32
 from .random import derive_key, philox_uniform
+from .threshold import BACKENDS as THRESHOLD_BACKENDS
 from .threshold import Threshold, density_to_k, magnitude_thresholds, tie_cutoff
 
 SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
@@ -223,12 +224,7 @@ def _given_threshold(x, base, threshold: Threshold | OutlierBand, backend: str) 
 def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, tensor_name, backend) -> Selector:
     n = x.numel()
     name = f"{tensor_name or 'tensor'} (model {i})"
-    if backend == "reference":
-        sel_backend = "reference"
-    elif x.device.type == "cpu":
-        sel_backend = "native"
-    else:  # the CUDA histogram where this build has it, else torch ops on the GPU
-        sel_backend = "cuda" if backend_usable("cuda") else "reference"
+    sel_backend = helper_backend(x.device, THRESHOLD_BACKENDS, backend)
     if threshold is not None:
         return _given_threshold(x, base, threshold, sel_backend)
     if density >= 1.0:
