@@ -19,8 +19,9 @@ from typing import Sequence
 
 import torch
 
-from ..dtypes import FLOAT_OUTPUT_DTYPES, NATIVE_CODES, native_code
+from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
+from ._checks import check_alike
 from ._dispatch import resolve_backend
 from ._fma import fma_f32
 
@@ -116,17 +117,9 @@ def _fp32_weights(inputs: list, weights: Sequence[float]) -> list[float]:
 
 def _check_tensors(inputs, base, out_dtype, out) -> torch.dtype:
     """Validate shapes, dtypes and devices; return the output dtype."""
+    check_alike("blend", [(f"inputs[{i}]", x) for i, x in enumerate(inputs)]
+                + ([("base", base)] if base is not None else []))
     shape, device = inputs[0].shape, inputs[0].device
-    named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)] + ([("base", base)] if base is not None else [])
-    for label, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise KernelError(f"blend: {label} is a {type(t).__name__}, not a torch.Tensor")
-        if t.shape != shape:
-            raise KernelError(f"blend: {label} has shape {tuple(t.shape)} but inputs[0] has {tuple(shape)}")
-        if t.dtype not in NATIVE_CODES:
-            raise KernelError(f"blend: {label} has dtype {t.dtype}; inputs must be fp32, fp16, bf16 or fp8")
-        if t.device != device:
-            raise KernelError(f"blend: {label} is on {t.device} but inputs[0] is on {device}")
     if out is not None:
         if out_dtype is not None and out.dtype != out_dtype:
             raise KernelError(f"blend: out has dtype {out.dtype} but out_dtype={out_dtype}")

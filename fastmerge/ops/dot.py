@@ -23,8 +23,9 @@ from typing import Sequence
 
 import torch
 
-from ..dtypes import NATIVE_CODES, native_code
+from ..dtypes import native_code
 from ..errors import KernelError
+from ._checks import check_alike
 from ._dispatch import resolve_backend
 
 SUPPORTED_BACKENDS = ("reference", "native")
@@ -54,15 +55,9 @@ def _layout(vectors: list[torch.Tensor], base: torch.Tensor | None, dim: int | N
     [outer, length, inner] with the fibres running along `length`."""
     if not vectors:
         raise KernelError("gram needs at least one vector")
-    shape, device = vectors[0].shape, vectors[0].device
-    named = [(f"vectors[{i}]", v) for i, v in enumerate(vectors)] + ([("base", base)] if base is not None else [])
-    for label, t in named:
-        if t.shape != shape:
-            raise KernelError(f"gram: {label} has shape {tuple(t.shape)} but vectors[0] has {tuple(shape)}")
-        if t.dtype not in NATIVE_CODES:
-            raise KernelError(f"gram: {label} has dtype {t.dtype}; vectors must be fp32, fp16, bf16 or fp8")
-        if t.device != device:
-            raise KernelError(f"gram: {label} is on {t.device} but vectors[0] is on {device}")
+    check_alike("gram", [(f"vectors[{i}]", v) for i, v in enumerate(vectors)]
+                + ([("base", base)] if base is not None else []))
+    shape = vectors[0].shape
     if dim is None or len(shape) <= 1:
         return 1, math.prod(shape), 1
     if not -len(shape) <= dim < len(shape):

@@ -52,6 +52,7 @@ import torch
 
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
+from ._checks import check_alike
 from ._dispatch import helper_backend, resolve_backend
 from ._fma import fma_f32
 from .random import derive_key, philox_uniform
@@ -352,10 +353,7 @@ def _check(base, inputs, weights, densities, thresholds, sparsify, rescale_mode,
     for name, values in (("weights", weights), ("densities", densities), ("thresholds", thresholds)):
         if values is not None and len(values) != len(inputs):
             raise KernelError(f"ties_merge: {len(inputs)} inputs but {len(values)} {name}")
-    for i, x in enumerate(inputs):
-        if x.shape != base.shape or x.device != base.device:
-            raise KernelError(f"ties_merge: input {i} has shape {tuple(x.shape)} on {x.device}, "
-                              f"base has {tuple(base.shape)} on {base.device}")
+    check_alike("ties_merge", [("base", base)] + [(f"input {i}", x) for i, x in enumerate(inputs)])
     if sparsify not in SPARSIFIERS:
         raise KernelError(f"unknown sparsify {sparsify!r}; use one of {', '.join(SPARSIFIERS)}")
     if rescale_mode not in RESCALE_MODES:

@@ -1,0 +1,27 @@
+"""Argument checks shared by the ops, so every kernel rejects mismatched tensors with the same
+clear message before any backend sees them."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..dtypes import NATIVE_CODES
+from ..errors import KernelError
+
+
+def check_alike(op: str, named: Sequence[tuple[str, Any]]) -> None:
+    """Every (label, tensor) in `named` is a torch.Tensor of a kernel dtype (fp32, fp16, bf16,
+    fp8) with the first one's shape and device; otherwise a KernelError naming `op` and the
+    offending argument."""
+    first_label, first = named[0]
+    for label, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise KernelError(f"{op}: {label} is a {type(t).__name__}, not a torch.Tensor")
+        if t.shape != first.shape:
+            raise KernelError(f"{op}: {label} has shape {tuple(t.shape)} but {first_label} has {tuple(first.shape)}")
+        if t.dtype not in NATIVE_CODES:
+            raise KernelError(f"{op}: {label} has dtype {t.dtype}; it must be fp32, fp16, bf16 or fp8")
+        if t.device != first.device:
+            raise KernelError(f"{op}: {label} is on {t.device} but {first_label} is on {first.device}")
