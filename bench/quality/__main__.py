@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
+from pathlib import Path
 
-# Before torch loads OpenMP: on a shared 2-core box, spinning OpenMP threads wait for each other
-# while other processes hold the cores, which made training ~5x slower in measurements here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from .cache import default_cache_dir  # noqa: E402
-from .pipeline import run_benchmark  # noqa: E402
-from .profiles import FULL, QUICK  # noqa: E402
-from .report import write_report  # noqa: E402
+from .cache import default_cache_dir
+from .pipeline import run_benchmark
+from .profiles import FULL, QUICK
+from .report import write_report
 
 DEFAULT_OUT = Path("bench/results/quality")
 
