@@ -24,19 +24,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ConfigError
-from ..ops._dispatch import helper_backend
-from ..ops.threshold import BACKENDS as THRESHOLD_BACKENDS
-from ..ops.threshold import KEEP_NOTHING, MagnitudeHistogram, Threshold, keep_mask, magnitude_threshold
+from ..ops.threshold import (KEEP_NOTHING, MagnitudeHistogram, Threshold, keep_mask, magnitude_threshold,
+                             threshold_backend)
 from ..ops._fma import fma_f32
 from ..ops.ties import OutlierBand, outlier_ranks, ties_merge
 from .base import MergeMethod, TensorTask, register
 
 TRIM_SCOPES = ("tensor", "model")
-
-
-def selection_backend(device: torch.device, backend: str | None) -> str:
-    """The backend of the threshold ops for a merge whose element pass runs on `backend`."""
-    return helper_backend(device, THRESHOLD_BACKENDS, backend)
 
 
 def magnitude_k(density: float, n: int) -> int:
@@ -150,7 +144,7 @@ class MagnitudeTrim(TaskVectorMerge):
         given = super().thresholds(task, densities)
         if given is not None:
             return given
-        backend = selection_backend(task.base.device, task.backend)
+        backend = threshold_backend(task.base.device, task.backend)
         return [
             None if density >= 1 else magnitude_threshold(
                 x, magnitude_k(density, x.numel()), base=task.base, backend=backend, name=f"{task.name} (model {i})"
@@ -189,7 +183,7 @@ def model_wide_thresholds(plan: Any, device: torch.device, backend: str | None,
                 )
             if ref.checkpoint not in histograms:
                 histograms[ref.checkpoint] = method.model_histogram(
-                    params, selection_backend(device, backend), f"task vector of {model}")
+                    params, threshold_backend(device, backend), f"task vector of {model}")
     order: dict[tuple[str, int], int] = {}
     for phase in (1, 2):
         added = {checkpoint: 0 for checkpoint in histograms}
@@ -358,7 +352,7 @@ def _variance_selected(deltas: list[torch.Tensor], select_topk: float, backend: 
     variance = torch.var(torch.stack(deltas), dim=0, unbiased=False)
     k = int(int(torch.count_nonzero(variance)) * select_topk) if select_topk > 0 else 0
     threshold = KEEP_NOTHING if k == 0 else magnitude_threshold(
-        variance, k, backend=selection_backend(variance.device, backend), name=f"{name} (variance over models)"
+        variance, k, backend=threshold_backend(variance.device, backend), name=f"{name} (variance over models)"
     )
     keep = keep_mask(variance, threshold)
     return [torch.where(keep, d, torch.zeros_like(d)) for d in deltas]

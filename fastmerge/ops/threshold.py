@@ -28,10 +28,16 @@ import torch
 
 from ..dtypes import native_code
 from ..errors import KernelError
-from ._dispatch import resolve_backend
+from ._dispatch import helper_backend, resolve_backend
 
 BINS = 65536
 BACKENDS = ("reference", "native", "cuda")
+
+
+def threshold_backend(device: torch.device, run_backend: str | None) -> str:
+    """The backend of the selection ops here for a merge whose element pass runs on
+    `run_backend` (`_dispatch.helper_backend`'s rule over this module's BACKENDS)."""
+    return helper_backend(device, BACKENDS, run_backend)
 
 
 @dataclass(frozen=True)

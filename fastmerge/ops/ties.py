@@ -53,11 +53,10 @@ import torch
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
 from ._checks import check_alike
-from ._dispatch import helper_backend, resolve_backend
+from ._dispatch import resolve_backend
 from ._fma import fma_f32
 from .random import derive_key, philox_uniform
-from .threshold import BACKENDS as THRESHOLD_BACKENDS
-from .threshold import Threshold, density_to_k, magnitude_thresholds, tie_cutoff
+from .threshold import Threshold, density_to_k, magnitude_thresholds, threshold_backend, tie_cutoff
 
 SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
 RESCALE_MODES = ("l1", "inverse_density")
@@ -225,7 +224,7 @@ def _given_threshold(x, base, threshold: Threshold | OutlierBand, backend: str) 
 def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, tensor_name, backend) -> Selector:
     n = x.numel()
     name = f"{tensor_name or 'tensor'} (model {i})"
-    sel_backend = helper_backend(x.device, THRESHOLD_BACKENDS, backend)
+    sel_backend = threshold_backend(x.device, backend)
     if threshold is not None:
         return _given_threshold(x, base, threshold, sel_backend)
     if density >= 1.0:
