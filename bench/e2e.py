@@ -187,7 +187,7 @@ def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
 
 
 def fastmerge_command(config_path: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "fastmerge.cli", "run", str(config_path), str(out), "--quiet", "--device", "cpu"]
+    return [sys.executable, "-m", "fastmerge", "run", str(config_path), str(out), "--quiet", "--device", "cpu"]
 
 
 def mergekit_command(config_path: Path, out: Path) -> list[str]:

@@ -66,7 +66,7 @@ def main() -> None:
             "base_model": str(paths["base"]),
             "models": [{"model": str(paths[n]), "parameters": {"weight": 0.5}} for n in ("ft1", "ft2")],
         }))
-        peak = child_peak_rss([sys.executable, "-m", "fastmerge.cli", "run", str(config), str(root / "out"), "--quiet", "--overwrite"])
+        peak = child_peak_rss([sys.executable, "-m", "fastmerge", "run", str(config), str(root / "out"), "--quiet", "--overwrite"])
         model_bytes = sum(f.stat().st_size for f in paths["base"].glob("*.safetensors"))
         largest = 2 * max(math.prod(dims) for _, dims in shape.tensor_shapes())
         print(f"{format_size(model_bytes):>12} {format_size(largest):>15} {format_size(peak):>10}", flush=True)

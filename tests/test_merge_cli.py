@@ -60,7 +60,9 @@ def test_mergekit_yaml_errors_exit_2(tmp_path, capsys):
 
 
 def test_demo_builds_and_merges(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "fastmerge.cli", "demo", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # `python -m fastmerge` is the console script's path (fastmerge.console): it leaves with
+    # os._exit, so this also checks that the summary on a piped stdout was flushed first.
+    result = subprocess.run([sys.executable, "-m", "fastmerge", "demo", str(tmp_path / "demo"), "--quiet"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     merged = tmp_path / "demo" / "merged"
     assert "merged" in result.stdout and (merged / "model.safetensors").exists()
@@ -68,6 +70,20 @@ def test_demo_builds_and_merges(tmp_path):
     base = load_dir(tmp_path / "demo" / "models" / "base")
     assert tensors.keys() == base.keys()
     assert not torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_console_scripts_exit_2_on_bad_input(tmp_path):
+    bad = write_config(tmp_path / "m.yml", {"merge_method": "linear", "models": [{"model": str(tmp_path / "missing"), "parameters": {"weight": 1}}]})
+    scripts = {
+        "fastmerge": [sys.executable, "-m", "fastmerge", "run", str(bad), str(tmp_path / "out")],
+        "fastmerge-yaml": [sys.executable, "-c", "import sys; from fastmerge.console import fastmerge_yaml; sys.argv[0] = 'fastmerge-yaml'; fastmerge_yaml()",
+                           str(bad), str(tmp_path / "out")],
+    }
+    for name, command in scripts.items():
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert result.returncode == 2, (name, result.stderr)
+        assert "missing" in result.stderr and "Traceback" not in result.stderr, name
+        assert not (tmp_path / "out").exists()
 
 
 def test_continual_merges_after_each_step(tiny_models, tmp_path, capsys):
