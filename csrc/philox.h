@@ -62,7 +62,8 @@ struct PhiloxSimd {
   static V counters(uint64_t first) { return _mm512_add_epi64(set1(first), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)); }
   static V mul(V a, V b) { return _mm512_mul_epu32(a, b); }
   static V high(V a) { return _mm512_srli_epi64(a, 32); }
-  static V xor3(V a, V b, V c) { return _mm512_xor_si512(_mm512_xor_si512(a, b), c); }
+  static V xor2(V a, V b) { return _mm512_xor_si512(a, b); }
+  static V xor3(V a, V b, V c) { return xor2(xor2(a, b), c); }
   // philox_to_uniform of each lane's low 32 bits into out[0 .. kLanes).
   static void store_uniform(V c, float* out) {
     __m256i v = _mm512_cvtepi64_epi32(c);
@@ -78,7 +79,8 @@ struct PhiloxSimd {
   static V counters(uint64_t first) { return _mm256_add_epi64(set1(first), _mm256_setr_epi64x(0, 1, 2, 3)); }
   static V mul(V a, V b) { return _mm256_mul_epu32(a, b); }
   static V high(V a) { return _mm256_srli_epi64(a, 32); }
-  static V xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+  static V xor2(V a, V b) { return _mm256_xor_si256(a, b); }
+  static V xor3(V a, V b, V c) { return xor2(xor2(a, b), c); }
   static void store_uniform(V c, float* out) {
     __m128i v = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)));
     v = _mm_xor_si128(v, _mm_srai_epi32(v, 31));
@@ -88,6 +90,12 @@ struct PhiloxSimd {
 #endif
 
 // out[i] = philox_uniform(key, offset + i) for i < n: the same values as the scalar form.
+//
+// The first two rounds are cheaper than the rest, since the counter starts as (lo, hi, 0, 0) and
+// hi (offset >> 32) is the same for a whole vector step unless the step crosses a multiple of
+// 2^32 (such a step takes the scalar form). Round 1: c2 = 0, so its product is 0, and the new c0
+// = hi ^ k0 is the same in every lane. Round 2: that c0's product is therefore one scalar
+// multiply, and c1 = 0. That saves two of the twenty vector multiplies (about 10% of the time).
 inline void philox_uniform_block(uint64_t key, uint64_t offset, int64_t n, float* __restrict out) {
   int64_t s = 0;
 #if defined(__AVX2__)
@@ -96,14 +104,37 @@ inline void philox_uniform_block(uint64_t key, uint64_t offset, int64_t n, float
   constexpr int64_t kStep = S::kLanes * kUnroll;
   const S::V round_a = S::set1(kPhiloxRoundA), round_b = S::set1(kPhiloxRoundB);
   for (; s + kStep <= n; s += kStep) {
-    S::V c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
-    for (int u = 0; u < kUnroll; ++u) {
-      c0[u] = S::counters(offset + uint64_t(s + u * S::kLanes));  // low word in the low 32 bits
-      c1[u] = S::high(c0[u]);
-      c2[u] = c3[u] = S::set1(0);
+    const uint64_t first = offset + uint64_t(s);
+    const uint32_t hi = uint32_t(first >> 32);
+    if (uint32_t((first + kStep - 1) >> 32) != hi) {
+      for (int64_t j = s; j < s + kStep; ++j) out[j] = philox_uniform(key, offset + uint64_t(j));
+      continue;
     }
+    S::V c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
     uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
-    for (int round = 0; round < 10; ++round) {
+    // Round 1 (c1 = hi, c2 = c3 = 0 in every lane).
+    const uint32_t c0_uniform = hi ^ k0;
+    for (int u = 0; u < kUnroll; ++u) {
+      const S::V pa = S::mul(S::counters(first + uint64_t(u * S::kLanes)), round_a);
+      c2[u] = S::xor2(S::high(pa), S::set1(k1));
+      c3[u] = pa;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+    // Round 2 (c0 = c0_uniform in every lane, c1 = 0).
+    const uint64_t pa_uniform = uint64_t(kPhiloxRoundA) * c0_uniform;
+    const S::V c2_mix = S::set1(uint32_t(pa_uniform >> 32) ^ k1), c3_uniform = S::set1(uint32_t(pa_uniform));
+    const S::V key0 = S::set1(k0);
+    for (int u = 0; u < kUnroll; ++u) {
+      const S::V pb = S::mul(c2[u], round_b);
+      c0[u] = S::xor2(S::high(pb), key0);
+      c2[u] = S::xor2(c3[u], c2_mix);
+      c1[u] = pb;
+      c3[u] = c3_uniform;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+    for (int round = 2; round < 10; ++round) {
       const S::V key0 = S::set1(k0), key1 = S::set1(k1);
       for (int u = 0; u < kUnroll; ++u) {
         const S::V pb = S::mul(c2[u], round_b), pa = S::mul(c0[u], round_a);

@@ -28,7 +28,7 @@ def test_uniform_is_in_unit_interval():
 
 
 @pytest.mark.parametrize("key", KEYS)
-@pytest.mark.parametrize("offset", [0, 5, (1 << 32) - 3])
+@pytest.mark.parametrize("offset", [0, 5, (1 << 32) - 3, (1 << 32) - 40])
 def test_backends_draw_identical_bits(backend, device, key, offset):
     n = 4097
     expected = uniform_draws(key, n, offset=offset, backend="reference")
