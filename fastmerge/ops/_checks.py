@@ -11,6 +11,12 @@ from ..dtypes import NATIVE_CODES
 from ..errors import KernelError
 
 
+def labelled(name: str, tensors: Sequence[Any], base: Any = None) -> list[tuple[str, Any]]:
+    """[("name[0]", tensors[0]), ...], then ("base", base) when one is given: the list that
+    check_alike takes for a kernel of several inputs and an optional base."""
+    return [(f"{name}[{i}]", t) for i, t in enumerate(tensors)] + ([("base", base)] if base is not None else [])
+
+
 def check_alike(op: str, named: Sequence[tuple[str, Any]]) -> None:
     """Every (label, tensor) in `named` is a torch.Tensor of a kernel dtype (fp32, fp16, bf16,
     fp8) with the first one's shape and device; otherwise a KernelError naming `op` and the

@@ -21,7 +21,7 @@ import torch
 
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
-from ._checks import check_alike
+from ._checks import check_alike, labelled
 from ._dispatch import resolve_backend
 from ._fma import fma_f32
 
@@ -117,8 +117,7 @@ def _fp32_weights(inputs: list, weights: Sequence[float]) -> list[float]:
 
 def _check_tensors(inputs, base, out_dtype, out) -> torch.dtype:
     """Validate shapes, dtypes and devices; return the output dtype."""
-    check_alike("blend", [(f"inputs[{i}]", x) for i, x in enumerate(inputs)]
-                + ([("base", base)] if base is not None else []))
+    check_alike("blend", labelled("inputs", inputs, base))
     shape, device = inputs[0].shape, inputs[0].device
     if out is not None:
         if out_dtype is not None and out.dtype != out_dtype:

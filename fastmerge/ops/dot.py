@@ -25,7 +25,7 @@ import torch
 
 from ..dtypes import native_code
 from ..errors import KernelError
-from ._checks import check_alike
+from ._checks import check_alike, labelled
 from ._dispatch import resolve_backend
 
 SUPPORTED_BACKENDS = ("reference", "native")
@@ -55,8 +55,7 @@ def _layout(vectors: list[torch.Tensor], base: torch.Tensor | None, dim: int | N
     [outer, length, inner] with the fibres running along `length`."""
     if not vectors:
         raise KernelError("gram needs at least one vector")
-    check_alike("gram", [(f"vectors[{i}]", v) for i, v in enumerate(vectors)]
-                + ([("base", base)] if base is not None else []))
+    check_alike("gram", labelled("vectors", vectors, base))
     shape = vectors[0].shape
     if dim is None or len(shape) <= 1:
         return 1, math.prod(shape), 1
