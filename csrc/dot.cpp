@@ -32,11 +32,8 @@ constexpr int64_t kColumns = 512;   // strided fibres handled together by one wo
 // dst[j] = src[off + j * stride] (- base[...] when base), as fp32, for j < len.
 void load_task(float* __restrict dst, uintptr_t src, int dtype, uintptr_t base, int base_dtype, int64_t off,
                int64_t len, float* __restrict base_scratch) {
-  load_chunk(dst, reinterpret_cast<const void*>(src), dtype, off, len);
-  if (!base) return;
-  load_chunk(base_scratch, reinterpret_cast<const void*>(base), base_dtype, off, len);
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j) dst[j] -= base_scratch[j];
+  load_delta(dst, base_scratch, reinterpret_cast<const void*>(src), dtype, reinterpret_cast<const void*>(base),
+             base_dtype, off, len);
 }
 
 // sum_d a[d] b[d] in fp64 with the lane order described above.

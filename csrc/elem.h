@@ -75,4 +75,27 @@ inline void load_chunk(float* __restrict dst, const void* src, int dtype, int64_
     for (int64_t j = 0; j < len; ++j) dst[j] = load(src, dtype, off + j);
 }
 
+// dst[j] = value of src[off + j] as fp32 minus sub[j], for j < len: load_chunk and the
+// subtraction in one loop (the same fp32 values), so a task-vector chunk is written once.
+inline void load_chunk_minus(float* __restrict dst, const void* src, int dtype, int64_t off, int64_t len,
+                             const float* __restrict sub) {
+  bool fast = dispatch_float_dtype(dtype, [&](auto tag) {
+    using E = Elem<decltype(tag)::value>;
+    const typename E::T* __restrict s = static_cast<const typename E::T*>(src) + off;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) dst[j] = E::get(s[j]) - sub[j];
+  });
+  if (!fast)
+    for (int64_t j = 0; j < len; ++j) dst[j] = load(src, dtype, off + j) - sub[j];
+}
+
+// d[j] = x[off + j] - b[off + j] in fp32 for j < len (b absent: d = x); the one definition of a
+// task-vector element every kernel uses. `scratch` holds len floats.
+inline void load_delta(float* __restrict d, float* __restrict scratch, const void* x, int x_dtype, const void* b,
+                       int b_dtype, int64_t off, int64_t len) {
+  if (!b) return load_chunk(d, x, x_dtype, off, len);
+  load_chunk(scratch, b, b_dtype, off, len);
+  load_chunk_minus(d, x, x_dtype, off, len, scratch);
+}
+
 }  // namespace fastmerge

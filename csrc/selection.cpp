@@ -215,9 +215,7 @@ void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t 
       std::fill(elect.begin(), elect.end(), 0.f);
       for (size_t m = 0; m < k; ++m) {
         float* d = delta.data() + m * kChunk;
-        load_chunk(d, reinterpret_cast<const void*>(xs[m]), x_dtypes[m], off, len);
-#pragma omp simd
-        for (int64_t j = 0; j < len; ++j) d[j] -= base[j];
+        load_chunk_minus(d, reinterpret_cast<const void*>(xs[m]), x_dtypes[m], off, len, base.data());
         selectors[m].apply(d, off, len, scales[m]);
         const float w = weights[m];
 #pragma omp simd

@@ -103,19 +103,9 @@ inline std::vector<Selector> make_selectors(const std::vector<int>& modes, const
 }
 
 // Elements per chunk: the kernels load each input chunk to fp32 once (vectorised), then work
-// on the fp32 copies. kL1Lanes is a multiple of it.
-constexpr int64_t kChunk = 2048;
-
-// d[j] = x[off + j] - b[off + j] in fp32 for j < len (b absent: d = x); the one definition of a
-// task-vector element every kernel uses. `scratch` holds kChunk floats.
-inline void load_delta(float* __restrict d, float* __restrict scratch, const void* x, int x_dtype, const void* b,
-                       int b_dtype, int64_t off, int64_t len) {
-  load_chunk(d, x, x_dtype, off, len);
-  if (!b) return;
-  load_chunk(scratch, b, b_dtype, off, len);
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j) d[j] -= scratch[j];
-}
+// on the fp32 copies. 512 keeps a TIES pass's working set in L1d (three models' deltas, base and
+// four accumulators: 9 x 2 KiB), which 2048 did not (72 KiB against 48). kL1Lanes is a multiple.
+constexpr int64_t kChunk = 512;
 
 // bits[j] = fp32 bit pattern of |x - b| at element off + j, for j < len; returns how many are NaN
 // (patterns above +inf's). d and scratch hold kChunk floats each.

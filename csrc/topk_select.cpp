@@ -7,10 +7,12 @@
 // vector's magnitudes are a few multiples of an ulp, so a window can span many buckets of which
 // only two or three are occupied; spread-out data occupies many, and the histograms go to those
 // nearest the expected rank). One pass then counts, per thread: the elements above the
-// window (a vectorised compare), the elements in each of its buckets, and the full-bit-pattern
-// histogram of the elements in the occupied buckets. That pins the k-th largest exactly whenever
-// it falls in an occupied bucket, and the per-thread counts of its value say which thread's range
-// holds the tie cut-off, so only that range is scanned. When the sample mispredicts, the classic
+// window (a vectorised compare), and each element in the window once, into one histogram: by
+// its full bit pattern in a bucket that has a histogram, by its bucket alone in one that has
+// not (the buckets' totals follow from it, so an element is counted once, not twice). That
+// pins the k-th largest exactly whenever it falls in an occupied bucket, and the per-thread
+// counts of its value say which thread's range holds the tie cut-off, so only that range is
+// scanned. When the sample mispredicts, the classic
 // passes decide. The answer never depends on the sample: only the speed does.
 #include <omp.h>
 #if defined(__AVX512F__)
@@ -19,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -119,7 +122,7 @@ std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp,
 struct WindowCounts {
   int64_t above = 0;
   std::vector<int64_t> buckets;  // per bucket of the window
-  std::vector<int64_t> fine;     // per occupied slot, 65536 bins (low 16 bits); then one spill bin
+  std::vector<int64_t> fine;     // per occupied slot, 65536 bins (low 16 bits)
 };
 
 // Counts one chunk's bits into a window: the compare-and-count vectorises, and the elements in
@@ -127,13 +130,13 @@ struct WindowCounts {
 class WindowCounter {
  public:
   explicit WindowCounter(const Window& w)
-      : w_(w), buckets_(w.usable() ? int64_t(w.span()) + 1 : 1), fine_(int64_t(w.occupied) * kFineBins + 1),
-        inside_(kChunk + 16) {}
+      : w_(w), fine_(w.usable() ? int64_t(w.occupied) * kFineBins + w.span() + 1 : 1), inside_(kChunk + 16) {}
 
   void add(const uint32_t* bits, int64_t len, WindowCounts& out) {
     const uint32_t lo = w_.lo << 16, span = w_.last_bits() - lo, last = w_.last_bits();
-    int64_t above = 0, m = 0;
+    int64_t m = 0;
     uint32_t* in = inside_.data();
+    uint32_t above = 0;  // len <= kChunk: 32 bits hold the count, and the sum needs no widening
 #pragma omp simd reduction(+ : above)
     for (int64_t j = 0; j < len; ++j) above += bits[j] > last;
     int64_t j = 0;
@@ -153,25 +156,34 @@ class WindowCounter {
       m += bits[j] - lo <= span;
     }
     out.above += above;
-    buckets_.add(m, [in](int64_t j) { return in[j] >> 16; }, [](int64_t) { return true; });
+    // One count per element: its bit pattern's bin if its bucket has a histogram, else its
+    // bucket's bin after the histograms (drain_into recovers every bucket's total).
     const int* slot = w_.slot.data();
-    const int64_t spill = int64_t(w_.occupied) * kFineBins;
-    fine_.add(m, [in, slot, spill](int64_t j) {
-      const int s = slot[in[j] >> 16];
-      return s < kMaxOccupied ? int64_t(s) * kFineBins + (in[j] & 0xffffu) : spill;
+    const int64_t unhistogrammed = int64_t(w_.occupied) * kFineBins;
+    fine_.add(m, [in, slot, unhistogrammed](int64_t j) {
+      const uint32_t bucket = in[j] >> 16;
+      const int s = slot[bucket];
+      return s < kMaxOccupied ? int64_t(s) * kFineBins + (in[j] & 0xffffu) : unhistogrammed + bucket;
     }, [](int64_t) { return true; });
   }
 
   void drain_into(WindowCounts& out) {
+    const int64_t unhistogrammed = int64_t(w_.occupied) * kFineBins;
+    std::vector<int64_t> bins(unhistogrammed + w_.span() + 1, 0);
+    fine_.drain_into(bins.data());
     out.buckets.assign(w_.span() + 1, 0);
-    out.fine.assign(int64_t(w_.occupied) * kFineBins + 1, 0);
-    buckets_.drain_into(out.buckets.data());
-    fine_.drain_into(out.fine.data());
+    for (uint32_t i = 0; i <= w_.span(); ++i) {
+      const int s = w_.slot[i];
+      const int64_t* first = bins.data() + (s < kMaxOccupied ? int64_t(s) * kFineBins : unhistogrammed + i);
+      out.buckets[i] = std::accumulate(first, first + (s < kMaxOccupied ? kFineBins : 1), int64_t(0));
+    }
+    bins.resize(unhistogrammed);
+    out.fine = std::move(bins);
   }
 
  private:
   const Window& w_;
-  BinCounter buckets_, fine_;
+  BinCounter fine_;
   std::vector<uint32_t> inside_;
 };
 
