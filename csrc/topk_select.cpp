@@ -12,8 +12,8 @@
 // not (the buckets' totals follow from it, so an element is counted once, not twice). That
 // pins the k-th largest exactly whenever it falls in an occupied bucket, and the per-thread
 // counts of its value say which thread's range holds the tie cut-off, so only that range is
-// scanned. When the sample mispredicts, the classic
-// passes decide. The answer never depends on the sample: only the speed does.
+// scanned. When the sample mispredicts, the classic passes decide. The answer never depends on
+// the sample: only the speed does.
 #include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
