@@ -29,7 +29,7 @@ constexpr int64_t kBlock = 4096;    // elements per block and input: 16 KiB of f
 constexpr int kLanes = 8;           // independent fp64 partial sums per pair (two AVX2 registers)
 constexpr int64_t kColumns = 512;   // strided fibres handled together by one work item
 
-// dst[j] = src[off + j * stride] (- base[...] when base), as fp32, for j < len.
+// load_delta on the binding's integer addresses: dst[j] = src[off + j] (- base[off + j]) in fp32.
 void load_task(float* __restrict dst, uintptr_t src, int dtype, uintptr_t base, int base_dtype, int64_t off,
                int64_t len, float* __restrict base_scratch) {
   load_delta(dst, base_scratch, reinterpret_cast<const void*>(src), dtype, reinterpret_cast<const void*>(base),

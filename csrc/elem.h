@@ -63,30 +63,30 @@ template <class F> bool dispatch_float_dtype(int dtype, F&& f) {
   return false;
 }
 
-// dst[j] = value of src[off + j] as fp32, for j < len.
-inline void load_chunk(float* __restrict dst, const void* src, int dtype, int64_t off, int64_t len) {
+// dst[j] = f(value of src[off + j] as fp32, j), for j < len: one vectorised loop per float
+// dtype, the generic load() for fp8. The loaders below are its two uses.
+template <class F>
+inline void load_chunk_as(float* __restrict dst, const void* src, int dtype, int64_t off, int64_t len, F f) {
   bool fast = dispatch_float_dtype(dtype, [&](auto tag) {
     using E = Elem<decltype(tag)::value>;
     const typename E::T* __restrict s = static_cast<const typename E::T*>(src) + off;
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) dst[j] = E::get(s[j]);
+    for (int64_t j = 0; j < len; ++j) dst[j] = f(E::get(s[j]), j);
   });
   if (!fast)
-    for (int64_t j = 0; j < len; ++j) dst[j] = load(src, dtype, off + j);
+    for (int64_t j = 0; j < len; ++j) dst[j] = f(load(src, dtype, off + j), j);
+}
+
+// dst[j] = value of src[off + j] as fp32, for j < len.
+inline void load_chunk(float* __restrict dst, const void* src, int dtype, int64_t off, int64_t len) {
+  load_chunk_as(dst, src, dtype, off, len, [](float v, int64_t) { return v; });
 }
 
 // dst[j] = value of src[off + j] as fp32 minus sub[j], for j < len: load_chunk and the
 // subtraction in one loop (the same fp32 values), so a task-vector chunk is written once.
 inline void load_chunk_minus(float* __restrict dst, const void* src, int dtype, int64_t off, int64_t len,
                              const float* __restrict sub) {
-  bool fast = dispatch_float_dtype(dtype, [&](auto tag) {
-    using E = Elem<decltype(tag)::value>;
-    const typename E::T* __restrict s = static_cast<const typename E::T*>(src) + off;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) dst[j] = E::get(s[j]) - sub[j];
-  });
-  if (!fast)
-    for (int64_t j = 0; j < len; ++j) dst[j] = load(src, dtype, off + j) - sub[j];
+  load_chunk_as(dst, src, dtype, off, len, [sub](float v, int64_t j) { return v - sub[j]; });
 }
 
 // d[j] = x[off + j] - b[off + j] in fp32 for j < len (b absent: d = x); the one definition of a
