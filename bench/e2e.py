@@ -6,6 +6,10 @@ GNU time, never the benchmark's), with the page cache warm as in the issue's bas
 run it measures the I/O roofline of each config: read all of its input files and write as many
 bytes as the output has, with plain large reads and writes, flushed to disk with fsync as
 fastmerge's writer does. efficiency = roofline / wall (1.0 = as fast as just moving the bytes).
+It also times fastmerge's fixed start-up (`python -m fastmerge --version`: the interpreter,
+importing the CLI and torch, and exit) before each merge, and reports the efficiency of the rest,
+roofline / (wall - start-up), since on a small box importing torch alone is seconds of every
+merge.
 
 Prints a table, writes a JSON with every figure and a PNG chart.
 Run: `python -m bench.e2e --preset 1b --work /tmp/fm-bench` (add `--no-mergekit` to skip it).
@@ -190,6 +194,11 @@ def fastmerge_command(config_path: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "fastmerge", "run", str(config_path), str(out), "--quiet", "--device", "cpu"]
 
 
+def startup_command() -> list[str]:
+    """A fastmerge process that starts, imports what a merge imports, and exits."""
+    return [sys.executable, "-m", "fastmerge", "--version"]
+
+
 def mergekit_command(config_path: Path, out: Path) -> list[str]:
     return [str(MERGEKIT_YAML), str(config_path), str(out), "--no-write-model-card"]
 
@@ -206,6 +215,7 @@ class MethodResult:
     roofline: Roofline
     fastmerge: MergeRun
     mergekit: MergeRun | None
+    startup: MergeRun
 
     def row(self) -> dict:
         fm = self.fastmerge
@@ -220,6 +230,10 @@ class MethodResult:
             "fastmerge_gbps": self.input_bytes / fm.wall_s / 1e9,
             "fastmerge_peak_rss_gb": fm.peak_rss_bytes / 1e9,
             "efficiency": self.roofline.seconds / fm.wall_s,
+            "startup_s": self.startup.wall_s,
+            # None when the start-up was not shorter than the merge (a tiny model, timing noise).
+            "efficiency_after_startup": (self.roofline.seconds / (fm.wall_s - self.startup.wall_s)
+                                         if fm.wall_s > self.startup.wall_s else None),
             "fastmerge_ok": fm.returncode == 0,
         }
         if self.mergekit is not None:
@@ -251,23 +265,26 @@ def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bo
         elif tool == "fastmerge":
             out_size = output_bytes(out)
         shutil.rmtree(out, ignore_errors=True)
+    startup = run_child("fastmerge", "start-up", startup_command())
     if not out_size:  # fastmerge failed: a bf16 output is the size of one input model
         out_size = sum(p.stat().st_size for p in model_files(inputs[:1]))
     roofline = measure_roofline(inputs, out_size, work)
     in_size = sum(p.stat().st_size for p in model_files(inputs))
-    return MethodResult(method, in_size, out_size, roofline, runs["fastmerge"], runs.get("mergekit"))
+    return MethodResult(method, in_size, out_size, roofline, runs["fastmerge"], runs.get("mergekit"), startup)
 
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'method':<16}{'in GB':>7}{'roofline s':>11}{'fastmerge s':>12}{'GB/s':>7}{'RSS GB':>8}{'eff':>6}" \
-             f"{'mergekit s':>11}{'mk RSS GB':>10}{'speedup':>9}"
+             f"{'start-up s':>11}{'eff after':>10}{'mergekit s':>11}{'mk RSS GB':>10}{'speedup':>9}"
     print(header)
     for r in rows:
         mk = (f"{r['mergekit_s']:>11.2f}{r['mergekit_peak_rss_gb']:>10.2f}{r['speedup']:>8.1f}x"
               if "mergekit_s" in r else f"{'-':>11}{'-':>10}{'-':>9}")
         flag = "" if r["fastmerge_ok"] else "  (fastmerge FAILED)"
+        after = "-" if r["efficiency_after_startup"] is None else f"{r['efficiency_after_startup']:.2f}"
         print(f"{r['method']:<16}{r['input_gb']:>7.2f}{r['roofline_s']:>11.2f}{r['fastmerge_s']:>12.2f}"
-              f"{r['fastmerge_gbps']:>7.2f}{r['fastmerge_peak_rss_gb']:>8.2f}{r['efficiency']:>6.2f}{mk}{flag}")
+              f"{r['fastmerge_gbps']:>7.2f}{r['fastmerge_peak_rss_gb']:>8.2f}{r['efficiency']:>6.2f}"
+              f"{r['startup_s']:>11.2f}{after:>10}{mk}{flag}")
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
@@ -323,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         row = results[-1].row()
         mergekit = f", mergekit {row['mergekit_s']:.1f} s {row['mergekit_peak_rss_gb']:.2f} GB" if "mergekit_s" in row else ""
         print(f"  {method}: fastmerge {row['fastmerge_s']:.1f} s {row['fastmerge_peak_rss_gb']:.2f} GB{mergekit}, "
-              f"roofline {row['roofline_s']:.1f} s", flush=True)
+              f"roofline {row['roofline_s']:.1f} s, start-up {row['startup_s']:.1f} s", flush=True)
     rows = [r.row() for r in results]
     print_table(rows)
     report = {
@@ -333,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         "mergekit": with_mergekit,
         "skipped": skipped,
         "results": rows,
-        "runs": [asdict(run) for r in results for run in (r.fastmerge, r.mergekit) if run is not None],
+        "runs": [asdict(run) for r in results for run in (r.startup, r.fastmerge, r.mergekit) if run is not None],
     }
     json_path = args.json or args.work / f"e2e-{label}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -66,5 +66,10 @@ def test_benchmark_run_writes_results_and_chart(tmp_path):
     for row in report["results"]:
         assert row["fastmerge_ok"] and row["fastmerge_s"] > 0 and row["efficiency"] > 0
         assert row["output_gb"] > 0 and "mergekit_s" not in row
+        assert row["startup_s"] > 0
+        after = row["efficiency_after_startup"]
+        assert after is None or after == pytest.approx(row["roofline_s"] / (row["fastmerge_s"] - row["startup_s"]))
+    startups = [run for run in report["runs"] if run["method"] == "start-up"]
+    assert len(startups) == 2 and all(run["returncode"] == 0 for run in startups)
     assert chart.stat().st_size > 1000
     assert not list(tmp_path.glob("out-*"))
