@@ -52,7 +52,7 @@ FASTMERGE_HD float philox_uniform(uint64_t key, uint64_t offset) { return philox
 // Vector Philox for the CPU kernels: one counter per 64-bit lane, so a round's 32x32->64
 // multiplies are single vpmuludq instructions (they read the low 32 bits of each lane; the high
 // bits may hold anything and are never used). One counter's 10 rounds are a serial chain of
-// multiplies; running 8 (AVX-512) or 4 (AVX2) counters per vector, kPhiloxUnroll vectors at a
+// multiplies; running 8 (AVX-512) or 4 (AVX2) counters per vector, kUnroll vectors at a
 // time, keeps the multipliers busy. A product's high word reaches the low half by swapping the
 // lane's halves, not by a 64-bit shift: the upper half is never read, and Intel cores run the
 // shuffle on another port than the shifts and multiplies (8% less time per draw on the AVX-512

@@ -130,7 +130,10 @@ struct WindowCounts {
 class WindowCounter {
  public:
   explicit WindowCounter(const Window& w)
-      : w_(w), fine_(w.usable() ? int64_t(w.occupied) * kFineBins + w.span() + 1 : 1), inside_(kChunk + 16) {}
+      : w_(w),
+        unhistogrammed_(int64_t(w.occupied) * kFineBins),
+        fine_(w.usable() ? unhistogrammed_ + w.span() + 1 : 1),
+        inside_(kChunk + 16) {}
 
   void add(const uint32_t* bits, int64_t len, WindowCounts& out) {
     const uint32_t lo = w_.lo << 16, span = w_.last_bits() - lo, last = w_.last_bits();
@@ -159,7 +162,7 @@ class WindowCounter {
     // One count per element: its bit pattern's bin if its bucket has a histogram, else its
     // bucket's bin after the histograms (drain_into recovers every bucket's total).
     const int* slot = w_.slot.data();
-    const int64_t unhistogrammed = int64_t(w_.occupied) * kFineBins;
+    const int64_t unhistogrammed = unhistogrammed_;
     fine_.add(m, [in, slot, unhistogrammed](int64_t j) {
       const uint32_t bucket = in[j] >> 16;
       const int s = slot[bucket];
@@ -168,21 +171,22 @@ class WindowCounter {
   }
 
   void drain_into(WindowCounts& out) {
-    const int64_t unhistogrammed = int64_t(w_.occupied) * kFineBins;
-    std::vector<int64_t> bins(unhistogrammed + w_.span() + 1, 0);
+    std::vector<int64_t> bins(unhistogrammed_ + w_.span() + 1, 0);
     fine_.drain_into(bins.data());
     out.buckets.assign(w_.span() + 1, 0);
     for (uint32_t i = 0; i <= w_.span(); ++i) {
       const int s = w_.slot[i];
-      const int64_t* first = bins.data() + (s < kMaxOccupied ? int64_t(s) * kFineBins : unhistogrammed + i);
-      out.buckets[i] = std::accumulate(first, first + (s < kMaxOccupied ? kFineBins : 1), int64_t(0));
+      const bool histogrammed = s < kMaxOccupied;
+      const int64_t* first = bins.data() + (histogrammed ? int64_t(s) * kFineBins : unhistogrammed_ + i);
+      out.buckets[i] = std::accumulate(first, first + (histogrammed ? kFineBins : 1), int64_t(0));
     }
-    bins.resize(unhistogrammed);
+    bins.resize(unhistogrammed_);
     out.fine = std::move(bins);
   }
 
  private:
   const Window& w_;
+  const int64_t unhistogrammed_;  // the first bin after the histograms: one per bucket without one
   BinCounter fine_;
   std::vector<uint32_t> inside_;
 };
