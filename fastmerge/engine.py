@@ -2,9 +2,9 @@
 
 Memory stays bounded by the largest tensor: inputs are zero-copy views over memory-mapped files
 whose pages are released (madvise DONTNEED) as soon as the tensor is written, the writer puts
-each result in place on disk, and three things overlap: a reader thread asks the kernel to read
-ahead the next tensors' pages, the kernel merges the current tensor, and a writer thread writes
-the previous result (whose disk writeback starts at once).
+each result in place on disk (direct IO where the filesystem allows it), and three things
+overlap: a reader thread asks the kernel to read ahead the next tensors' pages, the kernel merges
+the current tensor, and a writer thread writes the previous result.
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ def _stream(plan: Plan, writer: ShardedWriter, device: torch.device, seed: int, 
 
 class _BackgroundWriter:
     """Writes merged tensors on a thread of its own, so the kernel merges tensor n+1 while
-    tensor n is copied into the output file (pwrite releases the GIL, and a write can stall
-    in the kernel's dirty-page throttling while the CPU has merging to do).
+    tensor n goes to the output file (pwrite releases the GIL, and a write waits on the disk
+    while the CPU has merging to do).
 
     At most one write is in flight: `submit` waits for the previous one first, so memory holds
     the inputs being merged plus two results, never more. A tensor's input pages are released

@@ -2,8 +2,9 @@
 
 The whole layout (which shard, which byte offsets) is known before the first tensor is merged,
 so every shard's header is written up front, the file is pre-sized, and each tensor is written
-into its place with `os.pwrite` as soon as it is ready, in any order. No shard is ever held in
-memory, which is what keeps a merge's peak RSS independent of the model size.
+into its place as soon as it is ready, in any order (`shard_file.ShardFile`: direct IO where the
+filesystem allows it). No shard is ever held in memory, which is what keeps a merge's peak RSS
+independent of the model size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from ..dtypes import TORCH_TO_SAFETENSORS
 from ..errors import OutputError
+from .shard_file import ShardFile, staging_buffer
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -69,19 +71,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
-def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing the range to disk now, without waiting for it.
-
-    Otherwise the kernel lets dirty pages pile up (to ~10% of memory) and `finalize`'s fsync
-    then waits for almost the whole output at disk speed; started early, the disk writes while
-    the next tensors merge. On Linux POSIX_FADV_DONTNEED kicks off asynchronous writeback of
-    the range's dirty pages (it drops only pages already clean, which a merge never reads
-    back); elsewhere this is a no-op.
-    """
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
-
-
 class ShardedWriter:
     """Writes a fixed set of tensors into model.safetensors or model-0000i-of-0000N.safetensors."""
 
@@ -106,7 +95,8 @@ class ShardedWriter:
         self.total_bytes: int = sum(nbytes for *_, nbytes in specs)
         self._slots: dict[str, _Slot] = {}
         self._shard_of: dict[str, str] = {}
-        self._fds: list[int] = []
+        self._files: list[ShardFile] = []
+        self._staging = staging_buffer()
         self._written: set[str] = set()
         self._finalized = False
         try:
@@ -146,25 +136,17 @@ class ShardedWriter:
             offset += nbytes
         header = _header_bytes(entries, self._metadata)
         name = self.shard_names[shard]
-        fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._fds.append(fd)
-        os.ftruncate(fd, len(header) + offset)
-        self._pwrite_all(fd, memoryview(header), 0)
+        shard_file = ShardFile(self.directory / name, len(header) + offset, staging=self._staging)
+        self._files.append(shard_file)
+        shard_file.write(0, memoryview(header))
         for tensor_name, dtype, shape, nbytes in specs:
             begin = entries[tensor_name]["data_offsets"][0]
             self._slots[tensor_name] = _Slot(shard, dtype, shape, len(header) + begin, nbytes)
             self._shard_of[tensor_name] = name
 
-    @staticmethod
-    def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-        # pwrite may write less than asked (signals, very large buffers); loop until done.
-        while data:
-            written = os.pwrite(fd, data, offset)
-            data, offset = data[written:], offset + written
-
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one output tensor into its slot; dtype and shape must match the layout."""
-        if self._finalized or not self._fds:
+        if self._finalized or not self._files:
             raise OutputError(f"cannot write {name!r}: the output was already finalized or closed")
         slot = self._slots.get(name)
         if slot is None:
@@ -178,8 +160,7 @@ class ShardedWriter:
             )
         if slot.nbytes:
             try:
-                self._pwrite_all(self._fds[slot.shard], _tensor_bytes(tensor), slot.offset)
-                _start_writeback(self._fds[slot.shard], slot.offset, slot.nbytes)
+                self._files[slot.shard].write(slot.offset, _tensor_bytes(tensor))
             except OSError as exc:
                 shard = self.directory / self.shard_names[slot.shard]
                 raise OutputError(f"{shard}: writing {name!r} failed ({exc})") from None
@@ -189,7 +170,7 @@ class ShardedWriter:
         """Check completeness, flush shards to disk and write the index for sharded output."""
         if self._finalized:
             raise OutputError(f"{self.directory}: output already finalized")
-        if not self._fds:
+        if not self._files:
             raise OutputError(f"{self.directory}: cannot finalize a closed writer")
         missing = [name for name in self._slots if name not in self._written]
         if missing:
@@ -197,8 +178,8 @@ class ShardedWriter:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise OutputError(f"{self.directory}: output tensors never written: {shown}{more}")
         try:
-            for fd in self._fds:
-                os.fsync(fd)
+            for shard_file in self._files:
+                shard_file.finish()
             self.close()
             if len(self.shard_names) > 1:
                 self._write_index()
@@ -217,8 +198,8 @@ class ShardedWriter:
 
     def close(self) -> None:
         """Close the shard files (without finalizing); safe to call more than once."""
-        while self._fds:
-            os.close(self._fds.pop())
+        while self._files:
+            self._files.pop().close()
 
     def __enter__(self) -> ShardedWriter:
         return self
