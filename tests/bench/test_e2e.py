@@ -44,7 +44,7 @@ def test_config_inputs_include_the_base_once(models):
 def test_roofline_reads_every_input_byte_and_writes_the_output_size(models, tmp_path):
     roofline = e2e.measure_roofline(models.all_models, 12345, tmp_path)
     assert roofline.read_bytes == sum(p.stat().st_size for p in models.files)
-    assert roofline.write_bytes == 12345 and roofline.seconds > 0
+    assert roofline.write_bytes == 12345 and roofline.seconds > 0 and roofline.direct_seconds > 0
     assert not (tmp_path / "roofline.bin").exists()
 
 
@@ -67,6 +67,7 @@ def test_benchmark_run_writes_results_and_chart(tmp_path):
         assert row["fastmerge_ok"] and row["fastmerge_s"] > 0 and row["efficiency"] > 0
         assert row["output_gb"] > 0 and "mergekit_s" not in row
         assert row["startup_s"] > 0
+        assert row["efficiency_direct"] == pytest.approx(row["roofline_direct_s"] / row["fastmerge_s"])
         after = row["efficiency_after_startup"]
         assert after is None or after == pytest.approx(row["roofline_s"] / (row["fastmerge_s"] - row["startup_s"]))
     startups = [run for run in report["runs"] if run["method"] == "start-up"]
