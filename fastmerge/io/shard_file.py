@@ -97,8 +97,10 @@ class ShardFile:
             self._write_buffered(block * BLOCK, memoryview(data)[: self._block_bytes(block)])
 
     def write(self, offset: int, data: memoryview) -> None:
-        """Put `data` (bytes-like, format "B") at `offset`."""
+        """Put `data` (bytes-like) at `offset`."""
         data = memoryview(data).cast("B")
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"{self.path}: bytes {offset}..{offset + len(data)} lie outside the file's {self.size}")
         if not data:
             return
         if not self.direct:

@@ -106,6 +106,18 @@ def test_missing_bytes_fail_finish(tmp_path):
         f.close()
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_writes_outside_the_file_are_refused(tmp_path, direct):
+    f = ShardFile(tmp_path / "shard", 100, direct=direct)
+    try:
+        with pytest.raises(ValueError, match="bytes 90..110 lie outside the file's 100"):
+            f.write(90, memoryview(b"z" * 20))
+        with pytest.raises(ValueError, match="bytes -1..0"):
+            f.write(-1, memoryview(b"z"))
+    finally:
+        f.close()
+
+
 def test_an_existing_file_is_never_opened(tmp_path):
     (tmp_path / "shard").write_bytes(b"precious")
     with pytest.raises(FileExistsError):
