@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,14 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
+@dataclass
+class _PartialBlock:
+    """A block whose bytes are still arriving: its contents so far and how many are in."""
+
+    data: bytearray = field(default_factory=lambda: bytearray(BLOCK))
+    filled: int = 0
+
+
 class ShardFile:
     """A new file of `size` bytes (created exclusively), filled by `write(offset, bytes)` calls
     that together cover every byte exactly once, then `finish()`ed (checked, sized, fsynced).
@@ -68,7 +77,7 @@ class ShardFile:
             self.close()
             raise
         self._staging = staging
-        self._partial: dict[int, tuple[bytearray, list[int]]] = {}  # block -> (bytes, [filled])
+        self._partial: dict[int, _PartialBlock] = {}
         self.direct = direct and self._enable_direct()
 
     def _enable_direct(self) -> bool:
@@ -92,9 +101,9 @@ class ShardFile:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         self.direct, self._staging = False, None
         partial, self._partial = self._partial, {}
-        for block, (data, _) in partial.items():
+        for block, part in partial.items():
             # Bytes not yet in are zeros here; their own writes, buffered now, come later.
-            self._write_buffered(block * BLOCK, memoryview(data)[: self._block_bytes(block)])
+            self._write_buffered(block * BLOCK, memoryview(part.data)[: self._block_bytes(block)])
 
     def write(self, offset: int, data: memoryview) -> None:
         """Put `data` (bytes-like) at `offset`."""
@@ -132,18 +141,20 @@ class ShardFile:
                 return
             block, start = divmod(offset, BLOCK)
             count = min(len(data), BLOCK - start)
-            buffer, filled = self._partial.setdefault(block, (bytearray(BLOCK), [0]))
-            buffer[start : start + count] = data[:count]
-            filled[0] += count
-            if filled[0] == self._block_bytes(block):
+            part = self._partial.get(block)
+            if part is None:
+                part = self._partial[block] = _PartialBlock()
+            part.data[start : start + count] = data[:count]
+            part.filled += count
+            if part.filled == self._block_bytes(block):
                 del self._partial[block]
-                self._write_blocks(block * BLOCK, memoryview(buffer))
+                self._write_blocks(block * BLOCK, memoryview(part.data))
             data, offset = data[count:], offset + count
 
     def _write_blocks(self, offset: int, data: memoryview) -> None:
         """Write whole blocks (offset and, but for the file's last block, length aligned)."""
         if not self.direct:
-            self._write_buffered(offset, data[: max(0, min(len(data), self.size - offset))])
+            self._write_buffered(offset, data[: self.size - offset])
             return
         source = np.frombuffer(data, dtype=np.uint8)
         step = len(self._staging)
