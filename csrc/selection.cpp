@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "bin_counter.h"
@@ -115,32 +117,81 @@ int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n
 }
 
 namespace {
-// Stable LSD radix sort of positions 0 .. len-1 by a 32-bit key, 8 bits a pass, using the two
-// buffers `order` and `spare`; returns the one that holds the result. Stability makes equal keys keep ascending positions,
-// the ranking a stable sort gives. O(len) per pass, against std::sort's O(len log len) with
-// unpredictable branches; a pass is skipped when every key has the same digit there (|d| of one
-// row spans few exponents, so the top byte usually is).
-uint32_t* radix_order(const uint32_t* __restrict keys, int64_t len, uint32_t* order, uint32_t* spare) {
-  int64_t count[4][256] = {};
-  for (int64_t i = 0; i < len; ++i)
-    for (int pass = 0; pass < 4; ++pass) ++count[pass][(keys[i] >> (8 * pass)) & 0xffu];
-  for (int64_t i = 0; i < len; ++i) order[i] = uint32_t(i);
-  for (int pass = 0; pass < 4; ++pass) {
-    const int shift = 8 * pass;
-    if (count[pass][(keys[0] >> shift) & 0xffu] == len) continue;
-    int64_t next[256], total = 0;
-    for (int digit = 0; digit < 256; ++digit) {
-      next[digit] = total;
-      total += count[pass][digit];
+// DELLA's keep decisions for one fibre: element r of rank q (its place in ascending order of
+// keys, equal keys by position) is kept where draws[r] < probability[q].
+//
+// A rank only needs counting, not sorting: in a bf16 task vector most |d| are exact bf16 values
+// (the low 16 bits of their fp32 pattern are zero; here 99.5%), and among those the rank of r is
+// (elements in lower top-16-bit bins) + (earlier elements in its own bin). So one pass counts the
+// bins over the fibre's range of top halves, a prefix sum gives each bin's first rank, and a
+// second pass in position order hands out ranks (and decides the keeps) with no scatter. Elements
+// with low bits set are the largest of their bin: they are sorted (key, position) and take the
+// bin's last ranks. A zero |d| (17% of one fine-tune's) gets bin 0 of its own, so zeros do not
+// stretch the range down to the smallest exponent. A fibre whose range has many more bins than
+// elements (tiny rows spanning many exponents) is sorted whole instead.
+class FibreRanker {
+ public:
+  explicit FibreRanker(int64_t row_len) : sorted_(size_t(row_len)), bin_(size_t(row_len)) {}
+
+  void keep(const uint32_t* __restrict keys, int64_t len, const float* __restrict draws,
+            const float* __restrict probability, uint8_t* __restrict keep, int64_t stride) {
+    uint32_t lo = UINT32_MAX, hi = 0;  // over the nonzero top halves
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+    for (int64_t r = 0; r < len; ++r) {
+      const uint32_t top = keys[r] >> 16;
+      lo = std::min(lo, top ? top : UINT32_MAX);
+      hi = std::max(hi, top);
     }
-    for (int64_t i = 0; i < len; ++i) {
-      const uint32_t v = order[i];
-      spare[next[(keys[v] >> shift) & 0xffu]++] = v;
+    const int64_t bins = hi ? int64_t(hi - lo) + 2 : 1;
+    if (bins > kBinsPerElement * len + kSpareBins) return keep_sorted(keys, len, draws, probability, keep, stride);
+    // bin = 0 for a zero top half, else top - lo + 1: in key order (a select, not a branch: a
+    // zero is too common to predict).
+    uint32_t* __restrict bin = bin_.data();
+#pragma omp simd
+    for (int64_t r = 0; r < len; ++r) {
+      const uint32_t top = keys[r] >> 16;
+      bin[r] = top ? top - lo + 1 : 0;
     }
-    std::swap(order, spare);
+    first_.assign(size_t(bins), 0);
+    uint32_t* __restrict first = first_.data();
+    uint64_t* __restrict sorted = sorted_.data();
+    int64_t deferred = 0;
+    for (int64_t r = 0; r < len; ++r) {
+      ++first[bin[r]];
+      sorted[deferred] = (uint64_t(keys[r]) << 32) | uint64_t(r);
+      deferred += (keys[r] & 0xffffu) != 0;
+    }
+    uint32_t rank = 0;
+    for (int64_t b = 0; b < bins; ++b) rank += std::exchange(first[b], rank);
+    for (int64_t r = 0; r < len; ++r)
+      if (!(keys[r] & 0xffffu)) keep[r * stride] = draws[r] < probability[first[bin[r]]++];
+    std::sort(sorted_.begin(), sorted_.begin() + deferred);
+    for (int64_t i = 0; i < deferred; ++i) {
+      const uint32_t r = uint32_t(sorted[i]);
+      keep[r * stride] = draws[r] < probability[first[bin[r]]++];
+    }
   }
-  return order;
-}
+
+ private:
+  // Counting pays while the bins it clears and sums are not many more than the elements.
+  static constexpr int64_t kBinsPerElement = 4;
+  static constexpr int64_t kSpareBins = 256;
+
+  // Rank by sorting (key, position) pairs: what a wide-ranged fibre falls back on.
+  void keep_sorted(const uint32_t* keys, int64_t len, const float* draws, const float* probability, uint8_t* keep,
+                   int64_t stride) {
+    for (int64_t r = 0; r < len; ++r) sorted_[r] = (uint64_t(keys[r]) << 32) | uint64_t(r);
+    std::sort(sorted_.begin(), sorted_.begin() + len);
+    for (int64_t q = 0; q < len; ++q) {
+      const uint32_t r = uint32_t(sorted_[q]);
+      keep[int64_t(r) * stride] = draws[r] < probability[q];
+    }
+  }
+
+  std::vector<uint64_t> sorted_;  // (key, position) pairs
+  std::vector<uint32_t> bin_;     // per element
+  std::vector<uint32_t> first_;   // per bin: its count, then the next rank it hands out
+};
 }  // namespace
 
 void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t outer, int64_t row_len, int64_t inner,
@@ -153,12 +204,13 @@ void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t oute
   uint8_t* keep = reinterpret_cast<uint8_t*>(mask);
   const double low = density - epsilon, spread = 2.0 * epsilon, span = double(row_len - 1);
   // One fibre per iteration: load its row_len elements (strided by `inner` when the tensor has 3+
-  // dims), order them by |d| bits (stable: equal magnitudes rank by position), and draw each
-  // element's keep from its flat index.
+  // dims), rank them by |d| bits (equal magnitudes by position), and draw each element's keep
+  // from its flat index.
 #pragma omp parallel
   {
-    std::vector<uint32_t> keys(row_len), order(row_len), spare(row_len);
+    std::vector<uint32_t> keys(row_len);
     std::vector<float> row(row_len), scratch(row_len), draws(row_len), probability(row_len);
+    FibreRanker ranker(row_len);
     // The keep probability of each rank is the same for every fibre.
     for (int64_t rank = 0; rank < row_len; ++rank) probability[rank] = float(low + (spread * double(rank)) / span);
 #pragma omp for schedule(static)
@@ -176,11 +228,7 @@ void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t oute
       // Every NaN ranks above +inf and ties with the other NaNs, as in a stable torch sort.
 #pragma omp simd
       for (int64_t r = 0; r < row_len; ++r) keys[r] = std::min(f32_bits(row[r]) & 0x7fffffffu, 0x7f800001u);
-      const uint32_t* sorted = radix_order(keys.data(), row_len, order.data(), spare.data());
-      for (int64_t rank = 0; rank < row_len; ++rank) {
-        const int64_t r = sorted[rank];
-        keep[start + r * inner] = draws[r] < probability[rank];
-      }
+      ranker.keep(keys.data(), row_len, draws.data(), probability.data(), keep + start, inner);
     }
   }
 }

@@ -244,23 +244,49 @@ def test_dare_rescale_mask_replay_keeps_zero_deltas_exact(backend, device, conse
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
-@pytest.mark.parametrize("shape", [(3, 5000), (4, 700, 3)])
-def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape):
-    """The native mask (radix-ordered rows, vector Philox draws) against the torch sort: rows
-    longer than a kernel chunk, magnitudes spread over many exponents, exact ties (bf16 steps,
-    zeros, +-inf) and NaN, which ranks above inf."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape, spread, specials", [((3, 5000), 20, True), ((5, 2048), 3, False),
+                                                      ((4, 700, 3), 20, True), ((9, 2), 20, True)])
+def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape, spread, specials, dtype):
+    """The native mask against the torch sort, on rows longer than a kernel chunk with magnitudes
+    over 2 * spread exponents and exact ties (bf16 steps, zeros). The native kernel ranks a row
+    by counting, or by sorting where its magnitudes span many more bins than it has elements
+    (the 3-d and 2-wide rows, and rows with inf: `specials` adds +-inf and NaN, which ranks
+    above inf). bf16 inputs give |d| that are mostly exact bf16 values (ranked by position in
+    their bin); fp32 inputs give |d| with low bits set (sorted within their bin)."""
     from fastmerge.ops.ties import _native_della_keep, _reference_della_keep, della_fibres
 
     gen = torch.Generator().manual_seed(21)
     n = int(torch.tensor(shape).prod())
-    d = (torch.randn(n, generator=gen) * torch.exp2(torch.randint(-20, 20, (n,), generator=gen).float()))
-    d = d.to(torch.bfloat16).float()
+    d = (torch.randn(n, generator=gen) * torch.exp2(torch.randint(-spread, spread, (n,), generator=gen).float()))
+    d = d.to(dtype).float()
     d[::7] = 0.0
-    d[5::97] = float("inf")
-    d[6::89] = -float("inf")
-    d[8::101] = float("nan")
+    if specials:
+        d[5::97] = float("inf")
+        d[6::89] = -float("inf")
+        d[8::101] = float("nan")
     base = torch.randn(n, generator=gen).to(torch.bfloat16).float()
-    x = (base + d).reshape(shape)  # base + inf = inf, so d stays inf / NaN
-    base = base.reshape(shape)
+    x = (base + d).reshape(shape).to(dtype)  # base + inf = inf, so d stays inf / NaN
+    base = base.reshape(shape).to(dtype)
     args = (x, base, della_fibres(x.shape), 0.4, 0.15, (1 << 40) + 17)
+    assert torch.equal(_native_della_keep(*args), _reference_della_keep(*args))
+
+
+@pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+def test_native_della_mask_ranks_magnitudes_that_share_a_bf16_bin():
+    """Most of each row in one bf16 bin [1, 1 + 2^-7): an exact 1.0 (ranked by position), and
+    fp32 values 1 + j 2^-20 that differ only in their low 16 bits (ranked by value, ties by
+    position) and must all rank above the 1.0s. Short rows make one rank step worth 0.1% of
+    keep probability, so a misordered bin changes the mask."""
+    from fastmerge.ops.ties import _native_della_keep, _reference_della_keep, della_fibres
+
+    gen = torch.Generator().manual_seed(4)
+    shape = (40, 300)
+    d = 1.0 + torch.randint(0, 40, shape, generator=gen).float() * 2.0 ** -20
+    d[torch.rand(shape, generator=gen) < 0.3] = 1.0
+    d[torch.rand(shape, generator=gen) < 0.1] = 0.0
+    d[torch.rand(shape, generator=gen) < 0.1] = 0.5
+    d = d * torch.where(torch.rand(shape, generator=gen) < 0.5, 1.0, -1.0)
+    base = torch.zeros(shape)
+    args = (d, base, della_fibres(d.shape), 0.5, 0.3, 99)
     assert torch.equal(_native_della_keep(*args), _reference_della_keep(*args))
