@@ -15,6 +15,10 @@ importing the CLI and torch, and exit) before each merge, and reports the effici
 roofline / (wall - start-up), since on a small box importing torch alone is seconds of every
 merge.
 
+With `--repeat N` the fastmerge merge, its start-up and the rooflines are each measured N times
+and the medians reported (a VM's noise moves one few-second figure by a third and more; peak RSS
+is the highest of the runs); mergekit, minutes per merge, runs once.
+
 Prints a table, writes a JSON with every figure and a PNG chart.
 Run: `python -m bench.e2e --preset 1b --work /tmp/fm-bench` (add `--no-mergekit` to skip it).
 """
@@ -26,11 +30,12 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -186,10 +191,14 @@ def write_bytes(path: Path, nbytes: int, direct: bool = False) -> float:
     return seconds
 
 
-def measure_roofline(inputs: list[Path], output_bytes: int, scratch: Path) -> Roofline:
-    read, read_s = read_files(model_files(inputs))
-    plain = write_bytes(scratch / "roofline.bin", output_bytes)
-    return Roofline(read, output_bytes, read_s, plain, write_bytes(scratch / "roofline.bin", output_bytes, direct=True))
+def measure_roofline(inputs: list[Path], output_bytes: int, scratch: Path, repeat: int = 1) -> Roofline:
+    """The roofline measured `repeat` times: each part's median (reads, plain write, direct write)."""
+    parts = []
+    for _ in range(repeat):
+        read, read_s = read_files(model_files(inputs))
+        plain = write_bytes(scratch / "roofline.bin", output_bytes)
+        parts.append((read_s, plain, write_bytes(scratch / "roofline.bin", output_bytes, direct=True)))
+    return Roofline(read, output_bytes, *(statistics.median(part) for part in zip(*parts)))
 
 
 def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
@@ -210,6 +219,16 @@ def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
         peak_kib = int(stats.read().split()[-1])
     tail = done.stdout.decode(errors="replace")[-2000:]
     return MergeRun(tool, method, wall, peak_kib * 1024, done.returncode, tail)
+
+
+def median_run(runs: list[MergeRun]) -> MergeRun:
+    """What `runs` of one command report together: a failed run if any failed, else the run
+    of median wall time (the upper middle of an even count) with the highest peak RSS of all."""
+    failed = [run for run in runs if run.returncode != 0]
+    if failed:
+        return failed[0]
+    middle = sorted(runs, key=lambda run: run.wall_s)[len(runs) // 2]
+    return replace(middle, peak_rss_bytes=max(run.peak_rss_bytes for run in runs))
 
 
 def fastmerge_command(config_path: Path, out: Path) -> list[str]:
@@ -238,11 +257,13 @@ class MethodResult:
     fastmerge: MergeRun
     mergekit: MergeRun | None
     startup: MergeRun
+    runs: list[MergeRun]  # every child run, the repeats included
 
     def row(self) -> dict:
         fm = self.fastmerge
         row = {
             "method": self.method,
+            "fastmerge_runs_s": [run.wall_s for run in self.runs if run.tool == "fastmerge" and run.method == self.method],
             "input_gb": self.input_bytes / 1e9,
             "output_gb": self.output_bytes / 1e9,
             "roofline_s": self.roofline.seconds,
@@ -271,30 +292,36 @@ class MethodResult:
         return row
 
 
-def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bool) -> MethodResult:
+def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bool, repeat: int = 1) -> MethodResult:
+    """fastmerge (`repeat` times, medians), mergekit (once), the start-up and the rooflines of one method."""
     config = METHODS[method](models)
     config_path = work / f"{method}.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     inputs = config_inputs(config)
-    runs: dict[str, MergeRun] = {}
+    runs: dict[str, list[MergeRun]] = {}
     out_size = 0
-    tools = [("fastmerge", fastmerge_command)] + ([("mergekit", mergekit_command)] if with_mergekit else [])
-    for tool, command in tools:
+    tools = [("fastmerge", fastmerge_command, repeat)] + ([("mergekit", mergekit_command, 1)] if with_mergekit else [])
+    for tool, command, times in tools:
         out = work / f"out-{tool}-{method}"
+        for _ in range(times):
+            shutil.rmtree(out, ignore_errors=True)
+            read_files(model_files(inputs))  # warm the page cache, as the baseline did
+            run = run_child(tool, method, command(config_path, out))
+            runs.setdefault(tool, []).append(run)
+            if run.returncode != 0:
+                print(f"  {tool} {method} failed:\n{run.log_tail}", file=sys.stderr)
+                break
+            if tool == "fastmerge":
+                out_size = output_bytes(out)
         shutil.rmtree(out, ignore_errors=True)
-        read_files(model_files(inputs))  # warm the page cache, as the baseline did
-        runs[tool] = run_child(tool, method, command(config_path, out))
-        if runs[tool].returncode != 0:
-            print(f"  {tool} {method} failed:\n{runs[tool].log_tail}", file=sys.stderr)
-        elif tool == "fastmerge":
-            out_size = output_bytes(out)
-        shutil.rmtree(out, ignore_errors=True)
-    startup = run_child("fastmerge", "start-up", startup_command())
+    runs["start-up"] = [run_child("fastmerge", "start-up", startup_command()) for _ in range(repeat)]
     if not out_size:  # fastmerge failed: a bf16 output is the size of one input model
         out_size = sum(p.stat().st_size for p in model_files(inputs[:1]))
-    roofline = measure_roofline(inputs, out_size, work)
+    roofline = measure_roofline(inputs, out_size, work, repeat)
     in_size = sum(p.stat().st_size for p in model_files(inputs))
-    return MethodResult(method, in_size, out_size, roofline, runs["fastmerge"], runs.get("mergekit"), startup)
+    mergekit = median_run(runs["mergekit"]) if "mergekit" in runs else None
+    return MethodResult(method, in_size, out_size, roofline, median_run(runs["fastmerge"]), mergekit,
+                        median_run(runs["start-up"]), [run for group in runs.values() for run in group])
 
 
 def print_table(rows: list[dict]) -> None:
@@ -343,9 +370,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"), help="where models and outputs go (not the repo)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit even if installed")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure fastmerge, its start-up and the rooflines this many times, report medians [1]")
     parser.add_argument("--json", type=Path, default=None, help="results file [default: WORK/e2e-PRESET.json]")
     parser.add_argument("--chart", type=Path, default=None, help="chart file [default: WORK/e2e-PRESET.png]")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     spec = spec_from_args(args)
     label = "custom" if args.custom else args.preset
     models = generate(args.work / label, spec)
@@ -361,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipping methods fastmerge has not registered: {', '.join(skipped)}")
     results = []
     for method in (m for m in wanted if m in registered):
-        results.append(bench_method(method, models, args.work, with_mergekit))
+        results.append(bench_method(method, models, args.work, with_mergekit, args.repeat))
         row = results[-1].row()
         mergekit = f", mergekit {row['mergekit_s']:.1f} s {row['mergekit_peak_rss_gb']:.2f} GB" if "mergekit_s" in row else ""
         print(f"  {method}: fastmerge {row['fastmerge_s']:.1f} s {row['fastmerge_peak_rss_gb']:.2f} GB{mergekit}, "
@@ -373,9 +404,10 @@ def main(argv: list[str] | None = None) -> None:
         "spec": spec.to_json(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "mergekit": with_mergekit,
+        "repeat": args.repeat,
         "skipped": skipped,
         "results": rows,
-        "runs": [asdict(run) for r in results for run in (r.startup, r.fastmerge, r.mergekit) if run is not None],
+        "runs": [asdict(run) for r in results for run in r.runs],
     }
     json_path = args.json or args.work / f"e2e-{label}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -57,20 +57,37 @@ def test_child_runs_report_their_own_peak_rss():
     assert e2e.run_child("python", "fail", [sys.executable, "-c", "raise SystemExit(3)"]).returncode == 3
 
 
+def test_repeated_runs_report_the_median_wall_and_the_highest_rss():
+    run = lambda wall, rss, rc=0: e2e.MergeRun("fastmerge", "ties", wall, rss, rc)  # noqa: E731
+    assert e2e.median_run([run(3.0, 10), run(1.0, 30), run(2.0, 20)]) == run(2.0, 30)
+    assert e2e.median_run([run(1.0, 10), run(4.0, 5)]) == run(4.0, 10)  # even count: the upper middle
+    assert e2e.median_run([run(1.0, 10), run(9.0, 5, rc=3)]).returncode == 3
+
+
+def test_repeated_roofline_reports_each_parts_median(models, tmp_path, monkeypatch):
+    reads, writes = iter([5.0, 1.0, 3.0]), iter([1.0, 10.0, 2.0, 20.0, 3.0, 30.0])  # plain, direct, plain, ...
+    monkeypatch.setattr(e2e, "read_files", lambda files: (7, next(reads)))
+    monkeypatch.setattr(e2e, "write_bytes", lambda path, n, direct=False: next(writes))
+    roofline = e2e.measure_roofline(models.all_models, 12345, tmp_path, repeat=3)
+    assert (roofline.read_s, roofline.write_s, roofline.direct_write_s) == (3.0, 2.0, 20.0)
+
+
 def test_benchmark_run_writes_results_and_chart(tmp_path):
     out_json, chart = tmp_path / "r.json", tmp_path / "r.png"
     e2e.main(["--custom", SMALL, "--work", str(tmp_path), "--methods", "linear,task_arithmetic", "--no-mergekit",
-              "--json", str(out_json), "--chart", str(chart)])
+              "--repeat", "2", "--json", str(out_json), "--chart", str(chart)])
     report = json.loads(out_json.read_text())
     assert [r["method"] for r in report["results"]] == ["linear", "task_arithmetic"]
     for row in report["results"]:
         assert row["fastmerge_ok"] and row["fastmerge_s"] > 0 and row["efficiency"] > 0
         assert row["output_gb"] > 0 and "mergekit_s" not in row
         assert row["startup_s"] > 0
+        assert len(row["fastmerge_runs_s"]) == 2 and row["fastmerge_s"] == max(row["fastmerge_runs_s"])
         assert row["efficiency_direct"] == pytest.approx(row["roofline_direct_s"] / row["fastmerge_s"])
         after = row["efficiency_after_startup"]
         assert after is None or after == pytest.approx(row["roofline_s"] / (row["fastmerge_s"] - row["startup_s"]))
     startups = [run for run in report["runs"] if run["method"] == "start-up"]
-    assert len(startups) == 2 and all(run["returncode"] == 0 for run in startups)
+    assert len(startups) == 4 and all(run["returncode"] == 0 for run in startups)
+    assert report["repeat"] == 2
     assert chart.stat().st_size > 1000
     assert not list(tmp_path.glob("out-*"))
