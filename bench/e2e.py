@@ -42,7 +42,7 @@ from typing import Callable
 import yaml
 
 from bench.checkpoints import BenchModels, add_generator_args, generate, model_files, spec_from_args
-from fastmerge.io.shard_file import ShardFile
+from fastmerge.io.shard_file import ShardFile, pwrite_all
 from fastmerge.methods import method_names
 
 MERGEKIT_YAML = Path("/opt/mkvenv/bin/mergekit-yaml")
@@ -181,8 +181,8 @@ def write_bytes(path: Path, nbytes: int, direct: bool = False) -> float:
     else:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            for _, piece in pieces:
-                os.write(fd, piece)
+            for offset, piece in pieces:
+                pwrite_all(fd, piece, offset)
             os.fsync(fd)
         finally:
             os.close(fd)
