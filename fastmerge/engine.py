@@ -4,7 +4,9 @@ Memory stays bounded by the largest tensor: inputs are zero-copy views over memo
 whose pages are released (madvise DONTNEED) as soon as the tensor is written, the writer puts
 each result in place on disk (direct IO where the filesystem allows it), and three things
 overlap: a reader thread asks the kernel to read ahead the next tensors' pages, the kernel merges
-the current tensor, and a writer thread writes the previous result.
+the current tensor, and a writer thread writes the previous result. On a GPU the reader thread
+also uploads the next tensors' inputs through pinned double buffers on a side stream, and the
+writer thread downloads each result the same way (io/device_staging.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from tqdm import tqdm
@@ -26,6 +28,7 @@ from . import __version__
 from .config import MergeSpec, load_config
 from .errors import FastmergeError
 from .io.checkpoint import Checkpoint
+from .io.device_staging import CudaTransport, PinnedStager, Transport
 from .io.output_dir import StagedOutput, copy_model_files
 from .io.writer import ShardedWriter
 from .methods import get_method
@@ -219,12 +222,84 @@ class MaskHooks:
 def _stream(plan: Plan, writer: ShardedWriter, device: torch.device, seed: int, backend: str | None, quiet: bool,
             masks: MaskHooks | None = None) -> None:
     progress = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, desc="merging", disable=quiet, leave=False)
+    feed = _feed_for(plan, device)
     try:
-        with _BackgroundWriter(plan, writer, progress) as background:
-            for tensor in _prefetched(plan):
-                background.submit(tensor, _merge_one(plan, tensor, device, seed, backend, masks))
+        with _BackgroundWriter(plan, writer, progress, feed.to_host) as background:
+            for tensor, staged in _prefetched(plan, feed.stage):
+                inputs = feed.inputs(tensor, staged)
+                if tensor.copy_only:
+                    # Copied tensors never leave the host: the writer takes the mmap view.
+                    background.submit(tensor, inputs[-1] if tensor.base is not None else inputs[0])
+                    continue
+                merged = _merge_one(plan, tensor, inputs, seed, backend, masks)
+                background.submit(tensor, feed.result(merged, tensor.dtype))
     finally:
         progress.close()
+
+
+def _feed_for(plan: Plan, device: torch.device) -> _HostFeed | _DeviceFeed:
+    return _DeviceFeed(plan, CudaTransport(device), CudaTransport(device)) if device.type == "cuda" else _HostFeed(plan)
+
+
+class _HostFeed:
+    """CPU merges: the inputs are the mmap views themselves, results go to the writer as they are."""
+
+    def __init__(self, plan: Plan):
+        self._plan = plan
+
+    def stage(self, tensor: PlannedTensor) -> None:
+        return None
+
+    def inputs(self, tensor: PlannedTensor, staged: None) -> list[torch.Tensor]:
+        """The tensor's inputs in `_refs` order: the models', then the base's."""
+        return [self._plan.checkpoints[ref.checkpoint].tensor(ref.name) for ref in _refs(tensor)]
+
+    def result(self, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return merged.to(device="cpu", dtype=dtype).contiguous()
+
+    @staticmethod
+    def to_host(result: torch.Tensor) -> torch.Tensor:
+        return result
+
+
+class _DeviceFeed(_HostFeed):
+    """GPU merges (DESIGN.md "Data flow"): the reader thread uploads each tensor's inputs
+    through pinned double buffers on a side stream while the previous tensor merges on the
+    compute stream, and the writer thread downloads each result the same way on a stream of
+    its own. Host memory holds the pinned rings, the mmap pages being copied and one result
+    on its way to disk."""
+
+    def __init__(self, plan: Plan, upload: Transport, download: Transport):
+        super().__init__(plan)
+        self._uploads = PinnedStager(upload)
+        self._downloads = PinnedStager(download)
+
+    def stage(self, tensor: PlannedTensor) -> tuple[list[torch.Tensor], Any] | None:
+        """Runs on the reader thread. The inputs' pages are read by the time each upload
+        returns, so they are released at once rather than after the write."""
+        if tensor.copy_only:
+            return None
+        uploaded = []
+        for ref in _refs(tensor):
+            checkpoint = self._plan.checkpoints[ref.checkpoint]
+            uploaded.append(self._uploads.upload(checkpoint.tensor(ref.name)))
+            checkpoint.release(ref.name)
+        return uploaded, self._uploads.ready()
+
+    def inputs(self, tensor: PlannedTensor, staged: tuple[list[torch.Tensor], Any] | None) -> list[torch.Tensor]:
+        if staged is None:
+            return super().inputs(tensor, staged)
+        uploaded, ready = staged
+        self._uploads.transport.consume(uploaded, ready)
+        return uploaded
+
+    def result(self, merged: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+        result = merged.to(dtype=dtype).contiguous()
+        return result, self._downloads.transport.produced()
+
+    def to_host(self, result: torch.Tensor | tuple[torch.Tensor, Any]) -> torch.Tensor:
+        """Runs on the writer thread: copied tensors are host views already."""
+        return self._downloads.download(*result) if isinstance(result, tuple) else result
 
 
 class _BackgroundWriter:
@@ -238,17 +313,18 @@ class _BackgroundWriter:
     write is raised from the next `submit` or from leaving the block.
     """
 
-    def __init__(self, plan: Plan, writer: ShardedWriter, progress: tqdm):
-        self._plan, self._writer, self._progress = plan, writer, progress
+    def __init__(self, plan: Plan, writer: ShardedWriter, progress: tqdm,
+                 to_host: Callable[[Any], torch.Tensor] = lambda result: result):
+        self._plan, self._writer, self._progress, self._to_host = plan, writer, progress, to_host
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-writer")
         self._pending: Future | None = None
 
-    def submit(self, tensor: PlannedTensor, result: torch.Tensor) -> None:
+    def submit(self, tensor: PlannedTensor, result: Any) -> None:
         self._wait()
         self._pending = self._executor.submit(self._write, tensor, result)
 
-    def _write(self, tensor: PlannedTensor, result: torch.Tensor) -> None:
-        self._writer.write(tensor.name, result)
+    def _write(self, tensor: PlannedTensor, result: Any) -> None:
+        self._writer.write(tensor.name, self._to_host(result))
         for ref in _refs(tensor):
             self._plan.checkpoints[ref.checkpoint].release(ref.name)
         self._progress.update(tensor.nbytes)
@@ -277,47 +353,52 @@ def _refs(tensor: PlannedTensor):
     return tensor.inputs + ([tensor.base] if tensor.base is not None else [])
 
 
-def _prefetched(plan: Plan, depth: int = 2) -> Iterator[PlannedTensor]:
-    """Yield the plan's tensors while a reader thread hints the kernel to read ahead `depth`
-    tensors, so disk reads overlap the merge of the current tensor."""
-    hints: queue.Queue[PlannedTensor | None] = queue.Queue(maxsize=depth)
+def _prefetched(plan: Plan, stage: Callable[[PlannedTensor], Any], depth: int = 2) -> Iterator[tuple[PlannedTensor, Any]]:
+    """Yield the plan's tensors, each with what `stage` made of it, while a reader thread
+    hints the kernel to read ahead and stages up to `depth` tensors ahead, so disk reads (and
+    uploads to a GPU) overlap the merge of the current tensor. An error on the reader thread
+    is raised here, in the tensor's turn."""
+    items: queue.Queue[tuple[PlannedTensor, Any] | BaseException | None] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def reader() -> None:
-        for tensor in plan.tensors:
-            if stop.is_set():
-                return
-            for ref in _refs(tensor):
-                plan.checkpoints[ref.checkpoint].prefetch(ref.name)
-            hints.put(tensor)
-        hints.put(None)
+        try:
+            for tensor in plan.tensors:
+                if stop.is_set():
+                    return
+                for ref in _refs(tensor):
+                    plan.checkpoints[ref.checkpoint].prefetch(ref.name)
+                items.put((tensor, stage(tensor)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the merging thread
+            items.put(exc)
+            return
+        items.put(None)
 
     thread = threading.Thread(target=reader, name="fastmerge-prefetch", daemon=True)
     thread.start()
     try:
-        while (tensor := hints.get()) is not None:
-            yield tensor
+        while (item := items.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
         # A merge that fails mid-way must not leave the reader blocked on a full queue (or
         # touching checkpoints the caller is about to close): stop it and drain until it exits.
         stop.set()
         while thread.is_alive():
             try:
-                hints.get_nowait()
+                items.get_nowait()
             except queue.Empty:
                 thread.join(0.01)
 
 
-def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: int, backend: str | None,
+def _merge_one(plan: Plan, tensor: PlannedTensor, inputs: list[torch.Tensor], seed: int, backend: str | None,
                masks: MaskHooks | None = None) -> torch.Tensor:
-    load = lambda ref: plan.checkpoints[ref.checkpoint].tensor(ref.name).to(device, non_blocking=True)  # noqa: E731
-    inputs = [load(ref) for ref in tensor.inputs]
-    base = load(tensor.base) if tensor.base is not None else None
-    if tensor.copy_only:
-        return (base if base is not None else inputs[0]).cpu()
+    """Merge one planned tensor from its inputs (in `_refs` order, on the merge's device)."""
+    base = inputs[-1] if tensor.base is not None else None
     task = TensorTask(
         name=tensor.name,
-        inputs=inputs,
+        inputs=inputs[: len(tensor.inputs)],
         base=base,
         params=tensor.params,
         global_params=tensor.global_params,
@@ -336,7 +417,7 @@ def _merge_one(plan: Plan, tensor: PlannedTensor, device: torch.device, seed: in
         result = masks.output(tensor.name, result)
     if result.shape != torch.Size(tensor.shape):
         raise FastmergeError(f"{plan.spec.merge_method} produced shape {list(result.shape)} for {tensor.name}, expected {list(tensor.shape)}")
-    return result.to(device="cpu", dtype=tensor.dtype).contiguous()
+    return result
 
 
 # config.json keys the plan may change: slices change the depth, a tokenizer_source the
