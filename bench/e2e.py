@@ -19,6 +19,9 @@ With `--repeat N` the fastmerge merge, its start-up and the rooflines are each m
 and the medians reported (a VM's noise moves one few-second figure by a third and more; peak RSS
 is the highest of the runs); mergekit, minutes per merge, runs once.
 
+With `--device cuda` fastmerge merges on the GPU (and mergekit gets `--cuda`); the column "eff r"
+is then the one the GPU target speaks of, efficiency against reading the inputs alone.
+
 Prints a table, writes a JSON with every figure and a PNG chart.
 Run: `python -m bench.e2e --preset 1b --work /tmp/fm-bench` (add `--no-mergekit` to skip it).
 """
@@ -231,8 +234,8 @@ def median_run(runs: list[MergeRun]) -> MergeRun:
     return replace(middle, peak_rss_bytes=max(run.peak_rss_bytes for run in runs))
 
 
-def fastmerge_command(config_path: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "fastmerge", "run", str(config_path), str(out), "--quiet", "--device", "cpu"]
+def fastmerge_command(config_path: Path, out: Path, device: str = "cpu") -> list[str]:
+    return [sys.executable, "-m", "fastmerge", "run", str(config_path), str(out), "--quiet", "--device", device]
 
 
 def startup_command() -> list[str]:
@@ -240,8 +243,8 @@ def startup_command() -> list[str]:
     return [sys.executable, "-m", "fastmerge", "--version"]
 
 
-def mergekit_command(config_path: Path, out: Path) -> list[str]:
-    return [str(MERGEKIT_YAML), str(config_path), str(out), "--no-write-model-card"]
+def mergekit_command(config_path: Path, out: Path, device: str = "cpu") -> list[str]:
+    return [str(MERGEKIT_YAML), str(config_path), str(out), "--no-write-model-card"] + (["--cuda"] if device == "cuda" else [])
 
 
 def output_bytes(directory: Path) -> int:
@@ -275,6 +278,8 @@ class MethodResult:
             "efficiency": self.roofline.seconds / fm.wall_s,
             "roofline_direct_s": self.roofline.direct_seconds,
             "efficiency_direct": self.roofline.direct_seconds / fm.wall_s,
+            # The GPU target's bound: reading the inputs alone.
+            "efficiency_read": self.roofline.read_s / fm.wall_s,
             "startup_s": self.startup.wall_s,
             # None when the start-up was not shorter than the merge (a tiny model, timing noise).
             "efficiency_after_startup": (self.roofline.seconds / (fm.wall_s - self.startup.wall_s)
@@ -292,7 +297,8 @@ class MethodResult:
         return row
 
 
-def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bool, repeat: int = 1) -> MethodResult:
+def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bool, repeat: int = 1,
+                 device: str = "cpu") -> MethodResult:
     """fastmerge (`repeat` times, medians), mergekit (once), the start-up and the rooflines of one method."""
     config = METHODS[method](models)
     config_path = work / f"{method}.yml"
@@ -306,7 +312,7 @@ def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bo
         for _ in range(times):
             shutil.rmtree(out, ignore_errors=True)
             read_files(model_files(inputs))  # warm the page cache, as the baseline did
-            run = run_child(tool, method, command(config_path, out))
+            run = run_child(tool, method, command(config_path, out, device))
             runs.setdefault(tool, []).append(run)
             if run.returncode != 0:
                 print(f"  {tool} {method} failed:\n{run.log_tail}", file=sys.stderr)
@@ -326,7 +332,7 @@ def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bo
 
 def print_table(rows: list[dict]) -> None:
     header = f"{'method':<16}{'in GB':>7}{'roofline s':>11}{'fastmerge s':>12}{'GB/s':>7}{'RSS GB':>8}{'eff':>6}" \
-             f"{'direct s':>9}{'eff d':>6}{'start-up s':>11}{'eff after':>10}{'mergekit s':>11}{'mk RSS GB':>10}{'speedup':>9}"
+             f"{'direct s':>9}{'eff d':>6}{'eff r':>6}{'start-up s':>11}{'eff after':>10}{'mergekit s':>11}{'mk RSS GB':>10}{'speedup':>9}"
     print(header)
     for r in rows:
         mk = (f"{r['mergekit_s']:>11.2f}{r['mergekit_peak_rss_gb']:>10.2f}{r['speedup']:>8.1f}x"
@@ -335,7 +341,7 @@ def print_table(rows: list[dict]) -> None:
         after = "-" if r["efficiency_after_startup"] is None else f"{r['efficiency_after_startup']:.2f}"
         print(f"{r['method']:<16}{r['input_gb']:>7.2f}{r['roofline_s']:>11.2f}{r['fastmerge_s']:>12.2f}"
               f"{r['fastmerge_gbps']:>7.2f}{r['fastmerge_peak_rss_gb']:>8.2f}{r['efficiency']:>6.2f}"
-              f"{r['roofline_direct_s']:>9.2f}{r['efficiency_direct']:>6.2f}{r['startup_s']:>11.2f}{after:>10}{mk}{flag}")
+              f"{r['roofline_direct_s']:>9.2f}{r['efficiency_direct']:>6.2f}{r['efficiency_read']:>6.2f}{r['startup_s']:>11.2f}{after:>10}{mk}{flag}")
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
@@ -372,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit even if installed")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure fastmerge, its start-up and the rooflines this many times, report medians [1]")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where fastmerge merges (mergekit gets --cuda with cuda); 'eff r' is against the reads alone, the GPU target's roofline [cpu]")
     parser.add_argument("--json", type=Path, default=None, help="results file [default: WORK/e2e-PRESET.json]")
     parser.add_argument("--chart", type=Path, default=None, help="chart file [default: WORK/e2e-PRESET.png]")
     args = parser.parse_args(argv)
@@ -392,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"skipping methods fastmerge has not registered: {', '.join(skipped)}")
     results = []
     for method in (m for m in wanted if m in registered):
-        results.append(bench_method(method, models, args.work, with_mergekit, args.repeat))
+        results.append(bench_method(method, models, args.work, with_mergekit, args.repeat, args.device))
         row = results[-1].row()
         mergekit = f", mergekit {row['mergekit_s']:.1f} s {row['mergekit_peak_rss_gb']:.2f} GB" if "mergekit_s" in row else ""
         print(f"  {method}: fastmerge {row['fastmerge_s']:.1f} s {row['fastmerge_peak_rss_gb']:.2f} GB{mergekit}, "
@@ -405,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "mergekit": with_mergekit,
         "repeat": args.repeat,
+        "device": args.device,
         "skipped": skipped,
         "results": rows,
         "runs": [asdict(run) for r in results for run in r.runs],
@@ -412,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     json_path = args.json or args.work / f"e2e-{label}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     chart_path = args.chart or args.work / f"e2e-{label}.png"
-    plot(rows, f"fastmerge vs mergekit, {label} preset, base + {spec.fine_tunes} fine-tunes", chart_path)
+    plot(rows, f"fastmerge ({args.device}) vs mergekit, {label} preset, base + {spec.fine_tunes} fine-tunes", chart_path)
     print(f"wrote {json_path} and {chart_path}")
 
 

@@ -84,10 +84,18 @@ def test_benchmark_run_writes_results_and_chart(tmp_path):
         assert row["startup_s"] > 0
         assert len(row["fastmerge_runs_s"]) == 2 and row["fastmerge_s"] == max(row["fastmerge_runs_s"])
         assert row["efficiency_direct"] == pytest.approx(row["roofline_direct_s"] / row["fastmerge_s"])
+        assert row["efficiency_read"] == pytest.approx(row["roofline_read_s"] / row["fastmerge_s"])
         after = row["efficiency_after_startup"]
         assert after is None or after == pytest.approx(row["roofline_s"] / (row["fastmerge_s"] - row["startup_s"]))
     startups = [run for run in report["runs"] if run["method"] == "start-up"]
     assert len(startups) == 4 and all(run["returncode"] == 0 for run in startups)
-    assert report["repeat"] == 2
+    assert report["repeat"] == 2 and report["device"] == "cpu"
     assert chart.stat().st_size > 1000
     assert not list(tmp_path.glob("out-*"))
+
+
+def test_the_device_reaches_both_tools_commands(tmp_path):
+    fastmerge = e2e.fastmerge_command(tmp_path / "c.yml", tmp_path / "out", "cuda")
+    assert fastmerge[fastmerge.index("--device") + 1] == "cuda"
+    assert "--cuda" in e2e.mergekit_command(tmp_path / "c.yml", tmp_path / "out", "cuda")
+    assert "--cuda" not in e2e.mergekit_command(tmp_path / "c.yml", tmp_path / "out")
