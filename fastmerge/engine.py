@@ -226,15 +226,20 @@ def _stream(plan: Plan, writer: ShardedWriter, device: torch.device, seed: int, 
     try:
         with _BackgroundWriter(plan, writer, progress, feed.to_host) as background:
             for tensor, staged in _prefetched(plan, feed.stage):
-                inputs = feed.inputs(tensor, staged)
-                if tensor.copy_only:
-                    # Copied tensors never leave the host: the writer takes the mmap view.
-                    background.submit(tensor, inputs[-1] if tensor.base is not None else inputs[0])
-                    continue
-                merged = _merge_one(plan, tensor, inputs, seed, backend, masks)
-                background.submit(tensor, feed.result(merged, tensor.dtype))
+                background.submit(tensor, _result_of(plan, feed, tensor, staged, seed, backend, masks))
     finally:
         progress.close()
+
+
+def _result_of(plan: Plan, feed: _HostFeed, tensor: PlannedTensor, staged: Any, seed: int, backend: str | None,
+               masks: MaskHooks | None) -> Any:
+    """What the writer gets for one tensor. A function of its own so that the inputs and the
+    method's intermediate result are freed before the next tensor merges."""
+    inputs = feed.inputs(tensor, staged)
+    if tensor.copy_only:
+        # Copied tensors never leave the host: the writer takes the mmap view.
+        return inputs[-1] if tensor.base is not None else inputs[0]
+    return feed.result(_merge_one(plan, tensor, inputs, seed, backend, masks), tensor.dtype)
 
 
 def _feed_for(plan: Plan, device: torch.device) -> _HostFeed | _DeviceFeed:
