@@ -360,19 +360,27 @@ def _refs(tensor: PlannedTensor):
 
 def _prefetched(plan: Plan, stage: Callable[[PlannedTensor], Any], depth: int = 2) -> Iterator[tuple[PlannedTensor, Any]]:
     """Yield the plan's tensors, each with what `stage` made of it, while a reader thread
-    hints the kernel to read ahead and stages up to `depth` tensors ahead, so disk reads (and
-    uploads to a GPU) overlap the merge of the current tensor. An error on the reader thread
-    is raised here, in the tensor's turn."""
+    stages up to `depth` tensors ahead, so disk reads (and uploads to a GPU) overlap the merge
+    of the current tensor. Before staging a tensor the reader hints the kernel to read ahead
+    the next one's pages, so they arrive while this one is staged (a GPU upload reads its
+    pages at once). An error on the reader thread is raised here, in the tensor's turn."""
     items: queue.Queue[tuple[PlannedTensor, Any] | BaseException | None] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hint(tensor: PlannedTensor) -> None:
+        for ref in _refs(tensor):
+            plan.checkpoints[ref.checkpoint].prefetch(ref.name)
+
     def reader() -> None:
         try:
-            for tensor in plan.tensors:
+            tensors = plan.tensors
+            if tensors:
+                hint(tensors[0])
+            for tensor, upcoming in zip(tensors, [*tensors[1:], None]):
                 if stop.is_set():
                     return
-                for ref in _refs(tensor):
-                    plan.checkpoints[ref.checkpoint].prefetch(ref.name)
+                if upcoming is not None:
+                    hint(upcoming)
                 items.put((tensor, stage(tensor)))
         except BaseException as exc:  # noqa: BLE001 - handed to the merging thread
             items.put(exc)

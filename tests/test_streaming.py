@@ -11,7 +11,7 @@ import torch
 
 import fastmerge
 from _support import load_dir
-from fastmerge.engine import _BackgroundWriter
+from fastmerge.engine import _BackgroundWriter, _prefetched
 from fastmerge.errors import OutputError
 
 
@@ -99,3 +99,34 @@ def test_overlapped_merge_output_does_not_depend_on_threads_or_sharding(tiny_mod
     again = fastmerge.run(config, tmp_path / "b", out_shard_size="5GB", quiet=True, threads=2)
     a, b = load_dir(first.output_dir), load_dir(again.output_dir)
     assert len(first.shards) > 1 and set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_the_reader_hints_the_next_tensor_before_staging_one():
+    plan, _, tensors = _plan_and_tensors(["a", "b", "c"])
+    events = []
+    plan.checkpoints = [SimpleNamespace(prefetch=lambda name: events.append(("hint", name)))]
+    plan.tensors = tensors
+
+    def stage(tensor):
+        events.append(("stage", tensor.name))
+        return tensor.name.upper()
+
+    assert [(t.name, staged) for t, staged in _prefetched(plan, stage)] == [("a", "A"), ("b", "B"), ("c", "C")]
+    assert events == [("hint", "a"), ("hint", "b"), ("stage", "a"), ("hint", "c"), ("stage", "b"), ("stage", "c")]
+
+
+def test_an_error_on_the_reader_thread_is_raised_in_its_tensors_turn():
+    plan, _, tensors = _plan_and_tensors(["a", "b", "c"])
+    plan.checkpoints = [SimpleNamespace(prefetch=lambda name: None)]
+    plan.tensors = tensors
+
+    def stage(tensor):
+        if tensor.name == "b":
+            raise MemoryError("out of pinned memory")
+        return tensor.name
+
+    seen = []
+    with pytest.raises(MemoryError, match="pinned"):
+        for tensor, _ in _prefetched(plan, stage):
+            seen.append(tensor.name)
+    assert seen == ["a"]
