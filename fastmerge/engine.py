@@ -227,6 +227,8 @@ def _stream(plan: Plan, writer: ShardedWriter, device: torch.device, seed: int, 
         with _BackgroundWriter(plan, writer, progress, feed.to_host) as background:
             for tensor, staged in _prefetched(plan, feed.stage):
                 background.submit(tensor, _result_of(plan, feed, tensor, staged, seed, backend, masks))
+                # Waiting for the next tensor must not keep this one's GPU inputs alive.
+                del staged
     finally:
         progress.close()
 
@@ -243,7 +245,11 @@ def _result_of(plan: Plan, feed: _HostFeed, tensor: PlannedTensor, staged: Any, 
 
 
 def _feed_for(plan: Plan, device: torch.device) -> _HostFeed | _DeviceFeed:
-    return _DeviceFeed(plan, CudaTransport(device), CudaTransport(device)) if device.type == "cuda" else _HostFeed(plan)
+    if device.type != "cuda":
+        return _HostFeed(plan)
+    # An explicit index, so the reader, merging and writer threads agree on the device.
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    return _DeviceFeed(plan, CudaTransport(device), CudaTransport(device))
 
 
 class _HostFeed:

@@ -32,6 +32,7 @@ class LateTransport:
         self._fail_after = fail_after
         self.allocations = 0
         self.copied_bytes = 0
+        self.log: list[tuple[str, object]] = []  # ("wait", marker) and ("copy", bytes), in order
 
     def pinned(self, nbytes: int) -> torch.Tensor:
         self.pinned_bytes += nbytes
@@ -49,6 +50,7 @@ class LateTransport:
         with self._lock:
             self._queue.append((target, source))
             self.copied_bytes += source.numel()
+            self.log.append(("copy", source.numel()))
 
     def record(self) -> _LateEvent:
         with self._lock:
@@ -62,13 +64,15 @@ class LateTransport:
                 self._ran += 1
 
     def wait(self, event) -> None:
-        """The compute 'stream' is the host here: what it produced is already there."""
+        """The compute 'stream' is the host here, so there is nothing to wait for; the log
+        shows whether the side stream was told to."""
+        self.log.append(("wait", event))
 
     def consume(self, tensors, ready: _LateEvent) -> None:
         ready.synchronize()
 
-    def produced(self) -> None:
-        return None
+    def produced(self) -> object:
+        return object()
 
 
 class _LateEvent:
@@ -102,7 +106,11 @@ def test_upload_then_download_gives_the_same_bytes_through_a_bounded_ring(dtype,
     uploads.consume(on_device, up.ready())
     for host, device_tensor in zip(hosts, on_device):
         assert _same_bytes(device_tensor, host)
-        assert _same_bytes(down.download(device_tensor, downloads.produced()), host)
+        produced, start = downloads.produced(), len(downloads.log)
+        assert _same_bytes(down.download(device_tensor, produced), host)
+        # The side stream waited for the compute stream's result before copying it out.
+        assert downloads.log[start] == ("wait", produced)
+        assert all(kind == "copy" for kind, _ in downloads.log[start + 1 :])
     # Pinned memory is the ring, whatever the tensors' sizes.
     assert uploads.pinned_bytes == downloads.pinned_bytes == slots * chunk_bytes
 
@@ -126,6 +134,12 @@ def test_uploads_read_non_contiguous_tensors_in_logical_order():
     device_tensor = stager.upload(host)
     stager.ready().synchronize()
     assert torch.equal(device_tensor, host)
+
+
+def test_a_download_refuses_a_non_contiguous_tensor():
+    transport = LateTransport()
+    with pytest.raises(ValueError, match="contiguous"):
+        PinnedStager(transport).download(torch.zeros(4, 6).t(), transport.produced())
 
 
 @pytest.mark.parametrize("chunk_bytes, slots", [(0, 2), (64, 0)])
@@ -184,11 +198,13 @@ def test_a_merge_through_the_device_feed_writes_the_bytes_of_a_host_merge(method
     a, b = load_dir(host.output_dir), load_dir(staged.output_dir)
     assert set(a) == set(b) and "model.position_ids" in a
     assert all(_same_bytes(a[name], b[name]) for name in a)
-    # Every merged tensor went up and came back through the rings; the integer one did neither.
+    # Every merged tensor's inputs went up (slerp's base is one of its two models; the task
+    # vector methods have a base and two fine-tunes) and its result came back through the
+    # rings; the integer tensor did neither.
     uploads, downloads = transports
     merged_bytes = sum(t.nbytes for t in a.values() if t.is_floating_point())
     assert downloads.copied_bytes == merged_bytes
-    assert uploads.copied_bytes >= 2 * merged_bytes and uploads.copied_bytes % merged_bytes == 0
+    assert uploads.copied_bytes == (2 if method == "slerp" else 3) * merged_bytes
 
 
 def test_an_upload_error_on_the_reader_thread_fails_the_merge_and_leaves_no_output(tmp_path, monkeypatch):

@@ -59,8 +59,10 @@ class CudaTransport:
             target.copy_(source, non_blocking=True)
 
     def record(self) -> torch.cuda.Event:
-        """An event that completes once everything queued on the side stream so far has."""
-        event = torch.cuda.Event()
+        """An event that completes once everything queued on the side stream so far has.
+        Blocking, so a thread waiting on it sleeps instead of spinning a core the host copies
+        could use."""
+        event = torch.cuda.Event(blocking=True)
         event.record(self.stream)
         return event
 
@@ -87,8 +89,9 @@ class CudaTransport:
 class PinnedStager:
     """Uploads host tensors and downloads device tensors through a ring of pinned buffers.
 
-    A stager and its transport belong to one thread: the engine gives its reader thread one for
-    uploads and its writer thread another for downloads.
+    A stager, its ring and its side stream belong to one thread: the engine gives its reader
+    thread one for uploads and its writer thread another for downloads. (`consume` and
+    `produced` keep no state and are called on the merging thread.)
     """
 
     def __init__(self, transport: Transport, chunk_bytes: int = DEFAULT_CHUNK_BYTES, slots: int = 2):
@@ -106,7 +109,7 @@ class PinnedStager:
         read (its pages may be released); the device tensor is complete once an event from
         `ready()` recorded after this call is."""
         device_tensor = self.transport.empty(host.shape, host.dtype)
-        for source, target in self._chunk_pairs(host, device_tensor):
+        for source, target in self._chunk_pairs(host.contiguous(), device_tensor):
             slot, buffer = self._next_buffer(source.numel())
             buffer.copy_(source)
             self.transport.copy(target, buffer)
@@ -119,7 +122,11 @@ class PinnedStager:
 
     def download(self, device_tensor: torch.Tensor, produced: Any) -> torch.Tensor:
         """Copy a device tensor, complete once the compute stream's event `produced` is, into
-        a new host tensor; returns when the host tensor is filled."""
+        a new host tensor; returns when the host tensor is filled. The device tensor must be
+        contiguous: making it so here would run on this thread's stream, unordered with the
+        copies out."""
+        if not device_tensor.is_contiguous():
+            raise ValueError("download needs a contiguous device tensor")
         host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype)
         self.transport.wait(produced)
         in_flight: deque[tuple[Event, torch.Tensor, torch.Tensor]] = deque()
@@ -143,7 +150,7 @@ class PinnedStager:
         return slot, self._buffers[slot][:nbytes]
 
     def _chunk_pairs(self, source: torch.Tensor, target: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        source_bytes, target_bytes = _as_bytes(source.contiguous()), _as_bytes(target)
+        source_bytes, target_bytes = _as_bytes(source), _as_bytes(target)
         for offset in range(0, source_bytes.numel(), self._chunk):
             end = offset + self._chunk
             yield source_bytes[offset:end], target_bytes[offset:end]
