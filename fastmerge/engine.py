@@ -240,7 +240,8 @@ def _result_of(plan: Plan, feed: _HostFeed, tensor: PlannedTensor, staged: Any, 
     inputs = feed.inputs(tensor, staged)
     if tensor.copy_only:
         # Copied tensors never leave the host: the writer takes the mmap view.
-        return inputs[-1] if tensor.base is not None else inputs[0]
+        models, base = _models_and_base(tensor, inputs)
+        return base if base is not None else models[0]
     return feed.result(_merge_one(plan, tensor, inputs, seed, backend, masks), tensor.dtype)
 
 
@@ -364,6 +365,11 @@ def _refs(tensor: PlannedTensor):
     return tensor.inputs + ([tensor.base] if tensor.base is not None else [])
 
 
+def _models_and_base(tensor: PlannedTensor, loaded: list[Any]) -> tuple[list[Any], Any]:
+    """Split what was loaded for `_refs(tensor)`, in that order, into the models' and the base's."""
+    return loaded[: len(tensor.inputs)], (loaded[-1] if tensor.base is not None else None)
+
+
 def _prefetched(plan: Plan, stage: Callable[[PlannedTensor], Any], depth: int = 2) -> Iterator[tuple[PlannedTensor, Any]]:
     """Yield the plan's tensors, each with what `stage` made of it, while a reader thread
     stages up to `depth` tensors ahead, so disk reads (and uploads to a GPU) overlap the merge
@@ -414,10 +420,10 @@ def _prefetched(plan: Plan, stage: Callable[[PlannedTensor], Any], depth: int = 
 def _merge_one(plan: Plan, tensor: PlannedTensor, inputs: list[torch.Tensor], seed: int, backend: str | None,
                masks: MaskHooks | None = None) -> torch.Tensor:
     """Merge one planned tensor from its inputs (in `_refs` order, on the merge's device)."""
-    base = inputs[-1] if tensor.base is not None else None
+    models, base = _models_and_base(tensor, inputs)
     task = TensorTask(
         name=tensor.name,
-        inputs=inputs[: len(tensor.inputs)],
+        inputs=models,
         base=base,
         params=tensor.params,
         global_params=tensor.global_params,
