@@ -83,6 +83,8 @@ PYBIND11_MODULE(_native, m) {
         py::arg("inner"), py::arg("density"), py::arg("epsilon"), py::arg("key"), py::arg("mask"));
   m.def("philox_fill", &fastmerge::philox_fill, py::call_guard<py::gil_scoped_release>(), py::arg("out"),
         py::arg("key"), py::arg("offset"), py::arg("n"));
+  m.def("philox_fill_at", &fastmerge::philox_fill_at, py::call_guard<py::gil_scoped_release>(), py::arg("out"),
+        py::arg("key"), py::arg("offset"), py::arg("idx"), py::arg("n"));
   // CUDA kernels (csrc/cuda), present only in a FASTMERGE_CUDA=ON build.
 #ifdef FASTMERGE_WITH_CUDA
   m.def("has_cuda", []() { return fastmerge::cuda_device_count() > 0; }, py::call_guard<py::gil_scoped_release>(),

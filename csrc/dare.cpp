@@ -15,6 +15,51 @@
 
 namespace fastmerge {
 
+#if defined(__AVX512F__)
+// kept[j] = d[j] where DARE keeps element off + j (philox_uniform(key, off + j) < density), else
+// 0, for j < len <= kChunk, drawing only where d[j] != 0. A zero contributes 0 to both L1 sums
+// and its mask byte is 0 whether it is kept or not, so its draw cannot change what kept_l1
+// returns, and the generator is counter-based, so skipping it leaves every other draw as it
+// was. The nonzero positions are compressed into idx, drawn, and the draws expanded back.
+// NaN != 0, so a NaN is drawn for (kept, it makes the sum NaN; dropped, it adds 0).
+static void keep_random_nonzero(const float* __restrict d, float* __restrict kept, int64_t off, int64_t len,
+                                uint64_t key, float density) {
+  alignas(64) uint32_t idx[kChunk];
+  alignas(64) float u[kChunk];
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto live_lanes = [len](int64_t j) { return __mmask16(len - j >= 16 ? 0xffffu : (1u << (len - j)) - 1u); };
+  int64_t m = 0;
+  for (int64_t j = 0; j < len; j += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(live_lanes(j), d + j);
+    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(live_lanes(j), v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    _mm512_mask_compressstoreu_epi32(idx + m, nonzero, _mm512_add_epi32(_mm512_set1_epi32(int(j)), iota));
+    m += __builtin_popcount(nonzero);
+  }
+  philox_uniform_at(key, uint64_t(off), idx, m, u);
+  const __m512 threshold = _mm512_set1_ps(density);
+  m = 0;
+  for (int64_t j = 0; j < len; j += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(live_lanes(j), d + j);
+    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(live_lanes(j), v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    const __m512 draws = _mm512_maskz_expandloadu_ps(nonzero, u + m);
+    m += __builtin_popcount(nonzero);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(nonzero, draws, threshold, _CMP_LT_OQ);
+    _mm512_mask_storeu_ps(kept + j, live_lanes(j), _mm512_maskz_mov_ps(keep, v));
+  }
+}
+#endif
+
+// kept[j] = d[j] if the selector keeps element off + j, else 0 (as far as kept_l1 can tell: a
+// kept zero may come out +0).
+static void kept_values(const float* __restrict d, float* __restrict kept, int64_t off, int64_t len,
+                        const Selector& selector) {
+#if defined(__AVX512F__)
+  if (selector.mode == RANDOM) return keep_random_nonzero(d, kept, off, len, selector.key, selector.density);
+#endif
+  std::copy(d, d + len, kept);
+  selector.apply(kept, off, len, 1.f);
+}
+
 std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n,
                                   const Selector& selector, uintptr_t keep_out) {
   check_input_dtype(x_dtype);
@@ -37,11 +82,8 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
         const int64_t len = std::min(kChunk, n - off);
         load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) {
-          scratch[j] = d[j];
-          all_acc[j] += std::fabs(double(d[j]));
-        }
-        selector.apply(scratch.data(), off, len, 1.f);
+        for (int64_t j = 0; j < len; ++j) all_acc[j] += std::fabs(double(d[j]));
+        kept_values(d.data(), scratch.data(), off, len, selector);
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) kept_acc[j] += std::fabs(double(scratch[j]));
         if (keep) {
@@ -67,6 +109,15 @@ void philox_fill(uintptr_t out, uint64_t key, int64_t offset, int64_t n) {
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < blocks; ++c)
     philox_uniform_block(key, uint64_t(offset + c * kChunk), std::min(kChunk, n - c * kChunk), o + c * kChunk);
+}
+
+void philox_fill_at(uintptr_t out, uint64_t key, int64_t offset, uintptr_t idx, int64_t n) {
+  float* o = reinterpret_cast<float*>(out);
+  const uint32_t* at = reinterpret_cast<const uint32_t*>(idx);
+  const int64_t blocks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < blocks; ++c)
+    philox_uniform_at(key, uint64_t(offset), at + c * kChunk, std::min(kChunk, n - c * kChunk), o + c * kChunk);
 }
 
 }  // namespace fastmerge

@@ -2,6 +2,7 @@
 // fastmerge/ops/random.py (see that module for the exact definition and why counter-based).
 // Header-only and constexpr-friendly so the CPU kernels and CUDA kernels share one definition.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #if !defined(__CUDACC__) && defined(__AVX2__)
@@ -63,6 +64,11 @@ struct PhiloxSimd {
   static constexpr int kLanes = 8;
   static V set1(uint64_t v) { return _mm512_set1_epi64(int64_t(v)); }
   static V counters(uint64_t first) { return _mm512_add_epi64(set1(first), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7)); }
+  // offset + idx[l] in lane l.
+  static V counters_at(uint64_t offset, const uint32_t* idx) {
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx));
+    return _mm512_add_epi64(set1(offset), _mm512_cvtepu32_epi64(lo));
+  }
   static V mul(V a, V b) { return _mm512_mul_epu32(a, b); }
   static V high(V a) { return _mm512_shuffle_epi32(a, _MM_PERM_CDAB); }
   static V xor2(V a, V b) { return _mm512_xor_si512(a, b); }
@@ -80,6 +86,10 @@ struct PhiloxSimd {
   static constexpr int kLanes = 4;
   static V set1(uint64_t v) { return _mm256_set1_epi64x(int64_t(v)); }
   static V counters(uint64_t first) { return _mm256_add_epi64(set1(first), _mm256_setr_epi64x(0, 1, 2, 3)); }
+  static V counters_at(uint64_t offset, const uint32_t* idx) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(idx));
+    return _mm256_add_epi64(set1(offset), _mm256_cvtepu32_epi64(lo));
+  }
   static V mul(V a, V b) { return _mm256_mul_epu32(a, b); }
   static V high(V a) { return _mm256_shuffle_epi32(a, 0xb1); }
   static V xor2(V a, V b) { return _mm256_xor_si256(a, b); }
@@ -92,68 +102,115 @@ struct PhiloxSimd {
 };
 #endif
 
-// out[i] = philox_uniform(key, offset + i) for i < n: the same values as the scalar form.
-//
-// The first two rounds are cheaper than the rest, since the counter starts as (lo, hi, 0, 0) and
-// hi (offset >> 32) is the same for a whole vector step unless the step crosses a multiple of
-// 2^32 (such a step takes the scalar form). Round 1: c2 = 0, so its product is 0, and the new c0
-// = hi ^ k0 is the same in every lane. Round 2: that c0's product is therefore one scalar
-// multiply, and c1 = 0. That saves two of the twenty vector multiplies and their shifts; measured
-// on AVX-512 (interleaved A/B, one thread): 25-30% less time per draw.
-inline void philox_uniform_block(uint64_t key, uint64_t offset, int64_t n, float* __restrict out) {
-  int64_t s = 0;
 #if defined(__AVX2__)
+// Vectors of counters per step: kUnroll of them keep the multipliers busy (see above).
+constexpr int kPhiloxUnroll = 4;
+constexpr int64_t kPhiloxStep = PhiloxSimd::kLanes * kPhiloxUnroll;
+
+// out[u * kLanes + l] = philox_uniform(key, lane l of ctr[u]) for a whole step, where every
+// counter's high word is `hi`.
+//
+// The first two rounds are cheaper than the rest, since a counter starts as (lo, hi, 0, 0) and
+// hi is the same in every lane. Round 1: c2 = 0, so its product is 0, and the new c0 = hi ^ k0
+// is the same in every lane. Round 2: that c0's product is therefore one scalar multiply, and
+// c1 = 0. That saves two of the twenty vector multiplies and their shifts; measured on AVX-512
+// (interleaved A/B, one thread): 25-30% less time per draw.
+inline void philox_uniform_step(uint64_t key, const PhiloxSimd::V* ctr, uint32_t hi, float* __restrict out) {
   using S = PhiloxSimd;
-  constexpr int kUnroll = 4;
-  constexpr int64_t kStep = S::kLanes * kUnroll;
+  constexpr int kUnroll = kPhiloxUnroll;
   const S::V round_a = S::set1(kPhiloxRoundA), round_b = S::set1(kPhiloxRoundB);
-  for (; s + kStep <= n; s += kStep) {
-    const uint64_t first = offset + uint64_t(s);
-    const uint32_t hi = uint32_t(first >> 32);
-    if (uint32_t((first + kStep - 1) >> 32) != hi) {
-      for (int64_t j = s; j < s + kStep; ++j) out[j] = philox_uniform(key, offset + uint64_t(j));
-      continue;
-    }
-    S::V c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
-    uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
-    // Round 1 (c1 = hi, c2 = c3 = 0 in every lane).
-    const uint32_t c0_uniform = hi ^ k0;
+  S::V c0[kUnroll], c1[kUnroll], c2[kUnroll], c3[kUnroll];
+  uint32_t k0 = uint32_t(key), k1 = uint32_t(key >> 32);
+  // Round 1 (c1 = hi, c2 = c3 = 0 in every lane).
+  const uint32_t c0_uniform = hi ^ k0;
+  for (int u = 0; u < kUnroll; ++u) {
+    const S::V pa = S::mul(ctr[u], round_a);
+    c2[u] = S::xor2(S::high(pa), S::set1(k1));
+    c3[u] = pa;
+  }
+  k0 += kPhiloxKeyA;
+  k1 += kPhiloxKeyB;
+  // Round 2 (c0 = c0_uniform in every lane, c1 = 0).
+  const uint64_t pa_uniform = uint64_t(kPhiloxRoundA) * c0_uniform;
+  const S::V c2_mix = S::set1(uint32_t(pa_uniform >> 32) ^ k1), c3_uniform = S::set1(uint32_t(pa_uniform));
+  const S::V key0 = S::set1(k0);
+  for (int u = 0; u < kUnroll; ++u) {
+    const S::V pb = S::mul(c2[u], round_b);
+    c0[u] = S::xor2(S::high(pb), key0);
+    c2[u] = S::xor2(c3[u], c2_mix);
+    c1[u] = pb;
+    c3[u] = c3_uniform;
+  }
+  k0 += kPhiloxKeyA;
+  k1 += kPhiloxKeyB;
+  for (int round = 2; round < 10; ++round) {
+    const S::V key0 = S::set1(k0), key1 = S::set1(k1);
     for (int u = 0; u < kUnroll; ++u) {
-      const S::V pa = S::mul(S::counters(first + uint64_t(u * S::kLanes)), round_a);
-      c2[u] = S::xor2(S::high(pa), S::set1(k1));
+      const S::V pb = S::mul(c2[u], round_b), pa = S::mul(c0[u], round_a);
+      c0[u] = S::xor3(S::high(pb), c1[u], key0);
+      c2[u] = S::xor3(S::high(pa), c3[u], key1);
+      c1[u] = pb;
       c3[u] = pa;
     }
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
-    // Round 2 (c0 = c0_uniform in every lane, c1 = 0).
-    const uint64_t pa_uniform = uint64_t(kPhiloxRoundA) * c0_uniform;
-    const S::V c2_mix = S::set1(uint32_t(pa_uniform >> 32) ^ k1), c3_uniform = S::set1(uint32_t(pa_uniform));
-    const S::V key0 = S::set1(k0);
-    for (int u = 0; u < kUnroll; ++u) {
-      const S::V pb = S::mul(c2[u], round_b);
-      c0[u] = S::xor2(S::high(pb), key0);
-      c2[u] = S::xor2(c3[u], c2_mix);
-      c1[u] = pb;
-      c3[u] = c3_uniform;
+  }
+  for (int u = 0; u < kUnroll; ++u) S::store_uniform(c0[u], out + u * S::kLanes);
+}
+#endif
+
+// out[i] = philox_uniform(key, offset + i) for i < n: the same values as the scalar form. A step
+// whose counters cross a multiple of 2^32 (their high words differ) takes the scalar form.
+inline void philox_uniform_block(uint64_t key, uint64_t offset, int64_t n, float* __restrict out) {
+  int64_t s = 0;
+#if defined(__AVX2__)
+  using S = PhiloxSimd;
+  for (; s + kPhiloxStep <= n; s += kPhiloxStep) {
+    const uint64_t first = offset + uint64_t(s);
+    const uint32_t hi = uint32_t(first >> 32);
+    if (uint32_t((first + kPhiloxStep - 1) >> 32) != hi) {
+      for (int64_t j = s; j < s + kPhiloxStep; ++j) out[j] = philox_uniform(key, offset + uint64_t(j));
+      continue;
     }
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
-    for (int round = 2; round < 10; ++round) {
-      const S::V key0 = S::set1(k0), key1 = S::set1(k1);
-      for (int u = 0; u < kUnroll; ++u) {
-        const S::V pb = S::mul(c2[u], round_b), pa = S::mul(c0[u], round_a);
-        c0[u] = S::xor3(S::high(pb), c1[u], key0);
-        c2[u] = S::xor3(S::high(pa), c3[u], key1);
-        c1[u] = pb;
-        c3[u] = pa;
-      }
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
-    for (int u = 0; u < kUnroll; ++u) S::store_uniform(c0[u], out + s + u * S::kLanes);
+    S::V ctr[kPhiloxUnroll];
+    for (int u = 0; u < kPhiloxUnroll; ++u) ctr[u] = S::counters(first + uint64_t(u * S::kLanes));
+    philox_uniform_step(key, ctr, hi, out + s);
   }
 #endif
   for (; s < n; ++s) out[s] = philox_uniform(key, offset + uint64_t(s));
+}
+
+// out[k] = philox_uniform(key, offset + idx[k]) for k < n, idx ascending: the draws of chosen
+// elements only (DARE skips the zeros of a task vector, see dare.cpp). The last, partial step
+// is padded with its last counter, so it runs vectorised too.
+inline void philox_uniform_at(uint64_t key, uint64_t offset, const uint32_t* __restrict idx, int64_t n,
+                              float* __restrict out) {
+  int64_t s = 0;
+#if defined(__AVX2__)
+  using S = PhiloxSimd;
+  uint32_t tail_idx[kPhiloxStep];
+  float tail_out[kPhiloxStep];
+  for (; s < n; s += kPhiloxStep) {
+    const bool whole = s + kPhiloxStep <= n;
+    const int64_t m = whole ? kPhiloxStep : n - s;
+    const uint32_t* in = idx + s;
+    if (!whole) {
+      for (int64_t k = 0; k < kPhiloxStep; ++k) tail_idx[k] = idx[s + std::min<int64_t>(k, m - 1)];
+      in = tail_idx;
+    }
+    const uint32_t hi = uint32_t((offset + in[0]) >> 32);
+    if (uint32_t((offset + in[kPhiloxStep - 1]) >> 32) != hi) break;  // the scalar form below
+    S::V ctr[kPhiloxUnroll];
+    for (int u = 0; u < kPhiloxUnroll; ++u) ctr[u] = S::counters_at(offset, in + u * S::kLanes);
+    if (whole) {
+      philox_uniform_step(key, ctr, hi, out + s);
+    } else {
+      philox_uniform_step(key, ctr, hi, tail_out);
+      for (int64_t k = 0; k < m; ++k) out[s + k] = tail_out[k];
+    }
+  }
+#endif
+  for (; s < n; ++s) out[s] = philox_uniform(key, offset + uint64_t(idx[s]));
 }
 #endif
 

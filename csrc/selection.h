@@ -169,11 +169,16 @@ void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t 
 
 // (sum |d|, sum over kept |d|) in fp64, in the fixed lane order of dare.cpp. With keep_out
 // (uint8[n], 0 = none) it also writes the selection as a mask, so a MASKED selector can replay it
-// in the merge without drawing the DARE randoms a second time.
+// in the merge without drawing the DARE randoms a second time. With AVX-512 it draws only where
+// d != 0: a zero's draw cannot change the sums or the mask (dare.cpp).
 std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n,
                                   const Selector& selector, uintptr_t keep_out);
 
 // philox_uniform(key, offset + i) for i < n into an fp32 buffer (tests compare the draws).
 void philox_fill(uintptr_t out, uint64_t key, int64_t offset, int64_t n);
+
+// out[k] = philox_uniform(key, offset + idx[k]) for k < n (idx: uint32[n], ascending): the
+// draws at chosen elements, as DARE's L1 pass makes them for the nonzeros of a task vector.
+void philox_fill_at(uintptr_t out, uint64_t key, int64_t offset, uintptr_t idx, int64_t n);
 
 }  // namespace fastmerge

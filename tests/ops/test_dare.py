@@ -89,3 +89,50 @@ def test_rescale(mode, gen):
 def test_bad_density_is_named():
     with pytest.raises(KernelError, match="embed.*model 2"):
         dare_mask((4,), 1.5, seed=0, tensor_name="embed", model_index=2)
+
+
+@pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+@pytest.mark.parametrize("offset", [0, 7, (1 << 32) - 40, (1 << 32) - 3, 5 << 32])
+@pytest.mark.parametrize("n, spacing", [(0, 1), (1, 1), (31, 1), (33, 3), (512, 1), (513, 2), (5000, 4)])
+def test_native_draws_at_chosen_elements_match_reference(offset, n, spacing):
+    """The draws DARE's L1 pass makes at a task vector's nonzeros only: any offset (steps whose
+    counters cross a multiple of 2^32 included), partial vector steps, dense and sparse picks."""
+    from fastmerge import _native
+
+    picks = np.random.default_rng(n).choice(spacing * n + 1, size=n, replace=False)
+    idx = np.sort(picks).astype(np.uint32)
+    out = np.full(n, -1.0, dtype=np.float32)
+    _native.philox_fill_at(out.ctypes.data, 12345, offset, idx.ctypes.data, n)
+    every = philox_uniform(12345, offset, spacing * n + 1)
+    assert np.array_equal(out.view(np.int32), every[idx].view(np.int32))
+
+
+@pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 17, 513, 65536 + 37])
+@pytest.mark.parametrize("unchanged", [0.0, 0.3, 0.97, 1.0])
+def test_native_l1_pass_on_sparse_task_vectors(dtype, n, unchanged):
+    """The native L1 pass draws only at nonzero deltas (most of an RL fine-tune's weights are
+    unchanged). Its sums and keep mask must be what drawing everywhere gives: sums over the
+    reference's kept values, and kept & (d != 0) as the mask, with -0, +-inf and NaN deltas."""
+    from fastmerge import _native
+    from fastmerge.dtypes import native_code
+    from fastmerge.ops import ties as T
+
+    gen = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=gen).to(dtype)
+    x = (base.float() + torch.randn(n, generator=gen)).to(dtype)
+    same = torch.rand(n, generator=gen) < unchanged
+    x[same] = base[same]
+    if n > 100:
+        base[:20], x[:10], x[10:20] = 0.0, -0.0, 0.0  # d = -0 and +0
+        x[50], x[60], x[70:90] = float("inf"), float("-inf"), float("nan")
+    sel = T.Selector(T.RANDOM, key=derive_key(3, "sparse", 1), density=0.4)
+    mask = torch.full((n,), True)
+    sums = _native.kept_l1(x.data_ptr(), native_code(dtype), base.data_ptr(), native_code(dtype), n, sel.mode,
+                           0, 0, 0, 0, sel.key, sel.density, 0, mask.data_ptr())
+    d = x.float() - base.float()
+    kept = T.reference_keep(d, sel)
+    expected = (T.lane_l1(d), T.lane_l1(torch.where(kept, d, 0.0)))
+    assert np.array_equal(np.array(sums), np.array(expected), equal_nan=True)
+    assert torch.equal(mask, kept & (d != 0))
