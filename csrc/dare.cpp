@@ -27,24 +27,25 @@ static void keep_random_nonzero(const float* __restrict d, float* __restrict kep
   alignas(64) uint32_t idx[kChunk];
   alignas(64) float u[kChunk];
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __mmask16 nonzero[kChunk / 16];  // per 16 elements, found once for both passes
   auto live_lanes = [len](int64_t j) { return __mmask16(len - j >= 16 ? 0xffffu : (1u << (len - j)) - 1u); };
   int64_t m = 0;
   for (int64_t j = 0; j < len; j += 16) {
     const __m512 v = _mm512_maskz_loadu_ps(live_lanes(j), d + j);
-    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(live_lanes(j), v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    _mm512_mask_compressstoreu_epi32(idx + m, nonzero, _mm512_add_epi32(_mm512_set1_epi32(int(j)), iota));
-    m += __builtin_popcount(nonzero);
+    const __mmask16 here = _mm512_mask_cmp_ps_mask(live_lanes(j), v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    _mm512_mask_compressstoreu_epi32(idx + m, here, _mm512_add_epi32(_mm512_set1_epi32(int(j)), iota));
+    m += __builtin_popcount(here);
+    nonzero[j / 16] = here;
   }
   philox_uniform_at(key, uint64_t(off), idx, m, u);
   const __m512 threshold = _mm512_set1_ps(density);
   m = 0;
   for (int64_t j = 0; j < len; j += 16) {
-    const __m512 v = _mm512_maskz_loadu_ps(live_lanes(j), d + j);
-    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(live_lanes(j), v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    const __m512 draws = _mm512_maskz_expandloadu_ps(nonzero, u + m);
-    m += __builtin_popcount(nonzero);
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(nonzero, draws, threshold, _CMP_LT_OQ);
-    _mm512_mask_storeu_ps(kept + j, live_lanes(j), _mm512_maskz_mov_ps(keep, v));
+    const __mmask16 here = nonzero[j / 16];
+    const __m512 draws = _mm512_maskz_expandloadu_ps(here, u + m);
+    m += __builtin_popcount(here);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(here, draws, threshold, _CMP_LT_OQ);
+    _mm512_mask_storeu_ps(kept + j, live_lanes(j), _mm512_maskz_loadu_ps(keep, d + j));
   }
 }
 #endif
