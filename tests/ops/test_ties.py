@@ -273,6 +273,29 @@ def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape, sprea
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+@pytest.mark.parametrize("row_len", [2, 15, 16, 17, 31, 33, 100, 2053])
+@pytest.mark.parametrize("odd_share", [0.0, 0.05, 0.5])
+def test_native_della_mask_ranks_rows_of_few_distinct_magnitudes(row_len, odd_share):
+    """Rows of only four exact magnitudes, so every 16 elements hold many equal ones (the
+    vectorised rank pass counts them per lane), mixed in position with fp32 magnitudes whose low
+    16 bits are set (handed over to the sorted pass from the same 16 elements), at row lengths
+    around multiples of 16."""
+    from fastmerge.ops.ties import _native_della_keep, _reference_della_keep, della_fibres
+
+    gen = torch.Generator().manual_seed(row_len)
+    shape = (7, row_len)
+    levels = torch.tensor([0.0, 2.0 ** -9, 3 * 2.0 ** -9, 2.0 ** -7])
+    d = levels[torch.randint(0, 4, shape, generator=gen)]
+    odd = torch.rand(shape, generator=gen) < odd_share
+    d[odd] = (2.0 ** -9) * (1.0 + torch.randint(1, 64, (int(odd.sum()),), generator=gen).float() * 2.0 ** -20)
+    d = d * torch.where(torch.rand(shape, generator=gen) < 0.5, 1.0, -1.0)
+    base = torch.zeros(shape)
+    for key in (3, (1 << 33) + 5):
+        args = (d, base, della_fibres(d.shape), 0.5, 0.45, key)
+        assert torch.equal(_native_della_keep(*args), _reference_della_keep(*args))
+
+
+@pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
 def test_native_della_mask_ranks_magnitudes_that_share_a_bf16_bin():
     """Most of each row in one bf16 bin [1, 1 + 2^-7): an exact 1.0 (ranked by position), and
     fp32 values 1 + j 2^-20 that differ only in their low 16 bits (ranked by value, ties by
