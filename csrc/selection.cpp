@@ -132,6 +132,9 @@ namespace {
 // bin's last ranks. A zero |d| (17% of one fine-tune's) gets bin 0 of its own, so zeros do not
 // stretch the range down to the smallest exponent. A fibre whose range has many more bins than
 // elements (tiny rows spanning many exponents) is sorted whole instead.
+// A (key, position) pair, which sorts by key and then by position.
+inline uint64_t key_and_position(const uint32_t* keys, int64_t r) { return (uint64_t(keys[r]) << 32) | uint64_t(r); }
+
 class FibreRanker {
  public:
   explicit FibreRanker(int64_t row_len) : sorted_(size_t(row_len)), bin_(size_t(row_len)) {}
@@ -166,7 +169,7 @@ class FibreRanker {
     r = stride == 1 ? rank_exact(keys, bin, len, draws, probability, first, keep, sorted, deferred) : 0;
     for (; r < len; ++r) {
       if (keys[r] & 0xffffu)
-        sorted[deferred++] = (uint64_t(keys[r]) << 32) | uint64_t(r);
+        sorted[deferred++] = key_and_position(keys, r);
       else
         keep[r * stride] = draws[r] < probability[first[bin[r]]++];
     }
@@ -192,16 +195,20 @@ class FibreRanker {
   // 17-20% less time than the scalar passes (one up_proj, 1 and 2 threads, interleaved).
   // Both return how many elements they handled; the caller's scalar loop does the rest.
 
+  // What each of `lanes` takes from its bin's counter, in lane order (the counter plus the
+  // earlier lanes of its bin); the counters move past every lane. Lanes outside `lanes` must
+  // hold bins no lane inside shares.
+  static __m512i take_in_lane_order(uint32_t* counters, __m512i b, __mmask16 lanes) {
+    const __m512i taken = _mm512_add_epi32(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, b, counters, 4),
+                                           _mm512_popcnt_epi32(_mm512_conflict_epi32(b)));
+    _mm512_mask_i32scatter_epi32(counters, lanes, b, _mm512_add_epi32(taken, _mm512_set1_epi32(1)), 4);
+    return taken;
+  }
+
   // Counts bins[0, len) into count.
   static int64_t count_bins(const uint32_t* bin, int64_t len, uint32_t* count) {
-    const __m512i one = _mm512_set1_epi32(1);
     int64_t r = 0;
-    for (; r + 16 <= len; r += 16) {
-      const __m512i b = _mm512_loadu_si512(bin + r);
-      const __m512i earlier = _mm512_popcnt_epi32(_mm512_conflict_epi32(b));
-      const __m512i counted = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xffff, b, count, 4);
-      _mm512_i32scatter_epi32(count, b, _mm512_add_epi32(_mm512_add_epi32(counted, earlier), one), 4);
-    }
+    for (; r + 16 <= len; r += 16) take_in_lane_order(count, _mm512_loadu_si512(bin + r), 0xffff);
     return r;
   }
 
@@ -212,7 +219,7 @@ class FibreRanker {
   static int64_t rank_exact(const uint32_t* keys, const uint32_t* bin, int64_t len, const float* draws,
                             const float* probability, uint32_t* next, uint8_t* keep, uint64_t* deferred,
                             int64_t& n_deferred) {
-    const __m512i one = _mm512_set1_epi32(1), low_bits = _mm512_set1_epi32(0xffff);
+    const __m512i low_bits = _mm512_set1_epi32(0xffff);
     const __m512i unshared = _mm512_or_si512(_mm512_set1_epi32(int(0x80000000u)),
                                              _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     const __m128i ones = _mm_set1_epi8(1);
@@ -220,16 +227,13 @@ class FibreRanker {
     for (; r + 16 <= len; r += 16) {
       const __mmask16 exact = _mm512_testn_epi32_mask(_mm512_loadu_si512(keys + r), low_bits);
       const __m512i b = _mm512_mask_mov_epi32(unshared, exact, _mm512_loadu_si512(bin + r));
-      const __m512i earlier = _mm512_popcnt_epi32(_mm512_conflict_epi32(b));
-      const __m512i rank =
-          _mm512_add_epi32(_mm512_mask_i32gather_epi32(_mm512_setzero_si512(), exact, b, next, 4), earlier);
-      _mm512_mask_i32scatter_epi32(next, exact, b, _mm512_add_epi32(rank, one), 4);
+      const __m512i rank = take_in_lane_order(next, b, exact);
       const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), exact, rank, probability, 4);
       const __mmask16 kept = _mm512_mask_cmp_ps_mask(exact, _mm512_loadu_ps(draws + r), p, _CMP_LT_OQ);
       _mm_mask_storeu_epi8(keep + r, exact, _mm_maskz_mov_epi8(kept, ones));
       for (uint32_t others = uint16_t(~exact); others; others &= others - 1) {
         const int64_t at = r + __builtin_ctz(others);
-        deferred[n_deferred++] = (uint64_t(keys[at]) << 32) | uint64_t(at);
+        deferred[n_deferred++] = key_and_position(keys, at);
       }
     }
     return r;
@@ -245,7 +249,7 @@ class FibreRanker {
   // Rank by sorting (key, position) pairs: what a wide-ranged fibre falls back on.
   void decide_sorted(const uint32_t* keys, int64_t len, const float* draws, const float* probability, uint8_t* keep,
                      int64_t stride) {
-    for (int64_t r = 0; r < len; ++r) sorted_[r] = (uint64_t(keys[r]) << 32) | uint64_t(r);
+    for (int64_t r = 0; r < len; ++r) sorted_[r] = key_and_position(keys, r);
     std::sort(sorted_.begin(), sorted_.begin() + len);
     for (int64_t q = 0; q < len; ++q) {
       const int64_t r = int64_t(uint32_t(sorted_[q]));
