@@ -21,10 +21,13 @@ namespace fastmerge {
 // and its mask byte is 0 whether it is kept or not, so its draw cannot change what kept_l1
 // returns, and the generator is counter-based, so skipping it leaves every other draw as it
 // was. The nonzero positions are compressed into idx, drawn, and the draws expanded back.
+// Both go through registers (idx is stored 16 whole lanes at a time, hence its 16 spare slots):
+// AMD Zen 4 microcodes the memory forms (vpcompressd to memory, vexpandps from memory), which
+// made the bookkeeping around the draws cost more than the draws.
 // NaN != 0, so a NaN is drawn for (kept, it makes the sum NaN; dropped, it adds 0).
 static void keep_random_nonzero(const float* __restrict d, float* __restrict kept, int64_t off, int64_t len,
                                 uint64_t key, float density) {
-  alignas(64) uint32_t idx[kChunk];
+  alignas(64) uint32_t idx[kChunk + 16];
   alignas(64) float u[kChunk];
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __mmask16 nonzero[kChunk / 16];  // per 16 elements, found once for both passes
@@ -33,7 +36,7 @@ static void keep_random_nonzero(const float* __restrict d, float* __restrict kep
   for (int64_t j = 0; j < len; j += 16) {
     const __m512 v = _mm512_maskz_loadu_ps(live_lanes(j), d + j);
     const __mmask16 here = _mm512_mask_cmp_ps_mask(live_lanes(j), v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
-    _mm512_mask_compressstoreu_epi32(idx + m, here, _mm512_add_epi32(_mm512_set1_epi32(int(j)), iota));
+    _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(here, _mm512_add_epi32(_mm512_set1_epi32(int(j)), iota)));
     m += __builtin_popcount(here);
     nonzero[j / 16] = here;
   }
@@ -42,8 +45,9 @@ static void keep_random_nonzero(const float* __restrict d, float* __restrict kep
   m = 0;
   for (int64_t j = 0; j < len; j += 16) {
     const __mmask16 here = nonzero[j / 16];
-    const __m512 draws = _mm512_maskz_expandloadu_ps(here, u + m);
-    m += __builtin_popcount(here);
+    const int count = __builtin_popcount(here);
+    const __m512 draws = _mm512_maskz_expand_ps(here, _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1u), u + m));
+    m += count;
     const __mmask16 keep = _mm512_mask_cmp_ps_mask(here, draws, threshold, _CMP_LT_OQ);
     _mm512_mask_storeu_ps(kept + j, live_lanes(j), _mm512_maskz_loadu_ps(keep, d + j));
   }
