@@ -158,9 +158,13 @@ int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n
 // DELLA's keep mask (uint8[n]) of d = x - b viewed as [outer, row_len, inner]: each fibre along
 // the middle axis (mergekit ranks along dim 1) ranks |d| ascending (ties by position), and element
 // (o, r, i) is kept where philox_uniform(key, flat index) < fp32((density - epsilon) +
-// (2 epsilon) * rank / (row_len - 1)), that expression in fp64. row_len >= 2.
+// (2 epsilon) * rank / (row_len - 1)), that expression in fp64. row_len >= 2. `ranking` picks
+// how unit-stride rows are ranked (the mask is the same): RANK_AUTO, what is faster on this CPU;
+// RANK_SCALAR; or RANK_VECTOR, 16 elements at a time where the build has AVX-512 CD/VPOPCNTDQ
+// (scalar otherwise). Tests ask for each.
+enum DellaRanking : int { RANK_AUTO = 0, RANK_SCALAR = 1, RANK_VECTOR = 2 };
 void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t outer, int64_t row_len, int64_t inner,
-                double density, double epsilon, uint64_t key, uintptr_t mask);
+                double density, double epsilon, uint64_t key, uintptr_t mask, int ranking);
 
 // The fused TIES-family merge (fastmerge/ops/ties.py documents the arithmetic order).
 void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<uintptr_t>& xs,

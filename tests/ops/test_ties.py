@@ -20,6 +20,10 @@ VARIANTS = {
     "breadcrumbs_ties": dict(sparsify="magnitude_outliers", consensus=True, normalize=False, gamma=0.05),
 }
 
+# The native DELLA kernel's two ways to rank a row (1: scalar passes, 2: 16 elements at a time
+# where the build has AVX-512 CD), each checked whichever this CPU would pick (0).
+DELLA_RANKINGS = [pytest.param(1, id="scalar-ranking"), pytest.param(2, id="vector-ranking")]
+
 
 def _models(k, n, dtype, gen, device="cpu"):
     base = torch.randn(n, generator=gen).to(dtype)
@@ -244,10 +248,11 @@ def test_dare_rescale_mask_replay_keeps_zero_deltas_exact(backend, device, conse
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+@pytest.mark.parametrize("ranking", DELLA_RANKINGS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape, spread, specials", [((3, 5000), 20, True), ((5, 2048), 3, False),
                                                       ((4, 700, 3), 20, True), ((9, 2), 20, True)])
-def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape, spread, specials, dtype):
+def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape, spread, specials, dtype, ranking):
     """The native mask against the torch sort, on rows longer than a kernel chunk with magnitudes
     over 2 * spread exponents and exact ties (bf16 steps, zeros). The native kernel ranks a row
     by counting, or by sorting where its magnitudes span many more bins than it has elements
@@ -269,13 +274,14 @@ def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape, sprea
     x = (base + d).reshape(shape).to(dtype)  # base + inf = inf, so d stays inf / NaN
     base = base.reshape(shape).to(dtype)
     args = (x, base, della_fibres(x.shape), 0.4, 0.15, (1 << 40) + 17)
-    assert torch.equal(_native_della_keep(*args), _reference_della_keep(*args))
+    assert torch.equal(_native_della_keep(*args, ranking), _reference_della_keep(*args))
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
 @pytest.mark.parametrize("row_len", [2, 15, 16, 17, 31, 33, 100, 2053])
 @pytest.mark.parametrize("odd_share", [0.0, 0.05, 0.5])
-def test_native_della_mask_ranks_rows_of_few_distinct_magnitudes(row_len, odd_share):
+@pytest.mark.parametrize("ranking", DELLA_RANKINGS)
+def test_native_della_mask_ranks_rows_of_few_distinct_magnitudes(row_len, odd_share, ranking):
     """Rows of only four exact magnitudes, so every 16 elements hold many equal ones (the
     vectorised rank pass counts them per lane), mixed in position with fp32 magnitudes whose low
     16 bits are set (handed over to the sorted pass from the same 16 elements), at row lengths
@@ -292,11 +298,12 @@ def test_native_della_mask_ranks_rows_of_few_distinct_magnitudes(row_len, odd_sh
     base = torch.zeros(shape)
     for key in (3, (1 << 33) + 5):
         args = (d, base, della_fibres(d.shape), 0.5, 0.45, key)
-        assert torch.equal(_native_della_keep(*args), _reference_della_keep(*args))
+        assert torch.equal(_native_della_keep(*args, ranking), _reference_della_keep(*args))
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
-def test_native_della_mask_ranks_magnitudes_that_share_a_bf16_bin():
+@pytest.mark.parametrize("ranking", DELLA_RANKINGS)
+def test_native_della_mask_ranks_magnitudes_that_share_a_bf16_bin(ranking):
     """Most of each row in one bf16 bin [1, 1 + 2^-7): an exact 1.0 (ranked by position), and
     fp32 values 1 + j 2^-20 that differ only in their low 16 bits (ranked by value, ties by
     position) and must all rank above the 1.0s. Short rows make one rank step worth 0.1% of
@@ -312,4 +319,4 @@ def test_native_della_mask_ranks_magnitudes_that_share_a_bf16_bin():
     d = d * torch.where(torch.rand(shape, generator=gen) < 0.5, 1.0, -1.0)
     base = torch.zeros(shape)
     args = (d, base, della_fibres(d.shape), 0.5, 0.3, 99)
-    assert torch.equal(_native_della_keep(*args), _reference_della_keep(*args))
+    assert torch.equal(_native_della_keep(*args, ranking), _reference_della_keep(*args))
