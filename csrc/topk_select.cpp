@@ -39,6 +39,8 @@ constexpr int kMaxOccupied = 4;
 constexpr int64_t kFineBins = 65536;
 // Below this many elements one thread does the pass (as magnitude_histogram).
 constexpr int64_t kSerialSelect = int64_t(1) << 20;
+// Below this many sampled elements one thread takes the sample.
+constexpr int64_t kParallelSample = 8192;
 
 using Result = std::tuple<uint32_t, int64_t, int64_t, int64_t>;  // t_bits, ties_to_keep, tie_count, cut-off
 
@@ -71,14 +73,32 @@ struct Window {
 std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t n,
                                     const std::vector<int64_t>& ks, int64_t sample) {
   const int64_t m = std::min(n, std::max<int64_t>(sample, 1));
-  // Element s * n / m for s < m, as s * q + s * r / m (no overflow: s * r < m^2).
+  // Element s * n / m for s < m, as s * q + s * r / m (no overflow: s * r < m^2), stepped
+  // without a division per element. Each sampled element is a cache miss (and, in a mapped
+  // file, often the first touch of its page), so the threads split the sample. Taken by one
+  // thread, it was a fifth of the selection's time on an 11.5M-element tensor (perf), while the
+  // other thread waited.
   const int64_t q_step = n / m, r_step = n % m;
-  std::vector<int64_t> hist(kHistBins, 0);
-  for (int64_t s = 0; s < m; ++s) {
-    const int64_t i = s * q_step + s * r_step / m;
-    const float d = bp ? load(xp, x_dtype, i) - load(bp, b_dtype, i) : load(xp, x_dtype, i);  // as load_delta
-    ++hist[std::min(f32_bits(d) & 0x7fffffffu, 0x7f800000u) >> 16];
+  std::vector<uint16_t> bucket(static_cast<size_t>(m));
+  const int team = m < kParallelSample ? 1 : omp_get_max_threads();
+#pragma omp parallel num_threads(team)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t s0 = m * t / threads, s1 = m * (t + 1) / threads;
+    int64_t i = s0 * q_step + s0 * r_step / m, carry = s0 * r_step % m;
+    for (int64_t s = s0; s < s1; ++s) {
+      const float d = bp ? load(xp, x_dtype, i) - load(bp, b_dtype, i) : load(xp, x_dtype, i);  // as load_delta
+      bucket[s] = uint16_t(std::min(f32_bits(d) & 0x7fffffffu, 0x7f800000u) >> 16);
+      i += q_step;
+      carry += r_step;
+      if (carry >= m) {
+        carry -= m;
+        ++i;
+      }
+    }
   }
+  std::vector<int64_t> hist(kHistBins, 0);
+  for (const uint16_t b : bucket) ++hist[b];
   int64_t highest = kHistBins - 1;
   while (highest > 0 && !hist[highest]) --highest;
   std::vector<Window> windows(ks.size());
