@@ -195,9 +195,13 @@ def write_bytes(path: Path, nbytes: int, direct: bool = False) -> float:
 
 
 def measure_roofline(inputs: list[Path], output_bytes: int, scratch: Path, repeat: int = 1) -> Roofline:
-    """The roofline measured `repeat` times: each part's median (reads, plain write, direct write)."""
+    """The roofline measured `repeat` times: each part's median (reads, plain write, direct write).
+    Each timed read follows an untimed one, as each merge does: this VM's DAMON reclaims page-cache
+    pages it finds cold, and after minutes of mergekit the timed reads came from disk (37-44 s
+    for 8.8 GB that the same run read from the cache in 2.4-4.5 s)."""
     parts = []
     for _ in range(repeat):
+        read_files(model_files(inputs))  # warm the page cache, as before each merge
         read, read_s = read_files(model_files(inputs))
         plain = write_bytes(scratch / "roofline.bin", output_bytes)
         parts.append((read_s, plain, write_bytes(scratch / "roofline.bin", output_bytes, direct=True)))

@@ -65,7 +65,8 @@ def test_repeated_runs_report_the_median_wall_and_the_highest_rss():
 
 
 def test_repeated_roofline_reports_each_parts_median(models, tmp_path, monkeypatch):
-    reads, writes = iter([5.0, 1.0, 3.0]), iter([1.0, 10.0, 2.0, 20.0, 3.0, 30.0])  # plain, direct, plain, ...
+    # Each timed read follows an untimed warm-up read (99 s here, which must not count).
+    reads, writes = iter([99.0, 5.0, 99.0, 1.0, 99.0, 3.0]), iter([1.0, 10.0, 2.0, 20.0, 3.0, 30.0])  # plain, direct, ...
     monkeypatch.setattr(e2e, "read_files", lambda files: (7, next(reads)))
     monkeypatch.setattr(e2e, "write_bytes", lambda path, n, direct=False: next(writes))
     roofline = e2e.measure_roofline(models.all_models, 12345, tmp_path, repeat=3)
