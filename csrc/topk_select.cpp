@@ -39,8 +39,6 @@ constexpr int kMaxOccupied = 4;
 constexpr int64_t kFineBins = 65536;
 // Below this many elements one thread does the pass (as magnitude_histogram).
 constexpr int64_t kSerialSelect = int64_t(1) << 20;
-// Below this many sampled elements one thread takes the sample.
-constexpr int64_t kParallelSample = 8192;
 
 using Result = std::tuple<uint32_t, int64_t, int64_t, int64_t>;  // t_bits, ties_to_keep, tie_count, cut-off
 
@@ -69,9 +67,9 @@ struct Window {
 
 // For each k, the window from a histogram of `sample` evenly strided elements: the sample rank of
 // the true k-th largest is binomial, so +-5 standard deviations (plus a few ranks) around
-// k * sample / n covers it. A sample of the whole tensor is exact.
+// k * sample / n covers it. A sample of the whole tensor is exact. `team` threads take the sample.
 std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t n,
-                                    const std::vector<int64_t>& ks, int64_t sample) {
+                                    const std::vector<int64_t>& ks, int64_t sample, int team) {
   const int64_t m = std::min(n, std::max<int64_t>(sample, 1));
   // Element s * n / m for s < m, as s * q + s * r / m (no overflow: s * r < m^2), stepped
   // without a division per element. Each sampled element is a cache miss (and, in a mapped
@@ -80,7 +78,6 @@ std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp,
   // other thread waited.
   const int64_t q_step = n / m, r_step = n % m;
   std::vector<uint16_t> bucket(static_cast<size_t>(m));
-  const int team = m < kParallelSample ? 1 : omp_get_max_threads();
 #pragma omp parallel num_threads(team)
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
@@ -241,8 +238,9 @@ std::pair<std::vector<Result>, int64_t> select_top_k(uintptr_t x, int x_dtype, u
   std::vector<Result> results;
   if (n == 0) return {results, 0};
 
-  const std::vector<Window> windows = predict_windows(xp, x_dtype, bp, b_dtype, n, ks, sample);
+  // The sample takes the same team as the pass: a tensor too small for two threads is cheap to sample.
   const int team = n < kSerialSelect ? 1 : omp_get_max_threads();
+  const std::vector<Window> windows = predict_windows(xp, x_dtype, bp, b_dtype, n, ks, sample, team);
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   // counts[t][q]: thread t's counts for window q; first[t]: its first element.
   std::vector<std::vector<WindowCounts>> counts(team, std::vector<WindowCounts>(windows.size()));
