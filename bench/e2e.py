@@ -196,9 +196,7 @@ def write_bytes(path: Path, nbytes: int, direct: bool = False) -> float:
 
 def measure_roofline(inputs: list[Path], output_bytes: int, scratch: Path, repeat: int = 1) -> Roofline:
     """The roofline measured `repeat` times: each part's median (reads, plain write, direct write).
-    Each timed read follows an untimed one, as each merge does: this VM's DAMON reclaims page-cache
-    pages it finds cold, and after minutes of mergekit the timed reads came from disk (37-44 s
-    for 8.8 GB that the same run read from the cache in 2.4-4.5 s)."""
+    Each timed read follows an untimed one, as each merge does (see bench_method on DAMON)."""
     parts = []
     for _ in range(repeat):
         read_files(model_files(inputs))  # warm the page cache, as before each merge
@@ -303,15 +301,20 @@ class MethodResult:
 
 def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bool, repeat: int = 1,
                  device: str = "cpu") -> MethodResult:
-    """fastmerge (`repeat` times, medians), mergekit (once), the start-up and the rooflines of one method."""
+    """fastmerge (`repeat` times, medians), its start-up and the rooflines of one method, then
+    mergekit (once). The rooflines come before mergekit so that they find the page cache as
+    fastmerge did: this VM's DAMON pages out file pages it sees as cold, and after mergekit's
+    minutes the timed roofline reads of three methods came from disk (37-44 s for 8.8 GB that
+    the same run read from the cache in 2.4-4.5 s)."""
     config = METHODS[method](models)
     config_path = work / f"{method}.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     inputs = config_inputs(config)
     runs: dict[str, list[MergeRun]] = {}
     out_size = 0
-    tools = [("fastmerge", fastmerge_command, repeat)] + ([("mergekit", mergekit_command, 1)] if with_mergekit else [])
-    for tool, command, times in tools:
+
+    def merge(tool: str, command, times: int) -> None:
+        nonlocal out_size
         out = work / f"out-{tool}-{method}"
         for _ in range(times):
             shutil.rmtree(out, ignore_errors=True)
@@ -324,10 +327,14 @@ def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bo
             if tool == "fastmerge":
                 out_size = output_bytes(out)
         shutil.rmtree(out, ignore_errors=True)
+
+    merge("fastmerge", fastmerge_command, repeat)
     runs["start-up"] = [run_child("fastmerge", "start-up", startup_command()) for _ in range(repeat)]
     if not out_size:  # fastmerge failed: a bf16 output is the size of one input model
         out_size = sum(p.stat().st_size for p in model_files(inputs[:1]))
     roofline = measure_roofline(inputs, out_size, work, repeat)
+    if with_mergekit:
+        merge("mergekit", mergekit_command, 1)
     in_size = sum(p.stat().st_size for p in model_files(inputs))
     mergekit = median_run(runs["mergekit"]) if "mergekit" in runs else None
     return MethodResult(method, in_size, out_size, roofline, median_run(runs["fastmerge"]), mergekit,

@@ -73,6 +73,27 @@ def test_repeated_roofline_reports_each_parts_median(models, tmp_path, monkeypat
     assert (roofline.read_s, roofline.write_s, roofline.direct_write_s) == (3.0, 2.0, 20.0)
 
 
+def test_rooflines_are_measured_before_mergekit_runs(models, tmp_path, monkeypatch):
+    # mergekit's minutes let the VM page the inputs out (DAMON), so the rooflines must come
+    # right after fastmerge's runs, where they find the cache as fastmerge did.
+    events = []
+
+    def fake_child(tool, method, command):
+        events.append(tool if method != "start-up" else "start-up")
+        if tool == "fastmerge" and method != "start-up":
+            out = e2e.Path(command[command.index("run") + 2])
+            out.mkdir(parents=True)
+            (out / "model.safetensors").write_bytes(b"x" * 64)
+        return e2e.MergeRun(tool, method, 1.0, 10, 0)
+
+    monkeypatch.setattr(e2e, "run_child", fake_child)
+    monkeypatch.setattr(e2e, "measure_roofline",
+                        lambda inputs, n, scratch, repeat=1: events.append("roofline") or e2e.Roofline(1, n, 1.0, 1.0, 1.0))
+    result = e2e.bench_method("ties", models, tmp_path, with_mergekit=True, repeat=2)
+    assert events == ["fastmerge", "fastmerge", "start-up", "start-up", "roofline", "mergekit"]
+    assert result.mergekit is not None and result.fastmerge.wall_s == 1.0
+
+
 def test_benchmark_run_writes_results_and_chart(tmp_path):
     out_json, chart = tmp_path / "r.json", tmp_path / "r.png"
     e2e.main(["--custom", SMALL, "--work", str(tmp_path), "--methods", "linear,task_arithmetic", "--no-mergekit",
