@@ -311,11 +311,11 @@ def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bo
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     inputs = config_inputs(config)
     runs: dict[str, list[MergeRun]] = {}
-    out_size = 0
 
-    def merge(tool: str, command, times: int) -> None:
-        nonlocal out_size
-        out = work / f"out-{tool}-{method}"
+    def merge(tool: str, command, times: int) -> int:
+        """Runs `tool` `times` times (stopping at a failure); returns the output size of the
+        last successful run, 0 if none."""
+        out, out_size = work / f"out-{tool}-{method}", 0
         for _ in range(times):
             shutil.rmtree(out, ignore_errors=True)
             read_files(model_files(inputs))  # warm the page cache, as the baseline did
@@ -324,11 +324,11 @@ def bench_method(method: str, models: BenchModels, work: Path, with_mergekit: bo
             if run.returncode != 0:
                 print(f"  {tool} {method} failed:\n{run.log_tail}", file=sys.stderr)
                 break
-            if tool == "fastmerge":
-                out_size = output_bytes(out)
+            out_size = output_bytes(out)
         shutil.rmtree(out, ignore_errors=True)
+        return out_size
 
-    merge("fastmerge", fastmerge_command, repeat)
+    out_size = merge("fastmerge", fastmerge_command, repeat)
     runs["start-up"] = [run_child("fastmerge", "start-up", startup_command()) for _ in range(repeat)]
     if not out_size:  # fastmerge failed: a bf16 output is the size of one input model
         out_size = sum(p.stat().st_size for p in model_files(inputs[:1]))

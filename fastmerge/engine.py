@@ -375,7 +375,8 @@ def _prefetched(plan: Plan, stage: Callable[[PlannedTensor], Any], depth: int = 
     stages up to `depth` tensors ahead, so disk reads (and uploads to a GPU) overlap the merge
     of the current tensor. Before staging a tensor the reader hints the kernel to read ahead
     the next one's pages, so they start arriving while this one is staged (a GPU upload reads
-    its pages at once; see SafetensorsFile.prefetch for how far a hint reaches). An error on the reader thread is raised here, in the tensor's turn."""
+    its pages at once; see SafetensorsFile.prefetch for how far a hint reaches). An error on
+    the reader thread is raised here, in the tensor's turn."""
     items: queue.Queue[tuple[PlannedTensor, Any] | BaseException | None] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
