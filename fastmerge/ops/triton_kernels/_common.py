@@ -18,6 +18,13 @@ from ...errors import KernelError
 # Output kinds understood by `store_rounded` (a tl.constexpr in the kernels).
 OUT_F32, OUT_F16, OUT_BF16_BITS = 0, 1, 2
 
+# Options of every launch. Without them the GPU compiler may contract a product and a sum into
+# one fused multiply-add (Triton's default up to 3.9), which rounds once where the contract
+# (DESIGN.md "Arithmetic") rounds twice; every fused multiply-add the contract wants is an
+# explicit tl.fma. csrc is built with -ffp-contract=off and nvcc with --fmad=false for the same
+# reason. The interpreter ignores the option.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def f32_to_bf16_bits(x):
@@ -52,10 +59,16 @@ def output_target(out: torch.Tensor) -> tuple[torch.Tensor, int]:
     raise KernelError(f"triton kernels write fp32, fp16 or bf16, not {out.dtype}")
 
 
+def sized_for_gpu(device: torch.device) -> bool:
+    """Whether launches on `device` are sized for a GPU. The interpreter (CPU tensors) runs
+    programs one after another in Python, so there the fewer and larger the blocks the better,
+    while a GPU wants modest blocks that keep every SM busy. Every launch-size choice goes
+    through here, so a test can compile the GPU's launches ahead of time without a GPU."""
+    return device.type == "cuda"
+
+
 def elementwise_block(n: int, device: torch.device) -> int:
-    """Elements per program for an element-wise kernel. On a GPU a modest block keeps every SM
-    busy; the interpreter runs programs one after another in Python, so there the fewer (and
-    larger) blocks the better."""
-    if device.type == "cuda":
+    """Elements per program for an element-wise kernel (see `sized_for_gpu`)."""
+    if sized_for_gpu(device):
         return 1024
     return max(16, min(1 << 16, triton.next_power_of_2(max(n, 1))))

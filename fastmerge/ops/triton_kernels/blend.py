@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import elementwise_block, output_target, store_rounded
+from ._common import LAUNCH_OPTIONS, elementwise_block, output_target, store_rounded
 
 GROUP = 8
 
@@ -96,6 +96,6 @@ def blend_triton(
             *ws, *([0.0] * pad),
             float(lam), n,
             N_IN=len(xs), HAS_BASE=base is not None, FIRST=g == 0, LAST=g == len(groups) - 1,
-            OUT_KIND=out_kind, BLOCK=block,
+            OUT_KIND=out_kind, BLOCK=block, **LAUNCH_OPTIONS,
         )
     return out

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import elementwise_block
+from ._common import LAUNCH_OPTIONS, elementwise_block
 
 
 @triton.jit
@@ -21,5 +21,5 @@ def uniform(key: int, offset: int, n: int, device: torch.device) -> torch.Tensor
     out = torch.empty(n, dtype=torch.float32, device=device)
     if n:
         block = elementwise_block(n, device)
-        _uniform_kernel[(triton.cdiv(n, block),)](out, key, offset, n, BLOCK=block)
+        _uniform_kernel[(triton.cdiv(n, block),)](out, key, offset, n, BLOCK=block, **LAUNCH_OPTIONS)
     return out

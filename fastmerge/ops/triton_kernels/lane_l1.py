@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from .ties import _kept_delta, model_params
 
 KEEP_ALL = tl.constexpr(0)  # fastmerge.ops.ties.KEEP_ALL: `_kept_delta` keeps every element
@@ -49,9 +50,9 @@ def kept_l1_lanes(x: torch.Tensor, base: torch.Tensor, selector, lanes: int) -> 
     n = x.numel()
     # On a GPU, 256 lanes per program gives enough programs to fill the SMs; the interpreter runs
     # programs one by one in Python, so there one program takes every lane.
-    block = 256 if device.type == "cuda" else lanes
+    block = 256 if _common.sized_for_gpu(device) else lanes
     _lane_l1_kernel[(lanes // block,)](
         x, keeps[0], base, fparams, iparams, sums[0], sums[1], n,
-        LANES=lanes, MODE=selector.mode, BLOCK=block)
+        LANES=lanes, MODE=selector.mode, BLOCK=block, **_common.LAUNCH_OPTIONS)
     all_lanes, kept_lanes = sums.cpu().numpy()
     return all_lanes, kept_lanes

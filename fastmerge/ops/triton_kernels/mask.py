@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import elementwise_block, output_target, store_rounded
+from ._common import LAUNCH_OPTIONS, elementwise_block, output_target, store_rounded
 
 
 @triton.jit
@@ -30,5 +30,6 @@ def apply_mask_triton(x: torch.Tensor, mask: torch.Tensor, packed: bool, scale: 
     target, out_kind = output_target(out)
     block = elementwise_block(n, x.device)
     mask_bytes = mask if packed else mask.view(torch.uint8)
-    _apply_mask_kernel[(triton.cdiv(n, block),)](x, mask_bytes, target, scale, n, PACKED=packed, OUT_KIND=out_kind, BLOCK=block)
+    _apply_mask_kernel[(triton.cdiv(n, block),)](
+        x, mask_bytes, target, scale, n, PACKED=packed, OUT_KIND=out_kind, BLOCK=block, **LAUNCH_OPTIONS)
     return out

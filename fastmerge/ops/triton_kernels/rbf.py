@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 
 @triton.jit
 def _sq_distances_kernel(x_ptr, y_ptr, d_ptr, n, m, d, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -44,7 +46,8 @@ def sq_distances_triton(X: torch.Tensor, Y: torch.Tensor, D: torch.Tensor) -> to
         return D.zero_()
     block_n = min(16, triton.next_power_of_2(n))
     block_m = min(16, triton.next_power_of_2(m))
-    block_d = min(64 if X.is_cuda else 256, triton.next_power_of_2(d))
+    block_d = min(64 if _common.sized_for_gpu(X.device) else 256, triton.next_power_of_2(d))
     grid = (L, triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _sq_distances_kernel[grid](X, Y, D, n, m, d, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d)
+    _sq_distances_kernel[grid](X, Y, D, n, m, d, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+                               **_common.LAUNCH_OPTIONS)
     return D

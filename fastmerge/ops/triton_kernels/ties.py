@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import elementwise_block, output_target, store_rounded
+from ._common import LAUNCH_OPTIONS, elementwise_block, output_target, store_rounded
 
 # Columns of the per-model parameter tensors.
 _W, _SCALE, _DENSITY = 0, 1, 2
@@ -102,5 +102,5 @@ def ties_pass(base, inputs, weights, scales, selectors, consensus, normalize, la
     _ties_kernel[(triton.cdiv(n, block),)](
         target, base, tuple(inputs), keeps, fparams, iparams, n, plain_divisor(weights), lam,
         MODES=tuple(s.mode for s in selectors), K=len(inputs), CONSENSUS=consensus, NORMALIZE=normalize,
-        OUT_KIND=out_kind, BLOCK=block)
+        OUT_KIND=out_kind, BLOCK=block, **LAUNCH_OPTIONS)
     return out
