@@ -71,10 +71,11 @@ def _cases():
     n, big = 3001, 70_001  # 3 blocks, the last partial; more than one 65536-lane row of L1 sums
     cases = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        xs = [randn(n, dtype) for _ in range(9)]
+        xs = [randn(n, dtype) for _ in range(10)]
         cases.append((f"blend-3-{dtype}", lambda b, xs=xs: blend(xs[:3], [0.2, 0.3, 0.5], backend=b)))
+        # Nine inputs: two launches (groups of 8), the accumulator carried between them.
         cases.append((f"blend-9-base-{dtype}",
-                      lambda b, xs=xs: blend(xs[1:], [0.1] * 8, base=xs[0], lam=0.7, backend=b)))
+                      lambda b, xs=xs: blend(xs[1:], [0.1] * 9, base=xs[0], lam=0.7, backend=b)))
     base = randn(big, torch.bfloat16)
     fts = [(base.float() + randn(big, torch.float32, 0.01 * (i + 1))).to(torch.bfloat16) for i in range(3)]
     variants = {
