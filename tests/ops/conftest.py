@@ -23,9 +23,30 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the Triton interpreter runs in Python.
 SIZES = (0, 1, 7, 4097)
 BIG_SIZE = (1 << 20) + 3
+
+
+def _why_triton_is_untestable() -> str:
+    """Why the Triton kernels cannot be checked byte for byte here, or "" when they can.
+    Before 3.9, Triton's interpreter computed tl.fma as a product and a sum (two roundings), so
+    interpreted kernels miss the contract's bytes in the last bit; compiled ones are unaffected
+    (test_gpu_launches.py compiles them with whatever Triton is installed)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in available_backends():
+        return ""
+    import triton
+    from packaging.version import Version
+
+    if Version(triton.__version__).release < (3, 9):
+        return f"Triton {triton.__version__}'s interpreter rounds tl.fma twice; pip install 'triton>=3.9'"
+    return ""
+
+
+TRITON_UNTESTABLE = _why_triton_is_untestable()
 # Backends every op has. `cuda` exists only for some ops (the histogram threshold), whose
-# tests parametrize over their own BACKENDS.
-ACCELERATED = tuple(b for b in available_backends() if b in ("native", "triton"))
+# tests parametrize over their own BACKENDS. An untestable triton is listed as skipped, so the
+# run says why.
+ACCELERATED = tuple(b for b in available_backends() if b in ("native", "triton") and not (b == "triton" and TRITON_UNTESTABLE))
+_BACKEND_PARAMS = [*ACCELERATED, *([pytest.param("triton", marks=pytest.mark.skip(reason=TRITON_UNTESTABLE))]
+                                   if TRITON_UNTESTABLE else [])]
 
 
 @pytest.fixture(params=FLOAT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -38,7 +59,7 @@ def size(request) -> int:
     return request.param
 
 
-@pytest.fixture(params=ACCELERATED)
+@pytest.fixture(params=_BACKEND_PARAMS)
 def backend(request) -> str:
     """Every usable backend that all ops share; each is checked against the reference."""
     return request.param

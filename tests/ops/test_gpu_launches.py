@@ -29,10 +29,13 @@ import torch
 from fastmerge.ops import apply_mask, blend, pack_mask, rbf_similarity, ties_merge
 from fastmerge.ops.dare import uniform_draws
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
-    reason="runs the Triton kernels in the interpreter (on a GPU the op tests run them compiled)",
-)
+from conftest import TRITON_UNTESTABLE
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                       reason="runs the Triton kernels in the interpreter (on a GPU the op tests run them compiled)"),
+    pytest.mark.skipif(bool(TRITON_UNTESTABLE), reason=TRITON_UNTESTABLE),
+]
 
 ARCHS = (80, 90)
 
