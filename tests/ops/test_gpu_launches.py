@@ -9,7 +9,8 @@ compiles them with Triton's compiler, which rejects code the interpreter runs ha
    tensors) and must give the reference's bytes (RBF: its tolerance);
 2. every launch those runs made, with its argument types, constexprs and options, is compiled
    ahead of time for sm_80 and sm_90 (A100, H100/H200) down to a cubin by Triton's compiler and
-   the ptxas it ships, in a fresh interpreter without TRITON_INTERPRET, and must compile.
+   the ptxas it ships, in a fresh interpreter without TRITON_INTERPRET, and must compile;
+3. those launches cover every kernel of fastmerge.ops.triton_kernels, all without fp fusion.
 
 What stays unchecked without a GPU: that the compiled code gives those bytes (on a GPU the op
 tests run it, and this module skips).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pkgutil
 import subprocess
 import sys
 
@@ -107,6 +109,22 @@ def _cases():
 CASES = _cases()
 
 
+def _all_kernels() -> set[tuple[str, str]]:
+    """(module, name) of every Triton kernel in fastmerge.ops.triton_kernels: the `_kernel`
+    functions a launch starts (the other jitted functions are helpers they call)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import fastmerge.ops.triton_kernels as package
+
+    found = set()
+    for module_info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        module = importlib.import_module(module_info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, InterpretedFunction) and name.endswith("_kernel") and value.fn.__module__ == module.__name__:
+                found.add((module.__name__, name))
+    return found
+
+
 @pytest.fixture(scope="module")
 def gpu_sized_runs():
     """Each case's triton result with the GPU's launch sizes, and every launch that made."""
@@ -145,15 +163,17 @@ def test_gpu_sized_launches_give_the_reference_bytes(gpu_sized_runs, name, run, 
         assert_same_bytes(results[name], run("reference"))
 
 
+def test_the_cases_launch_every_kernel_without_fp_fusion(gpu_sized_runs):
+    _, launches = gpu_sized_runs
+    assert {(launch["module"], launch["kernel"]) for launch in launches} == _all_kernels()
+    assert all(launch["options"] == {"enable_fp_fusion": False} for launch in launches)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="needs Triton's NVIDIA backend (and the ptxas it ships)")
 def test_every_gpu_launch_compiles_for_a100_and_h100(gpu_sized_runs):
     _, launches = gpu_sized_runs
-    kernels = {launch["kernel"] for launch in launches}
-    assert kernels == {"_blend_kernel", "_ties_kernel", "_lane_l1_kernel", "_apply_mask_kernel",
-                       "_uniform_kernel", "_sq_distances_kernel"}, kernels
-    assert all(launch["options"] == {"enable_fp_fusion": False} for launch in launches)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILER], input=json.dumps([ARCHS, launches]), env=env,
                           capture_output=True, text=True, timeout=900)
