@@ -6,7 +6,6 @@ Run: python -m pytest bench/kernels/bench_dare.py --benchmark-only
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from fastmerge.ops import ties_merge

@@ -69,14 +69,14 @@ def pruned(tmp_path_factory):
 def test_every_score_prunes_each_finetune_to_half_its_mlp_weights(pruned):
     ctx, _, section = pruned
     assert list(section["finetunes"]) == list(SETTINGS["quick"].scores)
-    for score, row in section["finetunes"].items():
+    for score_name, row in section["finetunes"].items():
         assert set(row["accuracy"]) == set(TINY.tasks)
         assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
         assert 0.0 < row["general"]["next_char_accuracy"] <= 1.0
         # Untrained weights have no exact zeros, so the zeros are exactly the pruned half.
-        assert row["mlp_sparsity"] == pytest.approx(0.5, abs=1e-3), score
+        assert row["mlp_sparsity"] == pytest.approx(0.5, abs=1e-3), score_name
         for task in TINY.tasks:
-            assert (ctx.out_dir / "pruning" / score / task / "masks.safetensors").is_file()
+            assert (ctx.out_dir / "pruning" / score_name / task / "masks.safetensors").is_file()
     domain = (ctx.out_dir / "data" / "reverse_prune_domain.jsonl").read_text().splitlines()
     # The domain data is what the fine-tune learned: prompt, answer and the closing newline.
     assert json.loads(domain[0]) == ctx.splits["reverse"].train[0].text

@@ -47,7 +47,7 @@ def test_quick_mode_end_to_end(tmp_path):
     assert [s["task"] for s in sequential] == tasks
     table = (out / "results.md").read_text()
     assert "| base |" in table and "sequential fine-tuning" in table
-    for method, merged in results["merges"].items():
+    for method in results["merges"]:
         assert f"merge {method} |" in table
 
     # The checkpoints are real HF checkpoints: sharded safetensors, config and tokenizer.
