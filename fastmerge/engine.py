@@ -373,14 +373,13 @@ def _models_and_base(tensor: PlannedTensor, loaded: list[Any]) -> tuple[list[Any
 def _prefetched(plan: Plan, stage: Callable[[PlannedTensor], Any], depth: int = 2) -> Iterator[tuple[PlannedTensor, Any]]:
     """Yield the plan's tensors, each with what `stage` made of it, while a reader thread
     stages up to `depth` tensors ahead, so disk reads (and uploads to a GPU) overlap the merge
-    of the current tensor. Before staging a tensor the reader hints the kernel to read ahead
-    the next one's pages, so they start arriving while this one is staged (a GPU upload reads
-    its pages at once; see SafetensorsFile.prefetch for how far a hint reaches). An error on
-    the reader thread is raised here, in the tensor's turn."""
+    of the current tensor. Before staging a tensor the reader reads the next one's bytes into
+    the page cache (`SafetensorsFile.prefetch`), so the merge and the uploads find them there.
+    An error on the reader thread is raised here, in the tensor's turn."""
     items: queue.Queue[tuple[PlannedTensor, Any] | BaseException | None] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def hint(tensor: PlannedTensor) -> None:
+    def prefetch(tensor: PlannedTensor) -> None:
         for ref in _refs(tensor):
             plan.checkpoints[ref.checkpoint].prefetch(ref.name)
 
@@ -388,12 +387,12 @@ def _prefetched(plan: Plan, stage: Callable[[PlannedTensor], Any], depth: int = 
         try:
             tensors = plan.tensors
             if tensors:
-                hint(tensors[0])
+                prefetch(tensors[0])
             for tensor, upcoming in zip(tensors, [*tensors[1:], None]):
                 if stop.is_set():
                     return
                 if upcoming is not None:
-                    hint(upcoming)
+                    prefetch(upcoming)
                 items.put((tensor, stage(tensor)))
         except BaseException as exc:  # noqa: BLE001 - handed to the merging thread
             items.put(exc)

@@ -101,10 +101,10 @@ def test_overlapped_merge_output_does_not_depend_on_threads_or_sharding(tiny_mod
     assert len(first.shards) > 1 and set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_the_reader_hints_the_next_tensor_before_staging_one():
+def test_the_reader_prefetches_the_next_tensor_before_staging_one():
     plan, _, tensors = _plan_and_tensors(["a", "b", "c"])
     events = []
-    plan.checkpoints = [SimpleNamespace(prefetch=lambda name: events.append(("hint", name)))]
+    plan.checkpoints = [SimpleNamespace(prefetch=lambda name: events.append(("prefetch", name)))]
     plan.tensors = tensors
 
     def stage(tensor):
@@ -112,7 +112,7 @@ def test_the_reader_hints_the_next_tensor_before_staging_one():
         return tensor.name.upper()
 
     assert [(t.name, staged) for t, staged in _prefetched(plan, stage)] == [("a", "A"), ("b", "B"), ("c", "C")]
-    assert events == [("hint", "a"), ("hint", "b"), ("stage", "a"), ("hint", "c"), ("stage", "b"), ("stage", "c")]
+    assert events == [("prefetch", "a"), ("prefetch", "b"), ("stage", "a"), ("prefetch", "c"), ("stage", "b"), ("stage", "c")]
 
 
 def test_an_error_on_the_reader_thread_is_raised_in_its_tensors_turn():

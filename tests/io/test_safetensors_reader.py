@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
+import os
 import struct
 import sys
+import time
 
 import pytest
 import torch
@@ -132,6 +136,105 @@ def test_prefetch_and_close_keep_views_valid(tmp_path):
     w = f.tensor("w")
     f.close()
     assert w.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def _cached(path, offset: int) -> bool:
+    """Whether the page at `offset` of `path` is in the page cache (a read that may not wait)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], offset, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _drop_from_page_cache(path, probes) -> bool:
+    """Write the file back and drop its pages from the cache; whether the probed offsets are
+    out. A few tries: pages still in flight to the disk, or in a CPU's LRU batch, stay."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(20):
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not any(_cached(path, offset) for offset in probes):
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not (hasattr(os, "RWF_NOWAIT") and hasattr(os, "posix_fadvise")), reason="Linux only")
+def test_prefetch_reads_the_tensor_into_the_page_cache(tmp_path):
+    path = tmp_path / "m.safetensors"
+    mib = 1 << 20
+    # b (32 MiB) is larger than Linux lets one readahead hint reach (read_ahead_kb, at most a
+    # few MiB), so only a real read caches all of it.
+    save_file({"a": torch.zeros(mib), "b": torch.ones(8 * mib), "c": torch.zeros(mib)}, path)
+    f = SafetensorsFile(path)
+    b = f.info("b")
+    if not _drop_from_page_cache(path, [b.begin + 4 * mib, b.end - 4096]):
+        pytest.skip("this filesystem keeps the pages cached after POSIX_FADV_DONTNEED")
+    f.prefetch("b")
+    assert all(_cached(path, offset) for offset in range(b.begin - b.begin % 4096, b.end, 64 * 1024))
+    assert f.tensor("b").eq(1).all()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_prefetch_maps_nothing_into_the_process(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.ones(8 << 20)}, path)  # 32 MiB
+    with SafetensorsFile(path) as f:
+        before = _rss_file_bytes()
+        f.prefetch("w")
+        assert _rss_file_bytes() - before < 4 << 20
+
+
+def test_prefetch_falls_back_to_a_hint_where_sendfile_cannot_read_a_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(6.0)}, path)
+
+    def unsupported(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "sendfile", unsupported)
+    hints = []
+    monkeypatch.setattr(SafetensorsFile, "_advise", lambda self, name, advice: hints.append((name, advice)))
+    f = SafetensorsFile(path)
+    f.prefetch("w")
+    assert hints == [("w", mmap.MADV_WILLNEED)]
+    assert f.tensor("w").tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_prefetch_names_the_file_and_tensor_when_a_read_fails(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    save_file({"w": torch.arange(6.0)}, path)
+
+    def failing(*args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "sendfile", failing)
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: cannot read tensor 'w' \(Input/output error\)"):
+        SafetensorsFile(path).prefetch("w")
+
+
+def test_prefetch_of_a_file_cut_short_after_opening_is_an_error(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(1000), "w": torch.ones(1000)}, path)
+    f = SafetensorsFile(path)
+    os.truncate(path, f.info("w").begin + 100)
+    with pytest.raises(CheckpointError, match="the file ends inside tensor 'w'"):
+        f.prefetch("w")
+    f.prefetch("a")  # the tensors before the cut are still whole
+
+
+def test_prefetch_of_an_empty_tensor_reads_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    save_file({"e": torch.zeros(0), "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(os, "sendfile", lambda *args: pytest.fail("sendfile called for an empty tensor"))
+    SafetensorsFile(path).prefetch("e")
 
 
 def test_unknown_tensor_name(tmp_path):
