@@ -192,14 +192,19 @@ def test_prefetch_maps_nothing_into_the_process(tmp_path):
         assert _rss_file_bytes() - before < 4 << 20
 
 
+def _sendfile_fails_with(monkeypatch, code: int) -> None:
+    """Make every os.sendfile call fail with the error `code`."""
+
+    def failing(*args):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "sendfile", failing)
+
+
 def test_prefetch_falls_back_to_a_hint_where_sendfile_cannot_read_a_file(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.arange(6.0)}, path)
-
-    def unsupported(*args):
-        raise OSError(errno.EINVAL, "Invalid argument")
-
-    monkeypatch.setattr(os, "sendfile", unsupported)
+    _sendfile_fails_with(monkeypatch, errno.EINVAL)
     hints = []
     monkeypatch.setattr(SafetensorsFile, "_advise", lambda self, name, advice: hints.append((name, advice)))
     f = SafetensorsFile(path)
@@ -211,11 +216,7 @@ def test_prefetch_falls_back_to_a_hint_where_sendfile_cannot_read_a_file(tmp_pat
 def test_prefetch_names_the_file_and_tensor_when_a_read_fails(tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
     save_file({"w": torch.arange(6.0)}, path)
-
-    def failing(*args):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "sendfile", failing)
+    _sendfile_fails_with(monkeypatch, errno.EIO)
     with pytest.raises(CheckpointError, match=r"m\.safetensors: cannot read tensor 'w' \(Input/output error\)"):
         SafetensorsFile(path).prefetch("w")
 
