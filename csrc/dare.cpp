@@ -15,18 +15,31 @@
 
 namespace fastmerge {
 
-#if defined(__AVX512F__)
-// kept[j] = d[j] where DARE keeps element off + j (philox_uniform(key, off + j) < density), else
-// 0, for j < len <= kChunk, drawing only where d[j] != 0. A zero contributes 0 to both L1 sums
-// and its mask byte is 0 whether it is kept or not, so its draw cannot change what kept_l1
-// returns, and the generator is counter-based, so skipping it leaves every other draw as it
-// was. The nonzero positions are compressed into idx, drawn, and the draws expanded back.
-// Both go through registers (idx is stored 16 whole lanes at a time, hence its 16 spare slots):
-// AMD Zen 4 microcodes the memory forms (vpcompressd to memory, vexpandps from memory), which
-// made the bookkeeping around the draws cost more than the draws.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// lanes[j] += |value j| in fp64 for the 16 floats of v, j < 16 where `live` says: the same
+// additions, in the same order per lane, as kept_l1's scalar loop.
+static void add_abs_f64(double* __restrict lanes, __m512 v, __mmask16 live) {
+  const __m512d lo = _mm512_abs_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+  const __m512d hi = _mm512_abs_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+  const __mmask8 live_lo = __mmask8(live), live_hi = __mmask8(live >> 8);
+  _mm512_mask_storeu_pd(lanes, live_lo, _mm512_add_pd(_mm512_maskz_loadu_pd(live_lo, lanes), lo));
+  _mm512_mask_storeu_pd(lanes + 8, live_hi, _mm512_add_pd(_mm512_maskz_loadu_pd(live_hi, lanes + 8), hi));
+}
+
+// kept_l1's row step for DARE's random selector, for j < len <= kChunk: all_acc[j] += |d[j]|,
+// kept_acc[j] += |d[j]| where DARE keeps element off + j (philox_uniform(key, off + j) <
+// density), and keep[j] = kept and nonzero (keep may be null), drawing only where d[j] != 0.
+// A zero contributes 0 to both L1 sums and its mask byte is 0 whether it is kept or not, so its
+// draw cannot change what kept_l1 returns, and the generator is counter-based, so skipping it
+// leaves every other draw as it was. The nonzero positions are compressed into idx, drawn, and
+// the draws expanded back, with the sums and the mask made on the way, so d is read from
+// registers and nothing else is written (one loop each instead of four; the same values).
+// Compress and expand go through registers (idx is stored 16 whole lanes at a time, hence its
+// 16 spare slots): AMD Zen 4 microcodes the memory forms (vpcompressd to memory, vexpandps from
+// memory), which made the bookkeeping around the draws cost more than the draws.
 // NaN != 0, so a NaN is drawn for (kept, it makes the sum NaN; dropped, it adds 0).
-static void keep_random_nonzero(const float* __restrict d, float* __restrict kept, int64_t off, int64_t len,
-                                uint64_t key, float density) {
+static void random_l1_step(const float* __restrict d, int64_t off, int64_t len, uint64_t key, float density,
+                           double* __restrict all_acc, double* __restrict kept_acc, uint8_t* __restrict keep) {
   alignas(64) uint32_t idx[kChunk + 16];
   alignas(64) float u[kChunk];
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -39,6 +52,7 @@ static void keep_random_nonzero(const float* __restrict d, float* __restrict kep
     _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(here, _mm512_add_epi32(_mm512_set1_epi32(int(j)), iota)));
     m += __builtin_popcount(here);
     nonzero[j / 16] = here;
+    add_abs_f64(all_acc + j, v, live_lanes(j));
   }
   philox_uniform_at(key, uint64_t(off), idx, m, u);
   const __m512 threshold = _mm512_set1_ps(density);
@@ -48,8 +62,9 @@ static void keep_random_nonzero(const float* __restrict d, float* __restrict kep
     const int count = __builtin_popcount(here);
     const __m512 draws = _mm512_maskz_expand_ps(here, _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1u), u + m));
     m += count;
-    const __mmask16 keep = _mm512_mask_cmp_ps_mask(here, draws, threshold, _CMP_LT_OQ);
-    _mm512_mask_storeu_ps(kept + j, live_lanes(j), _mm512_maskz_loadu_ps(keep, d + j));
+    const __mmask16 kept = _mm512_mask_cmp_ps_mask(here, draws, threshold, _CMP_LT_OQ);
+    add_abs_f64(kept_acc + j, _mm512_maskz_loadu_ps(kept, d + j), live_lanes(j));
+    if (keep) _mm_mask_storeu_epi8(keep + j, live_lanes(j), _mm_maskz_set1_epi8(kept, 1));
   }
 }
 #endif
@@ -58,9 +73,6 @@ static void keep_random_nonzero(const float* __restrict d, float* __restrict kep
 // kept zero may come out +0).
 static void kept_values(const float* __restrict d, float* __restrict kept, int64_t off, int64_t len,
                         const Selector& selector) {
-#if defined(__AVX512F__)
-  if (selector.mode == RANDOM) return keep_random_nonzero(d, kept, off, len, selector.key, selector.density);
-#endif
   std::copy(d, d + len, kept);
   selector.apply(kept, off, len, 1.f);
 }
@@ -86,6 +98,12 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
       for (int64_t off = block * kChunk; off < n; off += kL1Lanes) {
         const int64_t len = std::min(kChunk, n - off);
         load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+        if (selector.mode == RANDOM) {
+          random_l1_step(d.data(), off, len, selector.key, selector.density, all_acc, kept_acc, keep ? keep + off : nullptr);
+          continue;
+        }
+#endif
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) all_acc[j] += std::fabs(double(d[j]));
         kept_values(d.data(), scratch.data(), off, len, selector);
