@@ -118,8 +118,12 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
       }
     }
   }
+  return lane_totals(all, kept);
+}
+
+std::pair<double, double> lane_totals(const std::vector<double>& all, const std::vector<double>& kept) {
   double total_all = 0.0, total_kept = 0.0;
-  for (int64_t lane = 0; lane < kL1Lanes; ++lane) {
+  for (size_t lane = 0; lane < all.size(); ++lane) {
     total_all += all[lane];
     total_kept += kept[lane];
   }

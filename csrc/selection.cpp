@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -277,8 +278,10 @@ bool vector_ranking_pays() {
 }
 }  // namespace
 
-void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t outer, int64_t row_len, int64_t inner,
-                double density, double epsilon, uint64_t key, uintptr_t mask, int ranking) {
+std::optional<std::pair<double, double>> della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype,
+                                                    int64_t outer, int64_t row_len, int64_t inner, double density,
+                                                    double epsilon, uint64_t key, uintptr_t mask, int ranking,
+                                                    bool l1) {
   check_inputs(x_dtype, b, b_dtype);
   if (row_len < 2 || row_len > int64_t(0xffffffff))
     throw std::invalid_argument("della_mask needs rows of 2 to 2^32 - 1 elements");
@@ -288,9 +291,15 @@ void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t oute
   const void* bp = reinterpret_cast<const void*>(b);
   uint8_t* keep = reinterpret_cast<uint8_t*>(mask);
   const double low = density - epsilon, spread = 2.0 * epsilon, span = double(row_len - 1);
-  // One fibre per iteration: load its row_len elements (strided by `inner` when the tensor has 3+
-  // dims), rank them by |d| bits (equal magnitudes by position), and draw each element's keep
-  // from its flat index.
+  // The rescale pass's L1 sums (kept_l1's lane order: lane l adds elements l, l + L, ... in index
+  // order) come out of this pass when every fibre is a unit-stride row inside one row of kL1Lanes
+  // lanes (row_len divides kL1Lanes): fibres f, f + C, f + 2C, ... (C = kL1Lanes / row_len) then
+  // cover the same lanes in index order, so a thread that owns whole residue classes of fibres
+  // makes each of its lanes' sums in that order, whatever the thread count. Otherwise (and with
+  // fewer classes than threads, which would idle some) the caller runs kept_l1.
+  const int64_t classes = kL1Lanes % row_len == 0 ? kL1Lanes / row_len : 0;
+  const bool sums = l1 && inner == 1 && classes >= omp_get_max_threads();
+  std::vector<double> all(sums ? kL1Lanes : 0, 0.0), kept(sums ? kL1Lanes : 0, 0.0);
 #pragma omp parallel
   {
     std::vector<uint32_t> keys(row_len);
@@ -298,8 +307,9 @@ void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t oute
     FibreRanker ranker(row_len, vector);
     // The keep probability of each rank is the same for every fibre.
     for (int64_t rank = 0; rank < row_len; ++rank) probability[rank] = float(low + (spread * double(rank)) / span);
-#pragma omp for schedule(static)
-    for (int64_t fibre = 0; fibre < outer * inner; ++fibre) {
+    // Load a fibre's row_len elements (strided by `inner` when the tensor has 3+ dims), rank them
+    // by |d| bits (equal magnitudes by position), and draw each element's keep from its flat index.
+    auto decide = [&](int64_t fibre) {
       const int64_t start = (fibre / inner) * row_len * inner + fibre % inner;
       if (inner == 1) {
         load_delta(row.data(), scratch.data(), xp, x_dtype, bp, b_dtype, start, row_len);
@@ -314,8 +324,33 @@ void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t oute
 #pragma omp simd
       for (int64_t r = 0; r < row_len; ++r) keys[r] = std::min(f32_bits(row[r]) & 0x7fffffffu, 0x7f800001u);
       ranker.decide(keys.data(), row_len, draws.data(), probability.data(), keep + start, inner);
+      return start;
+    };
+    if (sums) {
+      // Each thread takes a contiguous range of classes and walks the rows of lanes in order.
+      const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+      const int64_t c0 = classes * t / threads, c1 = classes * (t + 1) / threads;
+      for (int64_t first = 0; first < outer; first += classes)
+        for (int64_t fibre = first + c0; fibre < std::min(first + c1, outer); ++fibre) {
+          const int64_t start = decide(fibre);
+          double* __restrict all_acc = all.data() + start % kL1Lanes;
+          double* __restrict kept_acc = kept.data() + start % kL1Lanes;
+          const uint8_t* __restrict k = keep + start;
+          const float* __restrict d = row.data();
+#pragma omp simd
+          for (int64_t r = 0; r < row_len; ++r) {
+            const double a = std::fabs(double(d[r]));
+            all_acc[r] += a;
+            kept_acc[r] += k[r] ? a : 0.0;
+          }
+        }
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t fibre = 0; fibre < outer * inner; ++fibre) decide(fibre);
     }
   }
+  if (!sums) return std::nullopt;
+  return lane_totals(all, kept);
 }
 
 void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<uintptr_t>& xs,

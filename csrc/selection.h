@@ -6,6 +6,7 @@
 // tie_cut come from the histogram threshold (fastmerge/ops/threshold.py).
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <tuple>
 #include <utility>
@@ -161,10 +162,14 @@ int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n
 // (2 epsilon) * rank / (row_len - 1)), that expression in fp64. row_len >= 2. `ranking` picks
 // how unit-stride rows are ranked (the mask is the same): RANK_AUTO, what is faster on this CPU;
 // RANK_SCALAR; or RANK_VECTOR, 16 elements at a time where the build has AVX-512 CD/VPOPCNTDQ
-// (scalar otherwise). Tests ask for each.
+// (scalar otherwise). Tests ask for each. With `l1` it also returns kept_l1's two sums for this
+// mask where it can make them in kept_l1's lane order on the way (unit-stride rows whose length
+// divides kL1Lanes), which saves the rescale pass; nullopt otherwise.
 enum DellaRanking : int { RANK_AUTO = 0, RANK_SCALAR = 1, RANK_VECTOR = 2 };
-void della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t outer, int64_t row_len, int64_t inner,
-                double density, double epsilon, uint64_t key, uintptr_t mask, int ranking);
+std::optional<std::pair<double, double>> della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype,
+                                                    int64_t outer, int64_t row_len, int64_t inner, double density,
+                                                    double epsilon, uint64_t key, uintptr_t mask, int ranking,
+                                                    bool l1);
 
 // The fused TIES-family merge (fastmerge/ops/ties.py documents the arithmetic order).
 void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<uintptr_t>& xs,
@@ -177,6 +182,9 @@ void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t 
 // d != 0: a zero's draw cannot change the sums or the mask (dare.cpp).
 std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n,
                                   const Selector& selector, uintptr_t keep_out);
+
+// (sum of all, sum of kept) of per-lane fp64 sums, lane 0 first: the last step of the L1 order.
+std::pair<double, double> lane_totals(const std::vector<double>& all, const std::vector<double>& kept);
 
 // philox_uniform(key, offset + i) for i < n into an fp32 buffer (tests compare the draws).
 void philox_fill(uintptr_t out, uint64_t key, int64_t offset, int64_t n);

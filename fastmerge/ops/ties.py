@@ -108,6 +108,8 @@ class Selector:
     key: int = 0
     density: float = 1.0
     keep: torch.Tensor | None = field(default=None, repr=False)  # MASKED: bool per element
+    # (sum |d|, sum of kept |d|) in the L1 lane order, where making the mask made them too.
+    l1: tuple[float, float] | None = None
 
 
 # ---------------------------------------------------------------- exact fp32 helpers (torch)
@@ -177,21 +179,25 @@ def _reference_della_keep(x, base, fibres, density, epsilon, key) -> torch.Tenso
     return u < p
 
 
-def _native_della_keep(x, base, fibres, density, epsilon, key, ranking: int = 0) -> torch.Tensor:
-    """`ranking`: 0 ranks rows the way that is faster on this CPU, 1 with the scalar passes, 2 16
-    elements at a time (AVX-512 builds); the mask is the same (csrc/selection.h)."""
+def _native_della_keep(x, base, fibres, density, epsilon, key, ranking: int = 0,
+                       l1: bool = False) -> tuple[torch.Tensor, tuple[float, float] | None]:
+    """The mask, and with `l1` the rescale pass's two L1 sums where the kernel could make them
+    on the way (csrc/selection.h), else None. `ranking`: 0 ranks rows the way that is faster on
+    this CPU, 1 with the scalar passes, 2 16 elements at a time (AVX-512 builds); the mask is the
+    same."""
     from .. import _native
 
     keep = torch.empty(x.numel(), dtype=torch.bool)
-    _native.della_mask(x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), *fibres,
-                       density, epsilon, key, keep.data_ptr(), ranking)
-    return keep
+    sums = _native.della_mask(x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), *fibres,
+                              density, epsilon, key, keep.data_ptr(), ranking, l1)
+    return keep, sums
 
 
-def _della_selector(x, base, density, epsilon, key, name, backend) -> Selector:
+def _della_selector(x, base, density, epsilon, key, name, backend, l1: bool) -> Selector:
     """DELLA as mergekit: density >= 1 keeps all, <= 0 nothing; otherwise density +- epsilon must
     lie in (0, 1) and each fibre along dim 1 needs 2+ elements (mergekit's rank normalisation
-    divides by row_len - 1)."""
+    divides by row_len - 1). `l1`: the L1 rescale will want the sums (the native kernel may make
+    them with the mask)."""
     if density >= 1.0:
         return Selector()
     if density <= 0.0:
@@ -203,8 +209,10 @@ def _della_selector(x, base, density, epsilon, key, name, backend) -> Selector:
     if fibres[1] < 2:
         raise KernelError(f"{name}: della ranks |d| along dim 1, which has {fibres[1]} element(s) in shape "
                           f"{tuple(x.shape)}; it needs at least 2 (mergekit fails on this tensor too)")
-    make = _native_della_keep if backend == "native" else _reference_della_keep
-    return Selector(MASKED, keep=make(x, base, fibres, density, epsilon, key))
+    if backend != "native":
+        return Selector(MASKED, keep=_reference_della_keep(x, base, fibres, density, epsilon, key))
+    keep, sums = _native_della_keep(x, base, fibres, density, epsilon, key, l1=l1)
+    return Selector(MASKED, keep=keep, l1=sums)
 
 
 def _magnitude_params(x, base, ks: Sequence[int], backend: str, name: str) -> list[int]:
@@ -223,7 +231,9 @@ def _given_threshold(x, base, threshold: Threshold | OutlierBand, backend: str) 
     return Selector(MAGNITUDE, threshold.bits, tie_cutoff(x, threshold, base=base, backend=backend))
 
 
-def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, tensor_name, backend) -> Selector:
+def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, tensor_name, backend,
+              l1: bool) -> Selector:
+    """Model i's selector; `l1`: the L1 rescale follows (DELLA's native mask may bring its sums)."""
     n = x.numel()
     name = f"{tensor_name or 'tensor'} (model {i})"
     sel_backend = threshold_backend(x.device, backend)
@@ -239,7 +249,7 @@ def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, te
     key = derive_key(seed, tensor_name, i)
     if sparsify == "random":
         return Selector(RANDOM, key=key, density=_f32(density))
-    return _della_selector(x, base, density, epsilon, key, name, sel_backend)
+    return _della_selector(x, base, density, epsilon, key, name, sel_backend, l1)
 
 
 def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) -> tuple[float, Selector]:
@@ -247,11 +257,14 @@ def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) ->
     element pass should use: on the native backend a `random` selector comes back as the mask of
     the values the L1 pass kept nonzero, so the Philox draws are made once per model, not twice.
     That mask drops kept zeros, which is exact only while the factor is finite (0 * inf is NaN),
-    so an infinite or NaN factor keeps the draws."""
+    so an infinite or NaN factor keeps the draws. A selector that brings its sums (`l1`) needs
+    no pass here."""
     if mode == "inverse_density":
         return (_f32(1.0 / density) if density > 0 else 1.0), sel
     replay = None
-    if backend == "native":
+    if sel.l1 is not None:
+        all_l1, kept_l1 = sel.l1
+    elif backend == "native":
         from .. import _native
 
         replay = torch.empty(x.numel(), dtype=torch.bool) if sel.mode == RANDOM else None
@@ -403,7 +416,8 @@ def ties_merge(
     gammas, epsilons = _per_model("gamma", gamma, len(inputs)), _per_model("epsilon", epsilon, len(inputs))
     selectors, scales = [], []
     for i, (x, density, threshold) in enumerate(zip(inputs, densities, thresholds)):
-        sel = _selector(i, x, base, density, threshold, sparsify, gammas[i], epsilons[i], seed, tensor_name, name)
+        sel = _selector(i, x, base, density, threshold, sparsify, gammas[i], epsilons[i], seed, tensor_name, name,
+                        l1=rescale and rescale_mode == "l1")
         scale = 1.0
         if rescale:
             scale, sel = _rescale(x, base, sel, density, rescale_mode, name)

@@ -274,7 +274,7 @@ def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape, sprea
     x = (base + d).reshape(shape).to(dtype)  # base + inf = inf, so d stays inf / NaN
     base = base.reshape(shape).to(dtype)
     args = (x, base, della_fibres(x.shape), 0.4, 0.15, (1 << 40) + 17)
-    assert torch.equal(_native_della_keep(*args, ranking), _reference_della_keep(*args))
+    assert torch.equal(_native_della_keep(*args, ranking)[0], _reference_della_keep(*args))
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
@@ -298,7 +298,7 @@ def test_native_della_mask_ranks_rows_of_few_distinct_magnitudes(row_len, odd_sh
     base = torch.zeros(shape)
     for key in (3, (1 << 33) + 5):
         args = (d, base, della_fibres(d.shape), 0.5, 0.45, key)
-        assert torch.equal(_native_della_keep(*args, ranking), _reference_della_keep(*args))
+        assert torch.equal(_native_della_keep(*args, ranking)[0], _reference_della_keep(*args))
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
@@ -319,4 +319,53 @@ def test_native_della_mask_ranks_magnitudes_that_share_a_bf16_bin(ranking):
     d = d * torch.where(torch.rand(shape, generator=gen) < 0.5, 1.0, -1.0)
     base = torch.zeros(shape)
     args = (d, base, della_fibres(d.shape), 0.5, 0.3, 99)
-    assert torch.equal(_native_della_keep(*args, ranking), _reference_della_keep(*args))
+    assert torch.equal(_native_della_keep(*args, ranking)[0], _reference_della_keep(*args))
+
+
+def _sequential_lane_l1(values: torch.Tensor, lanes: int = 65536) -> float:
+    """sum |values| in fp64 the way the rescale pass fixes it, written out: lane l adds elements
+    l, l + lanes, ... one row at a time, then the lane sums are added one by one from lane 0."""
+    import numpy as np
+
+    v = np.abs(values.double().numpy())
+    acc = np.zeros(lanes)
+    for row in range(0, v.size, lanes):
+        part = v[row:row + lanes]
+        acc[:part.size] += part
+    total = 0.0
+    for lane_sum in acc.tolist():
+        total += lane_sum
+    return total
+
+
+@pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+@pytest.mark.parametrize("shape, classes", [((9000, 64), 1024), ((301, 2048), 32), ((2048,), 32), ((161, 4096), 16),
+                                            ((2, 32768), 2), ((3, 5000), 0), ((40, 8, 3), 0)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_della_mask_makes_the_rescale_sums_in_lane_order(shape, classes, threads):
+    """Where DELLA's unit-stride rows divide the L1 lane count into at least one residue class of
+    rows per thread (`classes`: 65536 / row length), the mask kernel returns the rescale pass's
+    two sums, equal to the sequential lane-order sums of |d| and of the kept |d|, whatever the
+    thread count; otherwise None (the rescale pass runs). fp32 magnitudes over 80 exponents in
+    9-11 rows of 16 lanes, so that a sum in another order rounds differently."""
+    from fastmerge import _native
+    from fastmerge.ops.ties import _native_della_keep, della_fibres
+
+    gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    n = int(torch.tensor(shape).prod())
+    x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-40, 40, (n,), generator=gen).float())
+    x[torch.arange(n) % 65536 >= 16] = 0.0  # the total is then 16 lanes' sums, no lane's last bits lost in it
+    x, base = x.reshape(shape), torch.zeros(shape)  # d = x, all 24 bits of it
+    before = _native.max_threads()
+    try:
+        _native.set_num_threads(threads)
+        keep, sums = _native_della_keep(x, base, della_fibres(shape), 0.4, 0.15, 12345, l1=True)
+        keep_alone, none = _native_della_keep(x, base, della_fibres(shape), 0.4, 0.15, 12345)
+    finally:
+        _native.set_num_threads(before)
+    assert torch.equal(keep, keep_alone) and none is None
+    if classes < threads:
+        assert sums is None
+        return
+    delta = x.reshape(-1).float() - base.reshape(-1).float()
+    assert sums == (_sequential_lane_l1(delta), _sequential_lane_l1(torch.where(keep, delta, 0.0)))
