@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "selection.h"
@@ -28,7 +29,7 @@ static void add_abs_f64(double* __restrict lanes, __m512 v, __mmask16 live) {
 
 // kept_l1's row step for DARE's random selector, for j < len <= kChunk: all_acc[j] += |d[j]|,
 // kept_acc[j] += |d[j]| where DARE keeps element off + j (philox_uniform(key, off + j) <
-// density), and keep[j] = kept and nonzero (keep may be null), drawing only where d[j] != 0.
+// density), and bit j of keep = kept and nonzero (keep may be null), drawing only where d[j] != 0.
 // A zero contributes 0 to both L1 sums and its mask byte is 0 whether it is kept or not, so its
 // draw cannot change what kept_l1 returns, and the generator is counter-based, so skipping it
 // leaves every other draw as it was. The nonzero positions are compressed into idx, drawn, and
@@ -64,7 +65,10 @@ static void random_l1_step(const float* __restrict d, int64_t off, int64_t len, 
     m += count;
     const __mmask16 kept = _mm512_mask_cmp_ps_mask(here, draws, threshold, _CMP_LT_OQ);
     add_abs_f64(kept_acc + j, _mm512_maskz_loadu_ps(kept, d + j), live_lanes(j));
-    if (keep) _mm_mask_storeu_epi8(keep + j, live_lanes(j), _mm_maskz_set1_epi8(kept, 1));
+    if (keep) {
+      const uint16_t bits = kept;  // dead lanes are 0; their byte exists only where a live lane is in it
+      std::memcpy(keep + j / 8, &bits, len - j > 8 ? 2 : 1);
+    }
   }
 }
 #endif
@@ -98,9 +102,10 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
       for (int64_t off = block * kChunk; off < n; off += kL1Lanes) {
         const int64_t len = std::min(kChunk, n - off);
         load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
+        uint8_t* keep_bits = keep ? keep + off / 8 : nullptr;  // off is a multiple of kChunk
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
         if (selector.mode == RANDOM) {
-          random_l1_step(d.data(), off, len, selector.key, selector.density, all_acc, kept_acc, keep ? keep + off : nullptr);
+          random_l1_step(d.data(), off, len, selector.key, selector.density, all_acc, kept_acc, keep_bits);
           continue;
         }
 #endif
@@ -109,11 +114,14 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
         kept_values(d.data(), scratch.data(), off, len, selector);
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) kept_acc[j] += std::fabs(double(scratch[j]));
-        if (keep) {
+        if (keep_bits) {
           // A kept zero and a dropped element both contribute 0 to every later step, so
           // "value survived as nonzero" is a faithful keep mask (NaN != 0 counts as kept).
-#pragma omp simd
-          for (int64_t j = 0; j < len; ++j) keep[off + j] = scratch[j] != 0.f;
+          for (int64_t j = 0; j < len; j += 8) {
+            uint8_t byte = 0;
+            for (int64_t i = 0; i < 8 && j + i < len; ++i) byte |= uint8_t(scratch[j + i] != 0.f) << i;
+            keep_bits[j / 8] = byte;
+          }
         }
       }
     }

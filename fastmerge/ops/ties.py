@@ -62,7 +62,7 @@ SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
 RESCALE_MODES = ("l1", "inverse_density")
 FUSED_BACKENDS = ("reference", "native", "triton")
 # Selector modes, as csrc/selection.h SparsifyMode.
-KEEP_ALL, MAGNITUDE, OUTLIERS, RANDOM, MASKED = 0, 1, 2, 3, 4
+KEEP_ALL, MAGNITUDE, OUTLIERS, RANDOM, MASKED, MASK_BITS = 0, 1, 2, 3, 4, 5
 L1_LANES = 65536  # csrc/selection.h kL1Lanes
 # mergekit 0.1.5's cut-offs: no rescale when an L1 sum is below RESCALE_EPS; a plain (no
 # consensus) weight sum below PLAIN_DIV_EPS in magnitude divides by 1 instead.
@@ -107,7 +107,8 @@ class Selector:
     cut_lo: int = 0
     key: int = 0
     density: float = 1.0
-    keep: torch.Tensor | None = field(default=None, repr=False)  # MASKED: bool per element
+    # MASKED: bool per element; MASK_BITS: uint8 [ceil(n / 8)], element e is bit e % 8 of byte e // 8
+    keep: torch.Tensor | None = field(default=None, repr=False)
     # (sum |d|, sum of kept |d|) in the L1 lane order, where making the mask made them too.
     l1: tuple[float, float] | None = None
 
@@ -133,6 +134,8 @@ def reference_keep(d: torch.Tensor, sel: Selector) -> torch.Tensor:
         return _in_top(bits, index, sel.t_lo, sel.cut_lo) & ~_in_top(bits, index, sel.t_hi, sel.cut_hi)
     if sel.mode == MASKED:
         return sel.keep
+    if sel.mode == MASK_BITS:
+        return ((sel.keep.to(d.device)[index >> 3] >> (index & 7)) & 1).bool()
     u = torch.from_numpy(philox_uniform(sel.key, 0, d.numel())).to(d.device)
     return u < torch.tensor(sel.density, dtype=torch.float32)
 
@@ -254,8 +257,9 @@ def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, te
 
 def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) -> tuple[float, Selector]:
     """The fp32 factor applied to kept values (see the module docstring), and the selector the
-    element pass should use: on the native backend a `random` selector comes back as the mask of
-    the values the L1 pass kept nonzero, so the Philox draws are made once per model, not twice.
+    element pass should use: on the native backend a `random` selector comes back as the mask
+    (MASK_BITS) of the values the L1 pass kept nonzero, so the Philox draws are made once per
+    model, not twice.
     That mask drops kept zeros, which is exact only while the factor is finite (0 * inf is NaN),
     so an infinite or NaN factor keeps the draws. A selector that brings its sums (`l1`) needs
     no pass here."""
@@ -267,7 +271,7 @@ def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) ->
     elif backend == "native":
         from .. import _native
 
-        replay = torch.empty(x.numel(), dtype=torch.bool) if sel.mode == RANDOM else None
+        replay = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8) if sel.mode == RANDOM else None
         all_l1, kept_l1 = _native.kept_l1(
             x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), x.numel(),
             sel.mode, sel.t_hi, sel.cut_hi, sel.t_lo, sel.cut_lo, sel.key, sel.density, _mask_ptr(sel),
@@ -281,7 +285,7 @@ def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) ->
         all_l1, kept_l1 = lane_l1(d), lane_l1(torch.where(reference_keep(d, sel), d, 0.0))
     scale = 1.0 if all_l1 < RESCALE_EPS or kept_l1 < RESCALE_EPS else _f32(all_l1 / kept_l1)
     if replay is not None and math.isfinite(scale):
-        sel = Selector(MASKED, keep=replay)
+        sel = Selector(MASK_BITS, keep=replay)
     return scale, sel
 
 

@@ -128,9 +128,10 @@ def test_native_l1_pass_on_sparse_task_vectors(dtype, n, unchanged):
         base[:20], x[:10], x[10:20] = 0.0, -0.0, 0.0  # d = -0 and +0
         x[50], x[60], x[70:90] = float("inf"), float("-inf"), float("nan")
     sel = T.Selector(T.RANDOM, key=derive_key(3, "sparse", 1), density=0.4)
-    mask = torch.full((n,), True)
+    bits = torch.full(((n + 7) // 8,), 0xA5, dtype=torch.uint8)
     sums = _native.kept_l1(x.data_ptr(), native_code(dtype), base.data_ptr(), native_code(dtype), n, sel.mode,
-                           0, 0, 0, 0, sel.key, sel.density, 0, mask.data_ptr())
+                           0, 0, 0, 0, sel.key, sel.density, 0, bits.data_ptr())
+    mask = torch.from_numpy(np.unpackbits(bits.numpy(), bitorder="little")[:n].astype(bool))
     d = x.float() - base.float()
     kept = T.reference_keep(d, sel)
     expected = (T.lane_l1(d), T.lane_l1(torch.where(kept, d, 0.0)))
