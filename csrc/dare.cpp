@@ -30,7 +30,7 @@ static void add_abs_f64(double* __restrict lanes, __m512 v, __mmask16 live) {
 // kept_l1's row step for DARE's random selector, for j < len <= kChunk: all_acc[j] += |d[j]|,
 // kept_acc[j] += |d[j]| where DARE keeps element off + j (philox_uniform(key, off + j) <
 // density), and bit j of keep = kept and nonzero (keep may be null), drawing only where d[j] != 0.
-// A zero contributes 0 to both L1 sums and its mask byte is 0 whether it is kept or not, so its
+// A zero contributes 0 to both L1 sums and its mask bit is 0 whether it is kept or not, so its
 // draw cannot change what kept_l1 returns, and the generator is counter-based, so skipping it
 // leaves every other draw as it was. The nonzero positions are compressed into idx, drawn, and
 // the draws expanded back, with the sums and the mask made on the way, so d is read from

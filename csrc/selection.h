@@ -117,7 +117,7 @@ inline std::vector<Selector> make_selectors(const std::vector<int>& modes, const
   for (size_t i = 0; i < k; ++i) {
     if (modes[i] < KEEP_ALL || modes[i] > MASK_BITS) throw std::invalid_argument("unknown sparsify mode");
     if ((modes[i] == MASKED || modes[i] == MASK_BITS) && !masks[i])
-      throw std::invalid_argument("MASKED selector without a mask");
+      throw std::invalid_argument("mask selector without a mask");
     out[i] = Selector{modes[i], t_hi[i], cut_hi[i], t_lo[i], cut_lo[i], keys[i], densities[i],
                       reinterpret_cast<const uint8_t*>(masks[i])};
   }
@@ -198,10 +198,10 @@ void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t 
                 const std::vector<Selector>& selectors, bool consensus, bool normalize, float lam);
 
 // (sum |d|, sum over kept |d|) in fp64, in the fixed lane order of dare.cpp. With keep_out
-// (uint8[ceil(n / 8)], 0 = none) it also writes the selection as MASK_BITS, so the merge can replay
-// it without drawing the DARE randoms a second time (bits, not bytes: an eighth of the fresh pages
-// to fault in and zero, which were a tenth of a dare_ties merge's CPU time). With AVX-512 it draws only where
-// d != 0: a zero's draw cannot change the sums or the mask (dare.cpp).
+// (uint8[ceil(n / 8)], 0 = none) it also writes the selection as MASK_BITS, so the merge can
+// replay it without drawing the DARE randoms a second time (bits, not bytes: an eighth of the
+// fresh pages to fault in and zero, which were a tenth of a dare_ties merge's CPU time). With
+// AVX-512 it draws only where d != 0: a zero's draw cannot change the sums or the mask (dare.cpp).
 std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n,
                                   const Selector& selector, uintptr_t keep_out);
 
