@@ -55,6 +55,7 @@ from ..errors import KernelError
 from ._checks import check_alike
 from ._dispatch import resolve_backend
 from ._fma import fma_f32
+from .mask import packed_size, unpack_mask_reference
 from .random import derive_key, philox_uniform
 from .threshold import Threshold, density_to_k, magnitude_thresholds, threshold_backend, tie_cutoff
 
@@ -107,7 +108,7 @@ class Selector:
     cut_lo: int = 0
     key: int = 0
     density: float = 1.0
-    # MASKED: bool per element; MASK_BITS: uint8 [ceil(n / 8)], element e is bit e % 8 of byte e // 8
+    # MASKED: bool per element; MASK_BITS: a packed bitmask (ops/mask.py's bit order)
     keep: torch.Tensor | None = field(default=None, repr=False)
     # (sum |d|, sum of kept |d|) in the L1 lane order, where making the mask made them too.
     l1: tuple[float, float] | None = None
@@ -135,7 +136,7 @@ def reference_keep(d: torch.Tensor, sel: Selector) -> torch.Tensor:
     if sel.mode == MASKED:
         return sel.keep
     if sel.mode == MASK_BITS:
-        return ((sel.keep.to(d.device)[index >> 3] >> (index & 7)) & 1).bool()
+        return unpack_mask_reference(sel.keep.to(d.device), d.shape)
     u = torch.from_numpy(philox_uniform(sel.key, 0, d.numel())).to(d.device)
     return u < torch.tensor(sel.density, dtype=torch.float32)
 
@@ -271,7 +272,7 @@ def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) ->
     elif backend == "native":
         from .. import _native
 
-        replay = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8) if sel.mode == RANDOM else None
+        replay = torch.empty(packed_size(x.numel()), dtype=torch.uint8) if sel.mode == RANDOM else None
         all_l1, kept_l1 = _native.kept_l1(
             x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), x.numel(),
             sel.mode, sel.t_hi, sel.cut_hi, sel.t_lo, sel.cut_lo, sel.key, sel.density, _mask_ptr(sel),

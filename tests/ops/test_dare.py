@@ -137,3 +137,4 @@ def test_native_l1_pass_on_sparse_task_vectors(dtype, n, unchanged):
     expected = (T.lane_l1(d), T.lane_l1(torch.where(kept, d, 0.0)))
     assert np.array_equal(np.array(sums), np.array(expected), equal_nan=True)
     assert torch.equal(mask, kept & (d != 0))
+    assert torch.equal(T.reference_keep(d, T.Selector(T.MASK_BITS, keep=bits)), mask)  # the oracle reads the bits alike
