@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "mask.h"
 #include "selection.h"
 
 namespace fastmerge {
@@ -117,11 +118,8 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
         if (keep_bits) {
           // A kept zero and a dropped element both contribute 0 to every later step, so
           // "value survived as nonzero" is a faithful keep mask (NaN != 0 counts as kept).
-          for (int64_t j = 0; j < len; j += 8) {
-            uint8_t byte = 0;
-            for (int64_t i = 0; i < 8 && j + i < len; ++i) byte |= uint8_t(scratch[j + i] != 0.f) << i;
-            keep_bits[j / 8] = byte;
-          }
+          for (int64_t j = 0; j < len; j += 8)
+            keep_bits[j / 8] = pack_nonzero(scratch.data() + j, std::min<int64_t>(8, len - j));
         }
       }
     }

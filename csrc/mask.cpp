@@ -57,11 +57,8 @@ void pack_mask(uintptr_t dense, int64_t n, uintptr_t packed) {
   const int64_t n_bytes = (n + 7) / 8;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < n_bytes; ++b) {
-    uint8_t byte = 0;
     const int64_t first = b * 8;
-    const int k = n - first < 8 ? int(n - first) : 8;
-    for (int j = 0; j < k; ++j) byte |= uint8_t((d[first + j] != 0) << j);
-    p[b] = byte;
+    p[b] = pack_nonzero(d + first, n - first < 8 ? n - first : 8);
   }
 }
 

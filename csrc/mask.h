@@ -12,6 +12,14 @@ void apply_mask(uintptr_t x, int dtype, uintptr_t mask, bool packed, float scale
 // packed[i / 8] bit i % 8 = (dense[i] != 0); the padding bits of the last byte are 0.
 void pack_mask(uintptr_t dense, int64_t n, uintptr_t packed);
 
+// One byte of a packed mask: bit j = (v[j] != 0) for j < k <= 8, the other bits 0.
+template <class T>
+inline uint8_t pack_nonzero(const T* v, int64_t k) {
+  uint8_t byte = 0;
+  for (int64_t j = 0; j < k; ++j) byte |= uint8_t((v[j] != T(0)) << j);
+  return byte;
+}
+
 // dense[i] = bit i % 8 of packed[i / 8] (as a 0/1 byte, i.e. a torch.bool).
 void unpack_mask(uintptr_t packed, int64_t n, uintptr_t dense);
 
