@@ -7,6 +7,7 @@ and cuda backends get CUDA tensors through the `device` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -97,3 +98,17 @@ def assert_same_bytes():
             raise AssertionError(f"{len(diff)} elements differ, first at {diff[:3].tolist()}")
 
     return check
+
+
+@contextlib.contextmanager
+def native_threads(n: int):
+    """Run the native kernels on n OpenMP threads inside the block, then restore the count (tests
+    that results do not depend on it)."""
+    from fastmerge import _native
+
+    before = _native.max_threads()
+    _native.set_num_threads(n)
+    try:
+        yield
+    finally:
+        _native.set_num_threads(before)

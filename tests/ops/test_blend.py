@@ -9,7 +9,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops import blend
 from fastmerge.ops.blend import blend_reference
 
-from conftest import BIG_SIZE, FLOAT_DTYPES
+from conftest import BIG_SIZE, FLOAT_DTYPES, native_threads
 
 # (base?, lam): plain weighted sum, scaled sum, task-vector form.
 FORMS = ((False, 1.0), (False, 0.37), (True, 1.0), (True, 0.61))
@@ -68,18 +68,12 @@ def test_big_tensor_native(dtype, gen, assert_same_bytes):
 
 
 def test_native_bytes_do_not_depend_on_thread_count(gen, assert_same_bytes):
-    from fastmerge import _native
-
     xs = _inputs(3, 100_003, [torch.bfloat16, torch.float16, torch.float32], gen)
     w = _weights(3, gen)
-    before = _native.max_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3, 7):
-            _native.set_num_threads(threads)
+    results = []
+    for threads in (1, 2, 3, 7):
+        with native_threads(threads):
             results.append(blend(xs, w, base=xs[0], lam=0.3, out_dtype=torch.bfloat16, backend="native"))
-    finally:
-        _native.set_num_threads(before)
     for r in results[1:]:
         assert_same_bytes(r, results[0])
 

@@ -11,7 +11,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops.dare import dare_mask, dare_merge, uniform_draws
 from fastmerge.ops.random import derive_key, philox_uint32, philox_uniform
 
-from conftest import ACCELERATED, BIG_SIZE
+from conftest import ACCELERATED, BIG_SIZE, native_threads
 
 KEYS = [0, 12345, (1 << 63) + 77, (1 << 64) - 1]
 
@@ -40,14 +40,10 @@ def test_backends_draw_identical_bits(backend, device, key, offset):
 def test_native_draws_do_not_depend_on_thread_count():
     from fastmerge import _native
 
-    threads = _native.max_threads()
-    try:
-        draws = []
-        for n_threads in (1, max(threads, 3)):
-            _native.set_num_threads(n_threads)
+    draws = []
+    for n_threads in (1, max(_native.max_threads(), 3)):
+        with native_threads(n_threads):
             draws.append(uniform_draws(7, BIG_SIZE, backend="native"))
-    finally:
-        _native.set_num_threads(threads)
     assert torch.equal(draws[0].view(torch.int32), draws[1].view(torch.int32))
     assert torch.equal(draws[0][-100:], torch.from_numpy(philox_uniform(7, BIG_SIZE - 100, 100)))
 

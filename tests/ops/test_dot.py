@@ -12,6 +12,8 @@ from fastmerge.errors import KernelError
 from fastmerge.ops import dot
 from fastmerge.ops._dispatch import available_backends
 
+from conftest import native_threads
+
 BACKENDS = tuple(b for b in dot.SUPPORTED_BACKENDS if b in available_backends())
 # (shape, dim): whole tensors, rows, columns, a middle dimension, vectors past one native block
 # (4096) and one reference block (small BLOCK_ELEMENTS below), empty fibres.
@@ -75,18 +77,12 @@ def test_mixed_dtypes_and_single_vector(backend):
 @pytest.mark.skipif("native" not in BACKENDS, reason="native extension not built")
 @pytest.mark.parametrize("dim", (None, -1, 0), ids=str)
 def test_native_result_does_not_depend_on_thread_count(dim):
-    from fastmerge import _native
-
     gen = torch.Generator().manual_seed(5)
     vectors = [torch.randn(64, 9000, generator=gen).to(torch.bfloat16) for _ in range(4)]
-    before = _native.max_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            _native.set_num_threads(threads)
+    results = []
+    for threads in (1, 2, 3):
+        with native_threads(threads):
             results.append(dot.gram(vectors, base=vectors[0], dim=dim, backend="native"))
-    finally:
-        _native.set_num_threads(before)
     assert all(torch.equal(r.view(torch.int64), results[0].view(torch.int64)) for r in results)
 
 

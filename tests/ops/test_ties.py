@@ -10,7 +10,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops import MagnitudeHistogram, ties_merge
 from fastmerge.ops._fma import fma_f32
 
-from conftest import ACCELERATED, BIG_SIZE
+from conftest import ACCELERATED, BIG_SIZE, native_threads
 
 VARIANTS = {
     "ties": dict(sparsify="magnitude", consensus=True, normalize=True),
@@ -49,13 +49,9 @@ def test_big_tensor_native_matches_reference(variant, assert_same_bytes):
     base, xs, weights, densities = _models(2, BIG_SIZE, torch.bfloat16, torch.Generator().manual_seed(5))
     kw = dict(weights=weights, densities=densities, seed=3, tensor_name="embed", **VARIANTS[variant])
     expected = ties_merge(base, xs, backend="reference", **kw)
-    threads = _native.max_threads()
-    try:
-        for n_threads in {1, max(threads, 3)}:  # results must not depend on the thread count
-            _native.set_num_threads(n_threads)
+    for n_threads in {1, max(_native.max_threads(), 3)}:  # results must not depend on the thread count
+        with native_threads(n_threads):
             assert_same_bytes(ties_merge(base, xs, backend="native", **kw), expected)
-    finally:
-        _native.set_num_threads(threads)
 
 
 def _formula(base, xs, weights, keeps, consensus, normalize, lam):
@@ -348,7 +344,6 @@ def test_native_della_mask_makes_the_rescale_sums_in_lane_order(shape, classes, 
     two sums, equal to the sequential lane-order sums of |d| and of the kept |d|, whatever the
     thread count; otherwise None (the rescale pass runs). fp32 magnitudes over 80 exponents in
     9-11 rows of 16 lanes, so that a sum in another order rounds differently."""
-    from fastmerge import _native
     from fastmerge.ops.ties import _native_della_keep, della_fibres
 
     gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
@@ -356,13 +351,9 @@ def test_native_della_mask_makes_the_rescale_sums_in_lane_order(shape, classes, 
     x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-40, 40, (n,), generator=gen).float())
     x[torch.arange(n) % 65536 >= 16] = 0.0  # the total is then 16 lanes' sums, no lane's last bits lost in it
     x, base = x.reshape(shape), torch.zeros(shape)  # d = x, all 24 bits of it
-    before = _native.max_threads()
-    try:
-        _native.set_num_threads(threads)
+    with native_threads(threads):
         keep, sums = _native_della_keep(x, base, della_fibres(shape), 0.4, 0.15, 12345, l1=True)
         keep_alone, none = _native_della_keep(x, base, della_fibres(shape), 0.4, 0.15, 12345)
-    finally:
-        _native.set_num_threads(before)
     assert torch.equal(keep, keep_alone) and none is None
     if classes < threads:
         assert sums is None
