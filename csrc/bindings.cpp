@@ -81,7 +81,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("della_mask", &fastmerge::della_mask, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
         py::arg("x_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("outer"), py::arg("row_len"),
         py::arg("inner"), py::arg("density"), py::arg("epsilon"), py::arg("key"), py::arg("mask"),
-        py::arg("ranking") = int(fastmerge::RANK_AUTO), py::arg("l1") = false);
+        py::arg("bits"), py::arg("ranking") = int(fastmerge::RANK_AUTO), py::arg("l1") = false);
   m.def("philox_fill", &fastmerge::philox_fill, py::call_guard<py::gil_scoped_release>(), py::arg("out"),
         py::arg("key"), py::arg("offset"), py::arg("n"));
   m.def("philox_fill_at", &fastmerge::philox_fill_at, py::call_guard<py::gil_scoped_release>(), py::arg("out"),

@@ -54,11 +54,11 @@ void apply_mask(uintptr_t x, int dtype, uintptr_t mask, bool packed, float scale
 void pack_mask(uintptr_t dense, int64_t n, uintptr_t packed) {
   const uint8_t* d = reinterpret_cast<const uint8_t*>(dense);
   uint8_t* p = reinterpret_cast<uint8_t*>(packed);
-  const int64_t n_bytes = (n + 7) / 8;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < n_bytes; ++b) {
-    const int64_t first = b * 8;
-    p[b] = pack_nonzero(d + first, n - first < 8 ? n - first : 8);
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t begin = c * kChunk;
+    pack_bytes(d + begin, n - begin < kChunk ? n - begin : kChunk, p + begin / 8);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "bin_counter.h"
+#include "mask.h"
 #include "selection.h"
 
 namespace fastmerge {
@@ -280,11 +281,13 @@ bool vector_ranking_pays() {
 
 std::optional<std::pair<double, double>> della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype,
                                                     int64_t outer, int64_t row_len, int64_t inner, double density,
-                                                    double epsilon, uint64_t key, uintptr_t mask, int ranking,
-                                                    bool l1) {
+                                                    double epsilon, uint64_t key, uintptr_t mask, bool bits,
+                                                    int ranking, bool l1) {
   check_inputs(x_dtype, b, b_dtype);
   if (row_len < 2 || row_len > int64_t(0xffffffff))
     throw std::invalid_argument("della_mask needs rows of 2 to 2^32 - 1 elements");
+  if (bits && (inner != 1 || row_len % 8 != 0))
+    throw std::invalid_argument("della_mask writes bits only for unit-stride rows of a multiple of 8 elements");
   if (ranking < RANK_AUTO || ranking > RANK_VECTOR) throw std::invalid_argument("unknown della ranking");
   const bool vector = ranking == RANK_VECTOR || (ranking == RANK_AUTO && vector_ranking_pays());
   const void* xp = reinterpret_cast<const void*>(x);
@@ -304,11 +307,16 @@ std::optional<std::pair<double, double>> della_mask(uintptr_t x, int x_dtype, ui
   {
     std::vector<uint32_t> keys(row_len);
     std::vector<float> row(row_len), scratch(row_len), draws(row_len), probability(row_len);
+    std::vector<uint8_t> row_keep(bits ? row_len : 0);  // a row's keep bytes before they are packed
     FibreRanker ranker(row_len, vector);
     // The keep probability of each rank is the same for every fibre.
     for (int64_t rank = 0; rank < row_len; ++rank) probability[rank] = float(low + (spread * double(rank)) / span);
+    // Where fibre's keep bytes go: the mask (strided by `inner`), or with `bits` the row buffer.
+    auto kept_bytes = [&](int64_t start) { return bits ? row_keep.data() : keep + start; };
     // Load a fibre's row_len elements (strided by `inner` when the tensor has 3+ dims), rank them
     // by |d| bits (equal magnitudes by position), and draw each element's keep from its flat index.
+    // With `bits` the row's bytes are packed into the mask: rows are whole bytes of it, so no two
+    // threads write one byte.
     auto decide = [&](int64_t fibre) {
       const int64_t start = (fibre / inner) * row_len * inner + fibre % inner;
       if (inner == 1) {
@@ -323,7 +331,8 @@ std::optional<std::pair<double, double>> della_mask(uintptr_t x, int x_dtype, ui
       // Every NaN ranks above +inf and ties with the other NaNs, as in a stable torch sort.
 #pragma omp simd
       for (int64_t r = 0; r < row_len; ++r) keys[r] = std::min(f32_bits(row[r]) & 0x7fffffffu, 0x7f800001u);
-      ranker.decide(keys.data(), row_len, draws.data(), probability.data(), keep + start, inner);
+      ranker.decide(keys.data(), row_len, draws.data(), probability.data(), kept_bytes(start), bits ? 1 : inner);
+      if (bits) pack_bytes(row_keep.data(), row_len, keep + start / 8);
       return start;
     };
     if (sums) {
@@ -335,7 +344,7 @@ std::optional<std::pair<double, double>> della_mask(uintptr_t x, int x_dtype, ui
           const int64_t start = decide(fibre);
           double* __restrict all_acc = all.data() + start % kL1Lanes;
           double* __restrict kept_acc = kept.data() + start % kL1Lanes;
-          const uint8_t* __restrict k = keep + start;
+          const uint8_t* __restrict k = kept_bytes(start);
           const float* __restrict d = row.data();
 #pragma omp simd
           for (int64_t r = 0; r < row_len; ++r) {

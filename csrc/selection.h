@@ -177,9 +177,10 @@ int64_t find_tie(const void* x, int x_dtype, const void* b, int b_dtype, int64_t
 int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, uint32_t t_bits,
                    int64_t ties_to_keep);
 
-// DELLA's keep mask (uint8[n]) of d = x - b viewed as [outer, row_len, inner]: each fibre along
-// the middle axis (mergekit ranks along dim 1) ranks |d| ascending (ties by position), and element
-// (o, r, i) is kept where philox_uniform(key, flat index) < fp32((density - epsilon) +
+// DELLA's keep mask of d = x - b viewed as [outer, row_len, inner]: uint8[n], or with `bits`
+// (unit-stride rows of a multiple of 8 elements) MASK_BITS' uint8[n / 8], an eighth of the pages
+// to fault in and zero and of the bytes the merge reads. Each fibre along the middle axis
+// (mergekit ranks along dim 1) ranks |d| ascending (ties by position), and element (o, r, i) is kept where philox_uniform(key, flat index) < fp32((density - epsilon) +
 // (2 epsilon) * rank / (row_len - 1)), that expression in fp64. row_len >= 2. `ranking` picks
 // how unit-stride rows are ranked (the mask is the same): RANK_AUTO, what is faster on this CPU;
 // RANK_SCALAR; or RANK_VECTOR, 16 elements at a time where the build has AVX-512 CD/VPOPCNTDQ
@@ -189,8 +190,8 @@ int64_t tie_cutoff(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n
 enum DellaRanking : int { RANK_AUTO = 0, RANK_SCALAR = 1, RANK_VECTOR = 2 };
 std::optional<std::pair<double, double>> della_mask(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype,
                                                     int64_t outer, int64_t row_len, int64_t inner, double density,
-                                                    double epsilon, uint64_t key, uintptr_t mask, int ranking,
-                                                    bool l1);
+                                                    double epsilon, uint64_t key, uintptr_t mask, bool bits,
+                                                    int ranking, bool l1);
 
 // The fused TIES-family merge (fastmerge/ops/ties.py documents the arithmetic order).
 void ties_merge(uintptr_t out, int out_dtype, uintptr_t b, int b_dtype, int64_t n, const std::vector<uintptr_t>& xs,

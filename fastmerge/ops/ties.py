@@ -33,8 +33,8 @@ element index; the K deltas are recomputed from the inputs, never materialised):
                       where philox_uniform(key_i, index) < fp32((density - eps) + 2 eps rank /
                       (row_len - 1)) (rank 0-based ascending, ties by position); density <= 0
                       keeps nothing, >= 1 everything. The mask is computed per tensor (reference:
-                      torch sort; native: csrc della_mask, per-fibre sort) and the element pass
-                      reads it.
+                      torch sort; native: csrc della_mask, per-fibre counting rank) and the
+                      element pass reads it (native: as bits where rows are whole bytes).
 gamma and epsilon are one value or one per model. rescale=True multiplies kept values by
 ||d||_1 / ||kept||_1 ("l1": fp64 sums in the fixed lane order of csrc/dare.cpp, ratio rounded to
 fp32; 1 when either sum is below 1e-7, as mergekit) or by 1/density ("inverse_density").
@@ -183,25 +183,30 @@ def _reference_della_keep(x, base, fibres, density, epsilon, key) -> torch.Tenso
     return u < p
 
 
-def _native_della_keep(x, base, fibres, density, epsilon, key, ranking: int = 0,
-                       l1: bool = False) -> tuple[torch.Tensor, tuple[float, float] | None]:
-    """The mask, and with `l1` the rescale pass's two L1 sums where the kernel could make them
-    on the way (csrc/selection.h), else None. `ranking`: 0 ranks rows the way that is faster on
-    this CPU, 1 with the scalar passes, 2 16 elements at a time (AVX-512 builds); the mask is the
-    same."""
+def _native_della_keep(x, base, fibres, density, epsilon, key, ranking: int = 0, l1: bool = False,
+                       packed: bool = True) -> Selector:
+    """The native kernel's mask as a selector: with `packed` (the native element pass reads bits;
+    the Triton one reads bytes), MASK_BITS where every row is whole bytes of the mask (unit
+    stride, a multiple of 8 elements: all of a Llama's 2-d weights), which has an eighth of the
+    pages to fault in and of the bytes the merge reads; else MASKED. With `l1`, the
+    rescale pass's two L1 sums where the kernel could make them on the way (csrc/selection.h),
+    else None. `ranking`: 0 ranks rows the way that is faster on this CPU, 1 with the scalar
+    passes, 2 16 elements at a time (AVX-512 builds); the mask is the same."""
     from .. import _native
 
-    keep = torch.empty(x.numel(), dtype=torch.bool)
+    _, row_len, inner = fibres
+    bits = packed and inner == 1 and row_len % 8 == 0
+    keep = torch.empty(packed_size(x.numel()) if bits else x.numel(), dtype=torch.uint8 if bits else torch.bool)
     sums = _native.della_mask(x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), *fibres,
-                              density, epsilon, key, keep.data_ptr(), ranking, l1)
-    return keep, sums
+                              density, epsilon, key, keep.data_ptr(), bits, ranking, l1)
+    return Selector(MASK_BITS if bits else MASKED, keep=keep, l1=sums)
 
 
-def _della_selector(x, base, density, epsilon, key, name, backend, l1: bool) -> Selector:
+def _della_selector(x, base, density, epsilon, key, name, backend, l1: bool, packed: bool) -> Selector:
     """DELLA as mergekit: density >= 1 keeps all, <= 0 nothing; otherwise density +- epsilon must
     lie in (0, 1) and each fibre along dim 1 needs 2+ elements (mergekit's rank normalisation
     divides by row_len - 1). `l1`: the L1 rescale will want the sums (the native kernel may make
-    them with the mask)."""
+    them with the mask); `packed`: the element pass reads a packed mask."""
     if density >= 1.0:
         return Selector()
     if density <= 0.0:
@@ -215,8 +220,7 @@ def _della_selector(x, base, density, epsilon, key, name, backend, l1: bool) -> 
                           f"{tuple(x.shape)}; it needs at least 2 (mergekit fails on this tensor too)")
     if backend != "native":
         return Selector(MASKED, keep=_reference_della_keep(x, base, fibres, density, epsilon, key))
-    keep, sums = _native_della_keep(x, base, fibres, density, epsilon, key, l1=l1)
-    return Selector(MASKED, keep=keep, l1=sums)
+    return _native_della_keep(x, base, fibres, density, epsilon, key, l1=l1, packed=packed)
 
 
 def _magnitude_params(x, base, ks: Sequence[int], backend: str, name: str) -> list[int]:
@@ -253,7 +257,7 @@ def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, te
     key = derive_key(seed, tensor_name, i)
     if sparsify == "random":
         return Selector(RANDOM, key=key, density=_f32(density))
-    return _della_selector(x, base, density, epsilon, key, name, sel_backend, l1)
+    return _della_selector(x, base, density, epsilon, key, name, sel_backend, l1, packed=backend == "native")
 
 
 def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) -> tuple[float, Selector]:

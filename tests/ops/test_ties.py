@@ -25,6 +25,16 @@ VARIANTS = {
 DELLA_RANKINGS = [pytest.param(1, id="scalar-ranking"), pytest.param(2, id="vector-ranking")]
 
 
+def native_della(x, base, *args, ranking=0, l1=False):
+    """The native DELLA mask as a bool per element (MASK_BITS unpacked), its mode, and its sums."""
+    from fastmerge.ops.mask import unpack_mask_reference
+    from fastmerge.ops.ties import MASK_BITS, _native_della_keep
+
+    sel = _native_della_keep(x, base, *args, ranking, l1=l1)
+    keep = unpack_mask_reference(sel.keep, (x.numel(),)) if sel.mode == MASK_BITS else sel.keep
+    return keep, sel.mode, sel.l1
+
+
 def _models(k, n, dtype, gen, device="cpu"):
     base = torch.randn(n, generator=gen).to(dtype)
     xs = [(base.float() + torch.randn(n, generator=gen) * 0.01 * (i + 1)).to(dtype) for i in range(k)]
@@ -255,7 +265,7 @@ def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape, sprea
     (the 3-d and 2-wide rows, and rows with inf: `specials` adds +-inf and NaN, which ranks
     above inf). bf16 inputs give |d| that are mostly exact bf16 values (ranked by position in
     their bin); fp32 inputs give |d| with low bits set (sorted within their bin)."""
-    from fastmerge.ops.ties import _native_della_keep, _reference_della_keep, della_fibres
+    from fastmerge.ops.ties import _reference_della_keep, della_fibres
 
     gen = torch.Generator().manual_seed(21)
     n = int(torch.tensor(shape).prod())
@@ -270,7 +280,7 @@ def test_native_della_mask_matches_reference_on_long_rows_with_ties(shape, sprea
     x = (base + d).reshape(shape).to(dtype)  # base + inf = inf, so d stays inf / NaN
     base = base.reshape(shape).to(dtype)
     args = (x, base, della_fibres(x.shape), 0.4, 0.15, (1 << 40) + 17)
-    assert torch.equal(_native_della_keep(*args, ranking)[0], _reference_della_keep(*args))
+    assert torch.equal(native_della(*args, ranking=ranking)[0], _reference_della_keep(*args))
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
@@ -282,7 +292,7 @@ def test_native_della_mask_ranks_rows_of_few_distinct_magnitudes(row_len, odd_sh
     vectorised rank pass counts them per lane), mixed in position with fp32 magnitudes whose low
     16 bits are set (handed over to the sorted pass from the same 16 elements), at row lengths
     around multiples of 16."""
-    from fastmerge.ops.ties import _native_della_keep, _reference_della_keep, della_fibres
+    from fastmerge.ops.ties import _reference_della_keep, della_fibres
 
     gen = torch.Generator().manual_seed(row_len)
     shape = (7, row_len)
@@ -294,7 +304,7 @@ def test_native_della_mask_ranks_rows_of_few_distinct_magnitudes(row_len, odd_sh
     base = torch.zeros(shape)
     for key in (3, (1 << 33) + 5):
         args = (d, base, della_fibres(d.shape), 0.5, 0.45, key)
-        assert torch.equal(_native_della_keep(*args, ranking)[0], _reference_della_keep(*args))
+        assert torch.equal(native_della(*args, ranking=ranking)[0], _reference_della_keep(*args))
 
 
 @pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
@@ -304,7 +314,7 @@ def test_native_della_mask_ranks_magnitudes_that_share_a_bf16_bin(ranking):
     fp32 values 1 + j 2^-20 that differ only in their low 16 bits (ranked by value, ties by
     position) and must all rank above the 1.0s. Short rows make one rank step worth 0.1% of
     keep probability, so a misordered bin changes the mask."""
-    from fastmerge.ops.ties import _native_della_keep, _reference_della_keep, della_fibres
+    from fastmerge.ops.ties import _reference_della_keep, della_fibres
 
     gen = torch.Generator().manual_seed(4)
     shape = (40, 300)
@@ -315,7 +325,42 @@ def test_native_della_mask_ranks_magnitudes_that_share_a_bf16_bin(ranking):
     d = d * torch.where(torch.rand(shape, generator=gen) < 0.5, 1.0, -1.0)
     base = torch.zeros(shape)
     args = (d, base, della_fibres(d.shape), 0.5, 0.3, 99)
-    assert torch.equal(_native_della_keep(*args, ranking)[0], _reference_della_keep(*args))
+    assert torch.equal(native_della(*args, ranking=ranking)[0], _reference_della_keep(*args))
+
+
+@pytest.mark.skipif("native" not in ACCELERATED, reason="native extension not built")
+@pytest.mark.parametrize("shape, bits", [((5, 2048), True), ((3, 5000), True), ((4096,), True), ((7, 72), True),
+                                         ((9, 100), False), ((4, 700, 3), False), ((9, 2), False), ((64, 17), False)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_della_mask_packs_whole_byte_rows_as_bits(shape, bits, threads):
+    """The kernel writes MASK_BITS exactly where every unit-stride row is whole bytes of the mask
+    (row length a multiple of 8), and those bits are its byte mask packed (bit e % 8 of byte
+    e / 8, packed here with torch); other shapes keep a byte per element, and asking the kernel
+    for bits there is an error, since two threads' rows would share a byte."""
+    from fastmerge import _native
+    from fastmerge.dtypes import native_code
+    from fastmerge.ops.ties import MASK_BITS, MASKED, della_fibres
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    base = torch.zeros(shape, dtype=torch.bfloat16)
+    fibres = della_fibres(x.shape)
+    call = (x.data_ptr(), native_code(x.dtype), base.data_ptr(), native_code(base.dtype), *fibres, 0.5, 0.3, 77)
+    with native_threads(threads):
+        keep, mode, _ = native_della(x, base, fibres, 0.5, 0.3, 77)
+        dense = torch.zeros(x.numel(), dtype=torch.uint8)
+        _native.della_mask(*call, dense.data_ptr(), False)
+        assert mode == (MASK_BITS if bits else MASKED)
+        assert torch.equal(keep, dense.bool())
+        if not bits:
+            with pytest.raises(ValueError, match="bits only for unit-stride rows"):
+                _native.della_mask(*call, torch.zeros(x.numel(), dtype=torch.uint8).data_ptr(), True)
+            return
+        packed = torch.full(((x.numel() + 7) // 8,), 0xA5, dtype=torch.uint8)  # every byte is written
+        _native.della_mask(*call, packed.data_ptr(), True)
+    weights = 2 ** torch.arange(8, dtype=torch.int32)
+    expected = (dense.reshape(-1, 8).int() * weights).sum(dim=1).to(torch.uint8)
+    assert torch.equal(packed, expected)
 
 
 def _sequential_lane_l1(values: torch.Tensor, lanes: int = 65536) -> float:
@@ -344,7 +389,7 @@ def test_native_della_mask_makes_the_rescale_sums_in_lane_order(shape, classes, 
     two sums, equal to the sequential lane-order sums of |d| and of the kept |d|, whatever the
     thread count; otherwise None (the rescale pass runs). fp32 magnitudes over 80 exponents in
     9-11 rows of 16 lanes, so that a sum in another order rounds differently."""
-    from fastmerge.ops.ties import _native_della_keep, della_fibres
+    from fastmerge.ops.ties import della_fibres
 
     gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
     n = int(torch.tensor(shape).prod())
@@ -352,8 +397,8 @@ def test_native_della_mask_makes_the_rescale_sums_in_lane_order(shape, classes, 
     x[torch.arange(n) % 65536 >= 16] = 0.0  # the total is then 16 lanes' sums, no lane's last bits lost in it
     x, base = x.reshape(shape), torch.zeros(shape)  # d = x, all 24 bits of it
     with native_threads(threads):
-        keep, sums = _native_della_keep(x, base, della_fibres(shape), 0.4, 0.15, 12345, l1=True)
-        keep_alone, none = _native_della_keep(x, base, della_fibres(shape), 0.4, 0.15, 12345)
+        keep, _, sums = native_della(x, base, della_fibres(shape), 0.4, 0.15, 12345, l1=True)
+        keep_alone, _, none = native_della(x, base, della_fibres(shape), 0.4, 0.15, 12345)
     assert torch.equal(keep, keep_alone) and none is None
     if classes < threads:
         assert sums is None
