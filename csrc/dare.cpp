@@ -118,8 +118,7 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
         if (keep_bits) {
           // A kept zero and a dropped element both contribute 0 to every later step, so
           // "value survived as nonzero" is a faithful keep mask (NaN != 0 counts as kept).
-          for (int64_t j = 0; j < len; j += 8)
-            keep_bits[j / 8] = pack_nonzero(scratch.data() + j, std::min<int64_t>(8, len - j));
+          pack_run(scratch.data(), len, keep_bits);
         }
       }
     }

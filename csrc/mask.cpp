@@ -58,7 +58,7 @@ void pack_mask(uintptr_t dense, int64_t n, uintptr_t packed) {
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t begin = c * kChunk;
-    pack_bytes(d + begin, n - begin < kChunk ? n - begin : kChunk, p + begin / 8);
+    pack_run(d + begin, n - begin < kChunk ? n - begin : kChunk, p + begin / 8);
   }
 }
 

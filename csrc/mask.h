@@ -24,19 +24,21 @@ inline uint8_t pack_nonzero(const T* v, int64_t k) {
   return byte;
 }
 
-// packed[j / 8] bit j % 8 = (dense[j] != 0) for j < n, the padding bits of the last byte 0:
-// pack_nonzero over a run of bytes, 64 at a time with AVX-512 (one test mask is 8 packed bytes,
-// bit j of it element j, which a little-endian store puts in byte j / 8).
-inline void pack_bytes(const uint8_t* dense, int64_t n, uint8_t* packed) {
+// packed[j / 8] bit j % 8 = (v[j] != 0) for j < n, the padding bits of the last byte 0:
+// pack_nonzero over a run, 64 elements at a time with AVX-512 where they are bytes (one test
+// mask is 8 packed bytes, bit j of it element j, which a little-endian store puts in byte j / 8).
+template <class T>
+inline void pack_run(const T* v, int64_t n, uint8_t* packed) {
   int64_t j = 0;
 #if defined(__AVX512BW__)
-  for (; j + 64 <= n; j += 64) {
-    const __m512i v = _mm512_loadu_si512(dense + j);
-    const uint64_t bits = _mm512_test_epi8_mask(v, v);
-    std::memcpy(packed + j / 8, &bits, 8);
-  }
+  if constexpr (sizeof(T) == 1)
+    for (; j + 64 <= n; j += 64) {
+      const __m512i bytes = _mm512_loadu_si512(v + j);
+      const uint64_t bits = _mm512_test_epi8_mask(bytes, bytes);
+      std::memcpy(packed + j / 8, &bits, 8);
+    }
 #endif
-  for (; j < n; j += 8) packed[j / 8] = pack_nonzero(dense + j, n - j < 8 ? n - j : 8);
+  for (; j < n; j += 8) packed[j / 8] = pack_nonzero(v + j, n - j < 8 ? n - j : 8);
 }
 
 // dense[i] = bit i % 8 of packed[i / 8] (as a 0/1 byte, i.e. a torch.bool).

@@ -332,7 +332,7 @@ std::optional<std::pair<double, double>> della_mask(uintptr_t x, int x_dtype, ui
 #pragma omp simd
       for (int64_t r = 0; r < row_len; ++r) keys[r] = std::min(f32_bits(row[r]) & 0x7fffffffu, 0x7f800001u);
       ranker.decide(keys.data(), row_len, draws.data(), probability.data(), kept_bytes(start), bits ? 1 : inner);
-      if (bits) pack_bytes(row_keep.data(), row_len, keep + start / 8);
+      if (bits) pack_run(row_keep.data(), row_len, keep + start / 8);
       return start;
     };
     if (sums) {
