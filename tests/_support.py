@@ -29,3 +29,16 @@ def load_dir(directory: Path) -> dict[str, torch.Tensor]:
 def fma_f32(w: torch.Tensor, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     """An fp32 fused multiply-add: exact fp64 product and sum, rounded once to fp32."""
     return (w.double() * x.double() + acc.double()).float()
+
+
+def old_triton_interpreter() -> str:
+    """Why interpreted Triton kernels cannot give the contract's bytes here, or "" when they can.
+    Before 3.9, Triton's interpreter computed tl.fma as a product and a sum (two roundings), so
+    interpreted kernels miss the contract's bytes in the last bit; compiled ones are unaffected
+    (tests/ops/test_gpu_launches.py compiles them with whatever Triton is installed)."""
+    import triton
+    from packaging.version import Version
+
+    if Version(triton.__version__).release < (3, 9):
+        return f"Triton {triton.__version__}'s interpreter rounds tl.fma twice; pip install 'triton>=3.9'"
+    return ""

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from _support import old_triton_interpreter  # noqa: E402
 from fastmerge.ops._dispatch import available_backends  # noqa: E402
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -27,18 +28,11 @@ BIG_SIZE = (1 << 20) + 3
 
 
 def _why_triton_is_untestable() -> str:
-    """Why the Triton kernels cannot be checked byte for byte here, or "" when they can.
-    Before 3.9, Triton's interpreter computed tl.fma as a product and a sum (two roundings), so
-    interpreted kernels miss the contract's bytes in the last bit; compiled ones are unaffected
-    (test_gpu_launches.py compiles them with whatever Triton is installed)."""
+    """Why the Triton kernels cannot be checked byte for byte here, or "" when they can (a GPU
+    compiles them; only an old interpreter cannot)."""
     if os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in available_backends():
         return ""
-    import triton
-    from packaging.version import Version
-
-    if Version(triton.__version__).release < (3, 9):
-        return f"Triton {triton.__version__}'s interpreter rounds tl.fma twice; pip install 'triton>=3.9'"
-    return ""
+    return old_triton_interpreter()
 
 
 TRITON_UNTESTABLE = _why_triton_is_untestable()
