@@ -11,30 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import KernelError
-from ._dispatch import resolve_backend
-from .random import derive_key, philox_uniform
+from .random import derive_key, uniform_draws
 from .ties import ties_merge
-
-BACKENDS = ("reference", "native", "triton")
-
-
-def uniform_draws(key: int, n: int, offset: int = 0, device: torch.device | str = "cpu",
-                  backend: str | None = None) -> torch.Tensor:
-    """philox_uniform(key, offset + i) for i < n as an fp32 tensor on `device`."""
-    device = torch.device(device)
-    probe = torch.empty(0, device=device)
-    name = resolve_backend("dare_uniform_draws", [probe], BACKENDS, backend)
-    if name == "native":
-        from .. import _native
-
-        out = torch.empty(n, dtype=torch.float32)
-        _native.philox_fill(out.data_ptr(), key, offset, n)
-        return out
-    if name == "triton":
-        from .triton_kernels.dare import uniform
-
-        return uniform(key, offset, n, device)
-    return torch.from_numpy(philox_uniform(key, offset, n)).to(device)
 
 
 def dare_mask(shape: Sequence[int], density: float, seed: int, tensor_name: str, model_index: int,

@@ -18,8 +18,12 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import torch
 
 from ..errors import KernelError
+from ._dispatch import resolve_backend
+
+DRAW_BACKENDS = ("reference", "native", "triton")
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -80,3 +84,23 @@ def philox_uniform(key: int, offset: int, n: int) -> np.ndarray:
     signed = philox_uint32(key, offset, n).view(np.int32)
     signed = np.where(signed < 0, ~signed, signed)
     return signed.astype(np.float32) * UNIFORM_SCALE
+
+
+def uniform_draws(key: int, n: int, offset: int = 0, device: torch.device | str = "cpu",
+                  backend: str | None = None) -> torch.Tensor:
+    """philox_uniform(key, offset + i) for i < n as an fp32 tensor on `device`, drawn where it
+    will be used: the native kernel for the CPU, the Triton one for a GPU (same bits)."""
+    device = torch.device(device)
+    probe = torch.empty(0, device=device)
+    name = resolve_backend("uniform_draws", [probe], DRAW_BACKENDS, backend)
+    if name == "native":
+        from .. import _native
+
+        out = torch.empty(n, dtype=torch.float32)
+        _native.philox_fill(out.data_ptr(), key, offset, n)
+        return out
+    if name == "triton":
+        from .triton_kernels.dare import uniform
+
+        return uniform(key, offset, n, device)
+    return torch.from_numpy(philox_uniform(key, offset, n)).to(device)

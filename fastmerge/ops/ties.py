@@ -33,8 +33,9 @@ element index; the K deltas are recomputed from the inputs, never materialised):
                       where philox_uniform(key_i, index) < fp32((density - eps) + 2 eps rank /
                       (row_len - 1)) (rank 0-based ascending, ties by position); density <= 0
                       keeps nothing, >= 1 everything. The mask is computed per tensor (reference:
-                      torch sort; native: csrc della_mask, per-fibre counting rank) and the
-                      element pass reads it (native: as bits where rows are whole bytes).
+                      torch sort; native: csrc della_mask, per-fibre counting rank; a GPU:
+                      torch sort with the Triton draws) and the element pass reads it
+                      (native: as bits where rows are whole bytes).
 gamma and epsilon are one value or one per model. rescale=True multiplies kept values by
 ||d||_1 / ||kept||_1 ("l1": fp64 sums in the fixed lane order of csrc/dare.cpp, ratio rounded to
 fp32; 1 when either sum is below 1e-7, as mergekit) or by 1/density ("inverse_density").
@@ -53,10 +54,10 @@ import torch
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
 from ._checks import check_alike
-from ._dispatch import resolve_backend
+from ._dispatch import helper_backend, resolve_backend
 from ._fma import fma_f32
 from .mask import packed_size, unpack_mask_reference
-from .random import derive_key, philox_uniform
+from .random import DRAW_BACKENDS, derive_key, philox_uniform, uniform_draws
 from .threshold import Threshold, density_to_k, magnitude_thresholds, threshold_backend, tie_cutoff
 
 SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
@@ -171,7 +172,10 @@ def _della_probability(rank: torch.Tensor, row_len: int, density: float, epsilon
     return ((density - epsilon) + 2 * epsilon * rank.double() / (row_len - 1)).float()
 
 
-def _reference_della_keep(x, base, fibres, density, epsilon, key) -> torch.Tensor:
+def _reference_della_keep(x, base, fibres, density, epsilon, key, draws: str = "reference") -> torch.Tensor:
+    """The DELLA mask by torch's sort: the oracle, and the path for tensors on a GPU, where the
+    sort runs on the device and `draws` = "triton" draws there too (the same bits as the
+    oracle's numpy Philox, which would take about an hour on the CPU for a 7B merge)."""
     outer, row_len, inner = fibres
     d = (x.reshape(-1).float() - base.reshape(-1).float()).abs()
     rows = d.reshape(outer, row_len, inner).transpose(1, 2)
@@ -179,8 +183,7 @@ def _reference_della_keep(x, base, fibres, density, epsilon, key) -> torch.Tenso
     rank = torch.empty_like(order)
     rank.scatter_(2, order, torch.arange(row_len, device=d.device).expand_as(order))
     p = _della_probability(rank, row_len, density, epsilon).transpose(1, 2).reshape(-1)
-    u = torch.from_numpy(philox_uniform(key, 0, d.numel())).to(d.device)
-    return u < p
+    return uniform_draws(key, d.numel(), device=d.device, backend=draws) < p
 
 
 def _native_della_keep(x, base, fibres, density, epsilon, key, ranking: int = 0, l1: bool = False,
@@ -202,11 +205,12 @@ def _native_della_keep(x, base, fibres, density, epsilon, key, ranking: int = 0,
     return Selector(MASK_BITS if bits else MASKED, keep=keep, l1=sums)
 
 
-def _della_selector(x, base, density, epsilon, key, name, backend, l1: bool, packed: bool) -> Selector:
+def _della_selector(x, base, density, epsilon, key, name, backend, l1: bool, packed: bool, draws: str) -> Selector:
     """DELLA as mergekit: density >= 1 keeps all, <= 0 nothing; otherwise density +- epsilon must
     lie in (0, 1) and each fibre along dim 1 needs 2+ elements (mergekit's rank normalisation
     divides by row_len - 1). `l1`: the L1 rescale will want the sums (the native kernel may make
-    them with the mask); `packed`: the element pass reads a packed mask."""
+    them with the mask); `packed`: the element pass reads a packed mask; `draws`: the backend of
+    the Philox draws where the mask is not native."""
     if density >= 1.0:
         return Selector()
     if density <= 0.0:
@@ -219,7 +223,7 @@ def _della_selector(x, base, density, epsilon, key, name, backend, l1: bool, pac
         raise KernelError(f"{name}: della ranks |d| along dim 1, which has {fibres[1]} element(s) in shape "
                           f"{tuple(x.shape)}; it needs at least 2 (mergekit fails on this tensor too)")
     if backend != "native":
-        return Selector(MASKED, keep=_reference_della_keep(x, base, fibres, density, epsilon, key))
+        return Selector(MASKED, keep=_reference_della_keep(x, base, fibres, density, epsilon, key, draws))
     return _native_della_keep(x, base, fibres, density, epsilon, key, l1=l1, packed=packed)
 
 
@@ -257,7 +261,8 @@ def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, te
     key = derive_key(seed, tensor_name, i)
     if sparsify == "random":
         return Selector(RANDOM, key=key, density=_f32(density))
-    return _della_selector(x, base, density, epsilon, key, name, sel_backend, l1, packed=backend == "native")
+    return _della_selector(x, base, density, epsilon, key, name, sel_backend, l1, packed=backend == "native",
+                           draws=helper_backend(x.device, DRAW_BACKENDS, backend))
 
 
 def _rescale(x, base, sel: Selector, density: float, mode: str, backend: str) -> tuple[float, Selector]:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastmerge.errors import KernelError
-from fastmerge.ops.dare import dare_mask, dare_merge, uniform_draws
-from fastmerge.ops.random import derive_key, philox_uint32, philox_uniform
+from fastmerge.ops.dare import dare_mask, dare_merge
+from fastmerge.ops.random import derive_key, philox_uint32, philox_uniform, uniform_draws
 
 from conftest import ACCELERATED, BIG_SIZE, native_threads
 

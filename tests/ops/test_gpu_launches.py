@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from fastmerge.ops import apply_mask, blend, pack_mask, rbf_similarity, ties_merge
-from fastmerge.ops.dare import uniform_draws
+from fastmerge.ops.random import uniform_draws
 
 from conftest import TRITON_UNTESTABLE
 

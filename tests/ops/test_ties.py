@@ -152,6 +152,31 @@ def test_della_ranks_along_dim_1_in_every_backend(shape, backend, device, assert
                                       backend="reference"))
 
 
+@pytest.mark.skipif("triton" not in ACCELERATED, reason="triton not usable here")
+def test_della_on_a_gpu_ranks_in_torch_and_draws_with_triton(monkeypatch, gen):
+    """A GPU merge's DELLA path, on the CPU: the selection backend a GPU without the CUDA build
+    gets (reference: torch's sort) and the Triton element pass. Its Philox draws must come from
+    the Triton kernel, on the device (numpy's draws on the CPU would take about an hour of a
+    7B merge), and give the oracle's bytes."""
+    from fastmerge.ops import ties as ties_module
+
+    shape = (12, 40)
+    base = torch.randn(shape, generator=gen).to(torch.bfloat16)
+    xs = [(base.float() + 0.05 * torch.randn(shape, generator=gen)).to(torch.bfloat16) for _ in range(2)]
+    kw = dict(densities=[0.5, 0.3], epsilon=0.1, sparsify="della", rescale=True, seed=3, tensor_name="w")
+    expected = ties_merge(base, xs, [0.6, 0.4], **kw, backend="reference")
+    draws, draw = [], ties_module.uniform_draws
+
+    def recorded(*args, backend=None, **kwargs):
+        draws.append(backend)
+        return draw(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(ties_module, "threshold_backend", lambda device, run_backend: "reference")
+    monkeypatch.setattr(ties_module, "uniform_draws", recorded)
+    assert torch.equal(ties_merge(base, xs, [0.6, 0.4], **kw, backend="triton"), expected)
+    assert draws == ["triton", "triton"]
+
+
 def test_della_density_bounds_follow_mergekit(backend, gen):
     base, xs, weights, _ = _models(2, 64 * 20, torch.float32, gen)
     base, xs = base.reshape(64, 20), [x.reshape(64, 20) for x in xs]
