@@ -10,8 +10,10 @@
 
 A kernel's bandwidth counts the bytes it must move at least: one read of its inputs and one
 write of its output, over the median of `--repeat` timed calls (CUDA events) after an untimed
-one that compiles the Triton kernels. Every result is checked against the reference backend
-on the same inputs (the same bytes; the RBF within its documented 1e-6), and the run says which
+one that compiles the Triton kernels. Every kernel is checked against the reference backend on
+the first `--check-n` elements of the same inputs (the same bytes; the RBF within its
+documented 1e-6; 4M by default, since the reference's numpy Philox draws take about 3 s per
+10M), and the run says which
 backend each op took: the threshold runs on the CUDA histogram kernel only in a build with
 FASTMERGE_CUDA=ON, else on the torch reference.
 
@@ -34,6 +36,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from fastmerge.ops import blend, magnitude_threshold, rbf_similarity, ties_merge
+from fastmerge.ops.threshold import threshold_backend
 
 K = 4
 DENSITY = 0.2
@@ -118,50 +123,55 @@ def measure_copy(xs: list[torch.Tensor], device: torch.device, repeat: int) -> K
     return kernel_figure("copy", "torch", seconds, 2 * src.numel() * BF16, None, torch.equal(dst, src))
 
 
-def measure_kernels(n: int, device: torch.device, repeat: int) -> list[KernelFigure]:
+def _threshold(base, xs, backend):
+    found = magnitude_threshold(xs[0], int(DENSITY * base.numel()), base=base, backend=backend)
+    return found.value, found.ties_to_keep
+
+
+def _ties(base, xs, backend):
+    return ties_merge(base, xs, WEIGHTS, densities=[DENSITY] * K, backend=backend)
+
+
+def _dare_ties(base, xs, backend):
+    return ties_merge(base, xs, WEIGHTS, densities=[DENSITY] * K, sparsify="random", rescale=True, normalize=False,
+                      seed=1, tensor_name="bench", backend=backend)
+
+
+def _blend(base, xs, backend):
+    return blend(xs, WEIGHTS, backend=backend)
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def measure_kernels(n: int, device: torch.device, repeat: int, check_n: int) -> list[KernelFigure]:
     """copy, blend, threshold, ties and dare_ties on one set of inputs (module docstring). The
     element passes run on Triton, as a merge on a GPU runs them; the selection on the backend
-    such a merge gives it (`threshold_backend`)."""
-    from fastmerge.ops import blend, magnitude_threshold, ties_merge
-    from fastmerge.ops.threshold import threshold_backend
-
+    such a merge gives it (`threshold_backend`). Each kernel is checked against the reference
+    on the inputs' first `check_n` elements (the reference's Philox draws run in numpy, about
+    3 s per 10M)."""
     base, xs = make_inputs(n, device)
     selection = threshold_backend(device, "triton")
-    figures = []
-
     copy = measure_copy(xs, device, repeat)
-    figures.append(copy)
-
-    out = torch.empty(n, dtype=torch.bfloat16, device=device)
-    seconds = median_seconds(lambda: blend(xs, WEIGHTS, out=out, backend="triton"), device, repeat)
-    same = torch.equal(out, blend(xs, WEIGHTS, backend="reference"))
-    figures.append(kernel_figure("blend", "triton", seconds, (K + 1) * n * BF16, copy.gbps, same))
-
-    k = int(DENSITY * n)
-    seconds = median_seconds(lambda: magnitude_threshold(xs[0], k, base=base, backend=selection), device, repeat)
-    found, expected = (magnitude_threshold(xs[0], k, base=base, backend=b) for b in (selection, "reference"))
-    same = (found.value, found.ties_to_keep) == (expected.value, expected.ties_to_keep)
-    figures.append(kernel_figure("threshold", selection, seconds, 2 * n * BF16, copy.gbps, same))
-
-    variants = {
-        "ties": dict(densities=[DENSITY] * K),
-        "dare_ties": dict(densities=[DENSITY] * K, sparsify="random", rescale=True, normalize=False, seed=1,
-                          tensor_name="bench"),
-    }
-    for name, kwargs in variants.items():
-        merge = functools.partial(ties_merge, base, xs, WEIGHTS, backend="triton", **kwargs)
-        seconds = median_seconds(merge, device, repeat)
-        same = torch.equal(merge(),
-                           ties_merge(base, xs, WEIGHTS, backend="reference", **kwargs))
-        figures.append(kernel_figure(name, f"triton, {selection} selection", seconds, (K + 2) * n * BF16, copy.gbps,
-                                     same))
+    figures = [copy]
+    kernels = [  # name, backend, bytes moved per element, op(base, inputs, backend)
+        ("blend", "triton", K + 1, _blend),
+        ("threshold", selection, 2, _threshold),
+        ("ties", "triton", K + 2, _ties),
+        ("dare_ties", "triton", K + 2, _dare_ties),
+    ]
+    prefix = base[:check_n], [x[:check_n] for x in xs]
+    for name, backend, per_element, op in kernels:
+        seconds = median_seconds(functools.partial(op, base, xs, backend), device, repeat)
+        same = _same(op(*prefix, backend), op(*prefix, "reference"))
+        label = backend if name in ("blend", "threshold") else f"triton, {selection} selection"
+        figures.append(kernel_figure(name, label, seconds, per_element * n * BF16, copy.gbps, same))
     return figures
 
 
 def measure_rbf(shape: list[int], device: torch.device, repeat: int) -> RbfFigure:
     """fastmerge's RBF similarity against torch.cdist + exp on the same fp32 inputs and sigma."""
-    from fastmerge.ops import rbf_similarity
-
     L, n, m, d = shape
     gen = torch.Generator(device=device).manual_seed(1)
     X = torch.randn(L, n, d, generator=gen, device=device) / d**0.5  # distances of order 1
@@ -204,6 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cuda (the figures) or cpu (a check of this script under the Triton interpreter)")
     parser.add_argument("--n", type=int, default=64 * 1024 * 1024, help="elements per input [64M]")
     parser.add_argument("--rbf", default="32,1024,1024,4096", help="RBF problem L,n,m,d [32,1024,1024,4096]")
+    parser.add_argument("--check-n", type=int, default=1 << 22,
+                        help="elements of each input the reference check runs on [4M]")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls per kernel; the median is reported [5]")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -211,8 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rbf = [int(v) for v in args.rbf.split(",")]
     except ValueError:
         parser.error(f"--rbf takes four integers L,n,m,d, got {args.rbf!r}")
-    if len(args.rbf) != 4 or min(args.rbf) < 1 or args.n < 1 or args.repeat < 1:
-        parser.error("--n, --repeat and the four --rbf sizes must be positive (--rbf takes L,n,m,d)")
+    if len(args.rbf) != 4 or min(args.rbf) < 1 or min(args.n, args.check_n, args.repeat) < 1:
+        parser.error("--n, --check-n, --repeat and the four --rbf sizes must be positive (--rbf takes L,n,m,d)")
     return args
 
 
@@ -224,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device here; --device cpu checks this script under the Triton interpreter", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    kernels = measure_kernels(args.n, device, args.repeat)
+    kernels = measure_kernels(args.n, device, args.repeat, args.check_n)
     rbf = measure_rbf(args.rbf, device, args.repeat)
     print(report(kernels, rbf, device))
     if args.json:
-        args.json.write_text(json.dumps({"device": str(device), "n": args.n, "kernels": [asdict(f) for f in kernels],
-                                         "rbf": asdict(rbf)}, indent=2) + "\n")
+        figures = {"device": str(device), "n": args.n, "check_n": args.check_n,
+                   "kernels": [asdict(f) for f in kernels], "rbf": asdict(rbf)}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 

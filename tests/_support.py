@@ -35,10 +35,18 @@ def old_triton_interpreter() -> str:
     """Why interpreted Triton kernels cannot give the contract's bytes here, or "" when they can.
     Before 3.9, Triton's interpreter computed tl.fma as a product and a sum (two roundings), so
     interpreted kernels miss the contract's bytes in the last bit; compiled ones are unaffected
-    (tests/ops/test_gpu_launches.py compiles them with whatever Triton is installed)."""
-    import triton
+    (tests/ops/test_gpu_launches.py compiles them with whatever Triton is installed).
+    Reads the installed version without importing triton: an import before TRITON_INTERPRET=1 is
+    set (tests/ops/conftest.py sets it) compiles triton's own library functions for a GPU, and
+    every interpreted kernel that calls one fails."""
+    from importlib.metadata import PackageNotFoundError, version
+
     from packaging.version import Version
 
-    if Version(triton.__version__).release < (3, 9):
-        return f"Triton {triton.__version__}'s interpreter rounds tl.fma twice; pip install 'triton>=3.9'"
+    try:
+        installed = version("triton")
+    except PackageNotFoundError:
+        return "triton is not installed"
+    if Version(installed).release < (3, 9):
+        return f"Triton {installed}'s interpreter rounds tl.fma twice; pip install 'triton>=3.9'"
     return ""

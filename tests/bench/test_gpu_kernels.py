@@ -12,28 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from _support import old_triton_interpreter
 from bench import gpu_kernels
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _interpreter_problem() -> str:
-    try:
-        from _support import old_triton_interpreter
-    except ImportError as exc:  # triton not installed
-        return str(exc)
-    return old_triton_interpreter()
-
-
-@pytest.mark.skipif(bool(_interpreter_problem()), reason=_interpreter_problem() or "-")
+@pytest.mark.skipif(bool(old_triton_interpreter()), reason=old_triton_interpreter() or "-")
 def test_cpu_run_measures_every_kernel_and_checks_it_against_the_reference(tmp_path):
     n, out = 4099, tmp_path / "figures.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-m", "bench.gpu_kernels", "--device", "cpu", "--n", str(n),
-                           "--rbf", "2,5,7,16", "--repeat", "1", "--json", str(out)],
+                           "--rbf", "2,5,7,16", "--repeat", "1", "--check-n", "3001", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     figures = json.loads(out.read_text())
+    assert (figures["n"], figures["check_n"]) == (n, 3001)
     kernels = {f["name"]: f for f in figures["kernels"]}
     assert list(kernels) == ["copy", "blend", "threshold", "ties", "dare_ties"]
     assert all(f["matches_reference"] for f in kernels.values())
@@ -64,7 +58,7 @@ def test_a_kernel_meets_its_target_by_its_share_of_the_copy_bandwidth():
     assert "| threshold | cuda |" in table and "| NO |" in table and "OUTSIDE 1e-06" in table
 
 
-@pytest.mark.parametrize("argv", [["--rbf", "1,2,3"], ["--rbf", "a,b,c,d"], ["--n", "0"], ["--repeat", "0"]])
+@pytest.mark.parametrize("argv", [["--rbf", "1,2,3"], ["--rbf", "a,b,c,d"], ["--n", "0"], ["--repeat", "0"], ["--check-n", "0"]])
 def test_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         gpu_kernels.parse_args(argv)
