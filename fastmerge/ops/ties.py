@@ -57,7 +57,7 @@ from ._checks import check_alike
 from ._dispatch import helper_backend, resolve_backend
 from ._fma import fma_f32
 from .mask import packed_size, unpack_mask_reference
-from .random import DRAW_BACKENDS, derive_key, philox_uniform, uniform_draws
+from .random import DRAW_BACKENDS, derive_key, uniform_draws
 from .threshold import Threshold, density_to_k, magnitude_thresholds, threshold_backend, tie_cutoff
 
 SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
@@ -138,7 +138,7 @@ def reference_keep(d: torch.Tensor, sel: Selector) -> torch.Tensor:
         return sel.keep
     if sel.mode == MASK_BITS:
         return unpack_mask_reference(sel.keep.to(d.device), d.shape)
-    u = torch.from_numpy(philox_uniform(sel.key, 0, d.numel())).to(d.device)
+    u = uniform_draws(sel.key, d.numel(), device=d.device, backend="reference")
     return u < torch.tensor(sel.density, dtype=torch.float32)
 
 
