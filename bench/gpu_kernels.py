@@ -40,9 +40,8 @@ import torch
 from fastmerge.ops import blend, magnitude_threshold, rbf_similarity, ties_merge
 from fastmerge.ops.threshold import threshold_backend
 
-K = 4
-DENSITY = 0.2
-WEIGHTS = [0.4, 0.3, 0.2, 0.1]
+from .kernels.bench_ties import DENSITY, K, WEIGHTS, make_inputs
+
 BF16 = 2  # bytes per element
 TARGETS = {"blend": 0.8, "ties": 0.5}  # share of the copy's bandwidth, from the kernels issue
 RBF_TOLERANCE = 1e-6
@@ -96,14 +95,6 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeat: int) 
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def make_inputs(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """A bf16 base and K fine-tunes 0.01 away from it, as the CPU kernel benchmarks use."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    base = torch.randn(n, generator=gen, device=device).to(torch.bfloat16)
-    xs = [(base.float() + torch.randn(n, generator=gen, device=device) * 0.01).to(torch.bfloat16) for _ in range(K)]
-    return base, xs
 
 
 def kernel_figure(name: str, backend: str, seconds: float, nbytes: int, copy_gbps: float | None,

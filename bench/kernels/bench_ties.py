@@ -21,12 +21,17 @@ DENSITY = 0.2
 WEIGHTS = [0.4, 0.3, 0.2, 0.1]
 
 
+def make_inputs(n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A bf16 base of n elements and K fine-tunes 0.01 away from it (also bench/gpu_kernels.py's)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    base = torch.randn(n, generator=gen, device=device).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(n, generator=gen, device=device) * 0.01).to(torch.bfloat16) for _ in range(K)]
+    return base, xs
+
+
 @pytest.fixture(scope="module")
 def models():
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(N, generator=gen).to(torch.bfloat16)
-    xs = [(base.float() + torch.randn(N, generator=gen) * 0.01).to(torch.bfloat16) for _ in range(K)]
-    return base, xs
+    return make_inputs(N)
 
 
 def topk_trim(d: torch.Tensor, density: float) -> torch.Tensor:
