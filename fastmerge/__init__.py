@@ -5,7 +5,14 @@ Python API: `run(config, out_dir, **options)` merges checkpoints on disk (mergek
 the kernels. The entry points load lazily so `import fastmerge.ops` stays light.
 """
 
+import os
 from importlib import import_module
+
+# MKL's strict reproducibility mode makes a matrix product's bytes independent of the thread
+# count, which DESIGN.md's determinism contract needs wherever a method iterates on products
+# (FDA's anchor optimisation). MKL reads the setting at its first call, so it is set on import,
+# before fastmerge runs any; a value the user chose is kept.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from .errors import FastmergeError
 

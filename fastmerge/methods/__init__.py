@@ -2,6 +2,7 @@
 
 from .base import MergeMethod, TensorTask, get_method, method_names, register
 from . import linear  # noqa: F401  (registers linear, task_arithmetic)
+from . import fda  # noqa: F401  (registers fda)
 from . import recall  # noqa: F401  (registers recall)
 from . import slerp  # noqa: F401  (registers slerp, nuslerp, multislerp)
 from . import karcher  # noqa: F401  (registers karcher)
