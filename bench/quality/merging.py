@@ -60,6 +60,7 @@ GRIDS: dict[str, MethodGrid] = {
     "arcee_fusion": MethodGrid(max_models=1),
     # Passthrough copies one model: not a merge of several fine-tunes.
     "passthrough": MethodGrid(max_models=0),
+    "fda": MethodGrid(global_grid=_product(**{"lambda": [0.3, 1.0], "ridge": [0.01, 0.1]}), model_grid=_WEIGHT_1),
     "recall": MethodGrid(global_grid=_product(temperature=[0.05, 0.2, 1.0]), samples=True),
 }
 

@@ -35,6 +35,7 @@ between devices.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -145,6 +146,36 @@ def fit_to_anchors(start: torch.Tensor, finetuned: list[torch.Tensor], anchors: 
     return start + (A.T @ coefficients).T
 
 
+@dataclass(frozen=True)
+class FdaSettings:
+    """One tensor's validated FDA parameters."""
+
+    weights: list[float]
+    lam: float
+    init_merge: str
+    anchors: int
+    steps: int
+    lr: float
+    anchor_init: str
+    sigma: float
+    ridge: float
+
+    @classmethod
+    def parse(cls, tensor: str, model_params: list[dict[str, Any]], params: dict[str, Any]) -> FdaSettings:
+        """Check every parameter, raising a ConfigError that names it and the tensor."""
+        return cls(
+            weights=[_number(p, "weight", tensor, 0.0) for p in model_params],
+            lam=_number(params, "lambda", tensor, -math.inf),
+            init_merge=_choice(params, "init_merge", INIT_MERGES, tensor),
+            anchors=_number(params, "anchors", tensor, 1, integer=True),
+            steps=_number(params, "steps", tensor, 0, integer=True),
+            lr=_number(params, "lr", tensor, 0.0, open_minimum=True),
+            anchor_init=_choice(params, "anchor_init", ANCHOR_INITS, tensor),
+            sigma=_number(params, "sigma", tensor, 0.0, open_minimum=True),
+            ridge=_number(params, "ridge", tensor, 0.0),
+        )
+
+
 def _choice(params: dict[str, Any], name: str, allowed: tuple[str, ...], tensor: str) -> str:
     value = params[name]
     if value not in allowed:
@@ -186,27 +217,24 @@ class FunctionalDualAnchors(ContractMethod):
     requires_base = True
     min_inputs = 0
 
+    def prepare(self, context: Any) -> None:
+        """Check every tensor's parameters before the first byte is written."""
+        super().prepare(context)
+        for tensor in context.plan.tensors:
+            if not tensor.copy_only:
+                FdaSettings.parse(tensor.name, tensor.params, tensor.global_params)
+
     def merge(self, task: TensorTask) -> torch.Tensor:
-        settings = task.global_params
-        weights = [_number(p, "weight", task.name, 0.0) for p in task.params]
-        lam = _number(settings, "lambda", task.name, -math.inf)
-        start_from = _choice(settings, "init_merge", INIT_MERGES, task.name)
-        arithmetic = ops.blend(task.inputs, weights, base=task.base, lam=lam, out_dtype=torch.float32,
-                               backend=task.backend) if task.inputs else task.base.float()
+        settings = FdaSettings.parse(task.name, task.params, task.global_params)
+        arithmetic = ops.blend(task.inputs, settings.weights, base=task.base, lam=settings.lam,
+                               out_dtype=torch.float32, backend=task.backend) if task.inputs else task.base.float()
         if not task.inputs or not is_anchor_target(task.name, task.base):
             return arithmetic.to(task.out_dtype)
-        count = _number(settings, "anchors", task.name, 1, integer=True)
-        steps = _number(settings, "steps", task.name, 0, integer=True)
-        lr = _number(settings, "lr", task.name, 0.0, open_minimum=True)
-        init = _choice(settings, "anchor_init", ANCHOR_INITS, task.name)
-        sigma = _number(settings, "sigma", task.name, 0.0, open_minimum=True)
-        ridge = _number(settings, "ridge", task.name, 0.0)
-
         base = task.base.float()
         anchors = []
         for index, x in enumerate(task.inputs):
-            start = initial_anchors(x, count, init, sigma, derive_key(task.seed, task.name, index))
-            anchors.append(optimise_anchors(start, x.float() - base, steps, lr))
-        start = (arithmetic if start_from == "task_arithmetic" else base).double()
-        merged = fit_to_anchors(start, task.inputs, anchors, weights, ridge)
-        return merged.to(task.out_dtype)
+            seed = derive_key(task.seed, task.name, index)
+            start = initial_anchors(x, settings.anchors, settings.anchor_init, settings.sigma, seed)
+            anchors.append(optimise_anchors(start, x.float() - base, settings.steps, settings.lr))
+        start = (arithmetic if settings.init_merge == "task_arithmetic" else base).double()
+        return fit_to_anchors(start, task.inputs, anchors, settings.weights, settings.ridge).to(task.out_dtype)

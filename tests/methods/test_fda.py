@@ -216,3 +216,15 @@ def test_a_config_merge_of_checkpoints(tiny_models, tmp_path):
             torch.testing.assert_close(tensor, arithmetic, rtol=1e-6, atol=1e-7)
     run(config, tmp_path / "again")
     assert all(torch.equal(t, load_dir(tmp_path / "again")[n]) for n, t in merged.items())
+
+
+def test_a_bad_parameter_stops_a_config_merge_before_anything_is_written(tiny_models, tmp_path):
+    config = write_config(tmp_path / "fda.yml", {
+        "merge_method": "fda",
+        "base_model": str(tiny_models["base"]),
+        "models": [{"model": str(tiny_models["ft1"])}],
+        "parameters": {"anchor_init": [{"filter": "norm", "value": "rows"}, {"value": "weight"}]},
+    })
+    with pytest.raises(ConfigError, match="`anchor_init` for tensor .*norm"):
+        run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
