@@ -131,7 +131,7 @@ def fit_to_anchors(start: torch.Tensor, finetuned: list[torch.Tensor], anchors: 
             continue
         scaled = X.double() * math.sqrt(w / X.shape[0])
         rows.append(scaled)
-        targets.append(scaled @ (x.double() - start).T)
+        targets.append(((x - start) @ scaled.T).T)  # promoted to fp64 without an fp64 copy of x
     if not rows:
         return start
     A, T = torch.cat(rows), torch.cat(targets)
@@ -143,7 +143,7 @@ def fit_to_anchors(start: torch.Tensor, finetuned: list[torch.Tensor], anchors: 
     else:
         # The anchors come from fp32, so directions below ~1e-5 of the largest are rounding noise.
         coefficients = torch.linalg.pinv(gram, rtol=PINV_RTOL, hermitian=True) @ T
-    return start + (A.T @ coefficients).T
+    return (coefficients.T @ A).add_(start)
 
 
 @dataclass(frozen=True)
