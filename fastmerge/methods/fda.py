@@ -50,6 +50,8 @@ ANCHOR_INITS = ("weight", "gaussian")
 INIT_MERGES = ("task_arithmetic", "base")
 # Relative cut-off for the Gram matrix's eigenvalues at ridge 0 (1e-5 on the anchors' singular values).
 PINV_RTOL = 1e-10
+# Rows of a matrix the fit holds in fp64 at once (4096 x 11008 fp64 would be 360 MB).
+FIT_ROWS = 1024
 
 
 def is_anchor_target(name: str, tensor: torch.Tensor) -> bool:
@@ -121,19 +123,26 @@ def optimise_anchors(anchors: torch.Tensor, delta: torch.Tensor, steps: int, lr:
     return variable
 
 
+def row_blocks(rows: int) -> list[slice]:
+    """Slices of FIT_ROWS rows: the fit forms fp64 rows a block at a time, not the whole matrix."""
+    return [slice(r, min(r + FIT_ROWS, rows)) for r in range(0, rows, FIT_ROWS)]
+
+
 def fit_to_anchors(start: torch.Tensor, finetuned: list[torch.Tensor], anchors: list[torch.Tensor],
-                   weights: list[float], ridge: float) -> torch.Tensor:
+                   weights: list[float], ridge: float, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """W0 + the ridge-regularised least-squares correction that makes W reproduce each
-    fine-tune's outputs on its anchors (module docstring), in fp64."""
+    fine-tune's outputs on its anchors (module docstring), computed in fp64 and rounded once
+    to `out_dtype`."""
+    blocks = row_blocks(start.shape[0])
     rows, targets = [], []
     for x, X, w in zip(finetuned, anchors, weights):
         if w == 0:
             continue
         scaled = X.double() * math.sqrt(w / X.shape[0])
         rows.append(scaled)
-        targets.append(((x - start) @ scaled.T).T)  # promoted to fp64 without an fp64 copy of x
+        targets.append(torch.cat([(x[r].double() - start[r].double()) @ scaled.T for r in blocks]).T)
     if not rows:
-        return start
+        return start.to(out_dtype)
     A, T = torch.cat(rows), torch.cat(targets)
     gram = A @ A.T
     rho = ridge * gram.diagonal().mean()
@@ -143,7 +152,10 @@ def fit_to_anchors(start: torch.Tensor, finetuned: list[torch.Tensor], anchors: 
     else:
         # The anchors come from fp32, so directions below ~1e-5 of the largest are rounding noise.
         coefficients = torch.linalg.pinv(gram, rtol=PINV_RTOL, hermitian=True) @ T
-    return (coefficients.T @ A).add_(start)
+    merged = torch.empty(start.shape, dtype=out_dtype, device=start.device)
+    for r in blocks:
+        merged[r] = (coefficients[:, r].T @ A).add_(start[r].double())
+    return merged
 
 
 @dataclass(frozen=True)
@@ -230,11 +242,11 @@ class FunctionalDualAnchors(ContractMethod):
                                out_dtype=torch.float32, backend=task.backend) if task.inputs else task.base.float()
         if not task.inputs or not is_anchor_target(task.name, task.base):
             return arithmetic.to(task.out_dtype)
-        base = task.base.float()
         anchors = []
         for index, x in enumerate(task.inputs):
             seed = derive_key(task.seed, task.name, index)
             start = initial_anchors(x, settings.anchors, settings.anchor_init, settings.sigma, seed)
-            anchors.append(optimise_anchors(start, x.float() - base, settings.steps, settings.lr))
-        start = (arithmetic if settings.init_merge == "task_arithmetic" else base).double()
-        return fit_to_anchors(start, task.inputs, anchors, settings.weights, settings.ridge).to(task.out_dtype)
+            delta = x.to(torch.float32, copy=True).sub_(task.base)  # a copy: x may be the caller's fp32 tensor
+            anchors.append(optimise_anchors(start, delta, settings.steps, settings.lr))
+        start = arithmetic if settings.init_merge == "task_arithmetic" else task.base
+        return fit_to_anchors(start, task.inputs, anchors, settings.weights, settings.ridge, task.out_dtype)

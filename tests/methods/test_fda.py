@@ -14,6 +14,7 @@ import torch
 from _support import load_dir, write_config
 from fastmerge import merge_tensors, run
 from fastmerge.errors import ConfigError
+from fastmerge.methods import fda
 from fastmerge.methods.fda import alignment_gradient, fit_to_anchors, initial_anchors, optimise_anchors
 
 
@@ -69,10 +70,13 @@ def test_weight_init_samples_distinct_rows_of_the_fine_tune_and_is_seeded():
     assert abs(float(noise.std()) - 0.01) < 5e-4
 
 
+@pytest.mark.parametrize("block_rows", [1024, 7])
 @pytest.mark.parametrize("ridge", [0.0, 0.05])
-def test_the_fit_solves_the_weighted_least_squares_problem(ridge):
+def test_the_fit_solves_the_weighted_least_squares_problem(ridge, block_rows, monkeypatch):
     """Normal equations in the input space: (W - W0)(sum_i w_i/n X_i^T X_i + rho I) =
-    sum_i w_i/n (x_i - W0) X_i^T X_i, rho = ridge * mean_j (w_i/n) ||anchor_j||^2."""
+    sum_i w_i/n (x_i - W0) X_i^T X_i, rho = ridge * mean_j (w_i/n) ||anchor_j||^2; the same
+    when the fit forms the matrix a few rows at a time."""
+    monkeypatch.setattr(fda, "FIT_ROWS", block_rows)
     start = rand(20, 15, seed=9, dtype=torch.float64)
     models = [rand(20, 15, seed=10 + i) for i in range(3)]
     anchors = [rand(4, 15, seed=20 + i) for i in range(3)]
@@ -146,6 +150,14 @@ def test_dtypes_round_the_fp32_merge_to_nearest_even(in_dtype, out_dtype):
     merged = merge_tensors("fda", models, base, name="w.weight", out_dtype=out_dtype, anchors=5)
     assert merged.dtype == out_dtype and merged.shape == base.shape
     assert torch.equal(merged, wide.to(out_dtype))
+
+
+def test_inputs_are_left_as_they_were():
+    base = rand(16, 12, seed=85) * 0.02
+    models = [base + rand(16, 12, seed=86 + i) * 1e-3 for i in range(2)]
+    copies = [m.clone() for m in [base, *models]]
+    merge_tensors("fda", models, base, name="w.weight", out_dtype=torch.float32, anchors=3, steps=3)
+    assert all(torch.equal(a, b) for a, b in zip(copies, [base, *models]))
 
 
 def test_the_seed_picks_the_anchors():
