@@ -72,6 +72,11 @@ def thread_independent_sum(values: torch.Tensor, chunk: int = 4096) -> torch.Ten
     return flat.sum()
 
 
+def squared_norm(matrix: torch.Tensor) -> torch.Tensor:
+    """||matrix||^2 in fp64, squaring a block of rows at a time (no fp64 copy of the matrix)."""
+    return torch.stack([thread_independent_sum(matrix[r].double().pow(2)) for r in row_blocks(matrix.shape[0])]).sum()
+
+
 def alignment_gradient(anchors: torch.Tensor, delta: torch.Tensor, delta_norm: torch.Tensor) -> torch.Tensor:
     """The gradient of cos(delta X^T X, delta) with respect to the anchors X.
 
@@ -111,7 +116,7 @@ def optimise_anchors(anchors: torch.Tensor, delta: torch.Tensor, steps: int, lr:
 
     `lr` is relative to the anchors' starting RMS, because the cosine ignores their overall
     scale while Adam's steps are absolute."""
-    delta_norm = thread_independent_sum(delta.double().pow(2)).sqrt().float()
+    delta_norm = squared_norm(delta).sqrt().float()
     if steps == 0 or delta_norm == 0:
         return anchors
     scale = thread_independent_sum(anchors.double().pow(2)).div(anchors.numel()).sqrt().item() or 1.0
