@@ -56,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     prune = add_prune_parser(commands)
 
     continual = commands.add_parser("continual", help="merge fine-tunes that arrive in sequence, after each one (RECALL by default)")
-    continual.add_argument("out", type=Path, help="output folder: one merged model per step (step-01, step-02, ...)")
+    continual.add_argument("out", type=Path, help="output folder: one merged model per step (step_01, step_02, ...)")
     continual.add_argument("checkpoints", type=Path, nargs="+", help="the fine-tunes, in training order")
     continual.add_argument("--method", default="recall", help="merge method for every step [default: recall]")
     continual.add_argument("--base", type=Path, default=None, help="base model (task-vector methods need one)")
