@@ -240,3 +240,17 @@ def test_a_bad_parameter_stops_a_config_merge_before_anything_is_written(tiny_mo
     with pytest.raises(ConfigError, match="`anchor_init` for tensor .*norm"):
         run(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_merge_stays_on_the_device_and_agrees_with_the_cpu():
+    """Same anchors to start (drawn on the CPU); cuBLAS and MKL round differently, so the
+    results agree to a small fraction of the change the merge makes, not bit for bit."""
+    base = rand(300, 200, seed=95) * 0.02
+    models = [(base + low_rank(300, 200, 6, seed=96 + 2 * i)).bfloat16() for i in range(3)]
+    kwargs = dict(name="layers.0.mlp.up_proj.weight", out_dtype=torch.float32, lambda_=0.3, ridge=0.1)
+    on_cpu = merge_tensors("fda", models, base.bfloat16(), **kwargs)
+    on_gpu = merge_tensors("fda", [m.cuda() for m in models], base.bfloat16().cuda(), **kwargs)
+    assert on_gpu.device.type == "cuda"
+    change = (on_cpu - base.bfloat16().float()).abs().max()
+    assert (on_gpu.cpu() - on_cpu).abs().max() <= 1e-3 * change
