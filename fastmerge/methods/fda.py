@@ -42,6 +42,7 @@ import torch
 
 from .. import ops
 from ..errors import ConfigError
+from ..ops.dot import gram
 from ..ops.random import derive_key
 from .base import TensorTask, register
 from .contract import ContractMethod
@@ -73,8 +74,9 @@ def thread_independent_sum(values: torch.Tensor, chunk: int = 4096) -> torch.Ten
 
 
 def squared_norm(matrix: torch.Tensor) -> torch.Tensor:
-    """||matrix||^2 in fp64, squaring a block of rows at a time (no fp64 copy of the matrix)."""
-    return torch.stack([thread_independent_sum(matrix[r].double().pow(2)) for r in row_blocks(matrix.shape[0])]).sum()
+    """||matrix||^2 in fp64 from the Gram kernel, which reads the matrix once, makes no copy
+    and adds in a fixed order whatever the thread count."""
+    return gram([matrix])[0, 0, 0]
 
 
 def alignment_gradient(anchors: torch.Tensor, delta: torch.Tensor, delta_norm: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,7 @@ def optimise_anchors(anchors: torch.Tensor, delta: torch.Tensor, steps: int, lr:
     delta_norm = squared_norm(delta).sqrt().float()
     if steps == 0 or delta_norm == 0:
         return anchors
-    scale = thread_independent_sum(anchors.double().pow(2)).div(anchors.numel()).sqrt().item() or 1.0
+    scale = squared_norm(anchors).div(anchors.numel()).sqrt().item() or 1.0
     variable = anchors.clone()
     optimiser = torch.optim.Adam([variable], lr=lr * scale)
     for _ in range(steps):
@@ -243,15 +245,22 @@ class FunctionalDualAnchors(ContractMethod):
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         settings = FdaSettings.parse(task.name, task.params, task.global_params)
-        arithmetic = ops.blend(task.inputs, settings.weights, base=task.base, lam=settings.lam,
-                               out_dtype=torch.float32, backend=task.backend) if task.inputs else task.base.float()
-        if not task.inputs or not is_anchor_target(task.name, task.base):
-            return arithmetic.to(task.out_dtype)
+        if not task.inputs:
+            return task.base.to(task.out_dtype)
+        if not is_anchor_target(task.name, task.base):
+            return task_arithmetic(task, settings, task.out_dtype)
         anchors = []
         for index, x in enumerate(task.inputs):
             seed = derive_key(task.seed, task.name, index)
             start = initial_anchors(x, settings.anchors, settings.anchor_init, settings.sigma, seed)
             delta = x.to(torch.float32, copy=True).sub_(task.base)  # a copy: x may be the caller's fp32 tensor
             anchors.append(optimise_anchors(start, delta, settings.steps, settings.lr))
-        start = arithmetic if settings.init_merge == "task_arithmetic" else task.base
+        start = task.base if settings.init_merge == "base" else task_arithmetic(task, settings, torch.float32)
         return fit_to_anchors(start, task.inputs, anchors, settings.weights, settings.ridge, task.out_dtype)
+
+
+def task_arithmetic(task: TensorTask, settings: FdaSettings, out_dtype: torch.dtype) -> torch.Tensor:
+    """b + lambda sum_i w_i d_i on the blend kernel: the output for tensors without anchors and
+    the fit's fp32 start under `init_merge: task_arithmetic`."""
+    return ops.blend(task.inputs, settings.weights, base=task.base, lam=settings.lam, out_dtype=out_dtype,
+                     backend=task.backend)
