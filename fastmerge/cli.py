@@ -175,6 +175,12 @@ _IGNORED_MERGEKIT_FLAGS = {
     "allow_crimes": "fastmerge checks shapes, not architecture names",
     "write_model_card": "fastmerge does not write a model card",
 }
+# mergekit flags that take a value, for LoRA references (model+adapter), which fastmerge
+# applies tensor by tensor as it reads them instead of merging a full copy into a cache.
+_IGNORED_MERGEKIT_VALUE_FLAGS = {
+    "lora_merge_cache": "LoRA adapters are applied as tensors are read; nothing is cached",
+    "lora_merge_dtype": "LoRA updates are added in fp32 and rounded once to each tensor's stored dtype, as peft does",
+}
 
 
 def _build_mergekit_parser() -> argparse.ArgumentParser:
@@ -196,6 +202,8 @@ def _build_mergekit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="fastmerge extension: replace OUT if it exists")
     for flag in _IGNORED_MERGEKIT_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
+    for flag in _IGNORED_MERGEKIT_VALUE_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
     return parser
@@ -203,7 +211,7 @@ def _build_mergekit_parser() -> argparse.ArgumentParser:
 
 def mergekit_yaml_main(argv: Sequence[str] | None = None) -> int:
     args = _build_mergekit_parser().parse_args(argv)
-    for flag, why in _IGNORED_MERGEKIT_FLAGS.items():
+    for flag, why in (_IGNORED_MERGEKIT_FLAGS | _IGNORED_MERGEKIT_VALUE_FLAGS).items():
         if getattr(args, flag) is not None and not args.quiet:
             print(f"fastmerge-yaml: note: --{flag.replace('_', '-')} accepted and ignored ({why})", file=sys.stderr)
     args.verbose = args.verbosity > 0

@@ -17,6 +17,7 @@ import yaml
 
 from .dtypes import parse_config_dtype
 from .errors import ConfigError
+from .io.lora import split_reference
 from .vocab.build import parse_tokenizer_source
 from .vocab.chat_templates import check_chat_template
 
@@ -184,13 +185,22 @@ def _as_list(data: dict[str, Any], key: str) -> list[Any]:
 def _optional_model_name(value: Any, where: str) -> str | None:
     if value is None:
         return None
-    if isinstance(value, dict) and set(value) == {"model"}:
-        value = value["model"]
+    if isinstance(value, dict) and set(value) in ({"model"}, {"model", "lora"}):
+        value = value["model"] if value.get("lora") is None else _lora_reference(value, where)
     if not isinstance(value, str) or not value:
         raise ConfigError(f"`{where}` must be a model path")
-    if "+" in value and not Path(value).exists():
-        raise ConfigError(f"`{where}: {value}`: LoRA references (model+adapter) are not supported; merge the adapter into the model first")
+    try:
+        split_reference(value)
+    except ConfigError as exc:
+        raise ConfigError(f"`{where}`: {exc}") from None
     return value
+
+
+def _lora_reference(value: dict[str, Any], where: str) -> str:
+    """mergekit's long form {model: M, lora: A} as the short one, M+A."""
+    if not all(isinstance(value[k], str) and value[k] and "+" not in value[k] for k in ("model", "lora")):
+        raise ConfigError(f"`{where}`: `model` and `lora` must be paths without '+'")
+    return f"{value['model']}+{value['lora']}"
 
 
 def _check_keys(entry: dict[str, Any], allowed: set[str], where: str) -> None:

@@ -150,7 +150,7 @@ def run(
 def _merge_into(plan: Plan, out_dir: Path, torch_device: torch.device, seed: int, backend: str | None, quiet: bool,
                 max_shard: int, overwrite: bool, copy_tokenizer: bool) -> tuple[ShardedWriter, Path, list[str]]:
     """Prepare, stream and write into a staged directory; commit it only when complete."""
-    inputs = [c.path for c in plan.checkpoints]
+    inputs = [path for c in plan.checkpoints for path in c.sources]
     with StagedOutput(out_dir, inputs, overwrite=overwrite) as staged:
         plan.method.prepare(_prepare_context(plan, torch_device, seed, staged.path, backend))
         writer = ShardedWriter(
@@ -254,16 +254,21 @@ def _feed_for(plan: Plan, device: torch.device) -> _HostFeed | _DeviceFeed:
 
 
 class _HostFeed:
-    """CPU merges: the inputs are the mmap views themselves, results go to the writer as they are."""
+    """CPU merges: the inputs are the mmap views themselves (or, for a model with a LoRA
+    adapter, the adapted tensors), results go to the writer as they are."""
 
     def __init__(self, plan: Plan):
         self._plan = plan
 
-    def stage(self, tensor: PlannedTensor) -> None:
-        return None
+    def stage(self, tensor: PlannedTensor) -> list[torch.Tensor]:
+        """Runs on the reader thread, so a LoRA update is computed while the previous tensor merges."""
+        return self._read(tensor)
 
-    def inputs(self, tensor: PlannedTensor, staged: None) -> list[torch.Tensor]:
+    def inputs(self, tensor: PlannedTensor, staged: list[torch.Tensor] | None) -> list[torch.Tensor]:
         """The tensor's inputs in `_refs` order: the models', then the base's."""
+        return staged if staged is not None else self._read(tensor)
+
+    def _read(self, tensor: PlannedTensor) -> list[torch.Tensor]:
         return [self._plan.checkpoints[ref.checkpoint].tensor(ref.name) for ref in _refs(tensor)]
 
     def result(self, merged: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

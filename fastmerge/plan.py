@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from .config import MergeSpec, SliceSpec, SourceSpec, evaluate_setting
 from .errors import ConfigError, PlanError
 from .io.checkpoint import Checkpoint
+from .io.lora import open_model
 from .methods.base import MergeMethod
 from .units import format_size
 from .vocab.align import VocabularyAlignment
@@ -128,8 +128,9 @@ class Plan:
 
 
 def open_checkpoints(spec: MergeSpec, allow_pickle: bool = False) -> dict[str, Checkpoint]:
-    """Open every model the config names (headers only), keyed by the name used in the config."""
-    return {name: Checkpoint(Path(name).expanduser(), allow_pickle=allow_pickle) for name in spec.referenced_models()}
+    """Open every model the config names (headers only, LoRA adapters applied as tensors are
+    read), keyed by the name used in the config."""
+    return {name: open_model(name, allow_pickle=allow_pickle) for name in spec.referenced_models()}
 
 
 def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint]) -> Plan:

@@ -168,6 +168,11 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"{self.path}: model has no tensor named {name!r}") from None
 
+    @property
+    def sources(self) -> list[Path]:
+        """Every path this checkpoint reads from (an output must not be placed inside one)."""
+        return [self.path]
+
     def has(self, name: str) -> bool:
         return name in self._owner
 

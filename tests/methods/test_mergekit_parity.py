@@ -75,3 +75,31 @@ def test_matches_mergekit(case, checkpoints):
     for name, expected in theirs.items():
         scale = expected.abs().max().item()
         assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+
+
+def test_a_lora_reference_matches_mergekit(checkpoints):
+    """mergekit merges the adapter into a cached copy of the model with peft; fastmerge applies
+    it as it reads. Same bound as the methods."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    root, paths = checkpoints
+    adapter = root / "adapter"
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM.from_pretrained(paths[1], dtype=torch.float32)
+    settings = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, settings).save_pretrained(str(adapter))
+    def linear(first: str) -> dict:
+        return {"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": first, "parameters": {"weight": 0.6}}, {"model": paths[2], "parameters": {"weight": 0.4}}]}
+
+    config = write_config(root / "lora.yml", linear(f"{paths[1]}+{adapter}"))
+    subprocess.run([MERGEKIT_YAML, str(config), str(root / "mk_lora"), "--no-write-model-card", "--lora-merge-cache",
+                    str(root / "lora_cache")], check=True, capture_output=True)
+    ours = load_dir(run(config, root / "fm_lora", quiet=True).output_dir)
+    theirs = load_dir(root / "mk_lora")
+    plain = load_dir(run(linear(paths[1]), root / "fm_plain", quiet=True).output_dir)
+    assert sorted(ours) == sorted(theirs)
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
+    for name, expected in theirs.items():
+        scale = expected.abs().max().item()
+        assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name

@@ -1,0 +1,349 @@
+"""LoRA references (`model+adapter`): the adapted tensors against the formulas written out here,
+against peft's own merge_and_unload (byte for byte), inside config merges, and bad adapters
+stopping the merge before anything is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from _support import load_dir, write_config
+from fastmerge import run
+from fastmerge.cli import main
+from fastmerge.config import load_config
+from fastmerge.errors import CheckpointError, ConfigError, OutputError
+from fastmerge.io import lora
+from fastmerge.io.lora import AdaptedCheckpoint, apply_low_rank, open_model, split_reference
+
+PREFIX = "base_model.model."
+Q = "model.layers.0.self_attn.q_proj"
+DOWN = "model.layers.1.mlp.down_proj"
+EMBED = "model.embed_tokens"
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], **config) -> Path:
+    """An adapter directory as peft writes it: keys under base_model.model., a LORA config."""
+    directory.mkdir(parents=True)
+    save_file({PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+    settings = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False,
+                "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
+    (directory / "adapter_config.json").write_text(json.dumps({**settings, **config}))
+    return directory
+
+
+def pair(module: str, out: int, inp: int, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    return {f"{module}.lora_A.weight": rand(rank, inp, seed=seed), f"{module}.lora_B.weight": rand(out, rank, seed=seed + 1) * 0.1}
+
+
+def stored(model: Path, name: str) -> torch.Tensor:
+    return load_dir(model)[name]
+
+
+@pytest.fixture
+def base(tiny_models) -> Path:
+    return tiny_models["base"]
+
+
+# -- the formulas ----------------------------------------------------------------------------
+
+
+def test_a_linear_update_is_w_plus_scaled_ba_rounded_once(base, tmp_path):
+    tensors = pair(Q, 32, 32) | pair(DOWN, 32, 72, seed=5)
+    adapter = write_adapter(tmp_path / "a", tensors)
+    adapted = open_model(f"{base}+{adapter}")
+    for module in (Q, DOWN):
+        w = stored(base, module + ".weight")
+        A, B = tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"]
+        expected = (w.float() + (B @ A) * 2.0).to(w.dtype)
+        assert adapted.tensor(module + ".weight").dtype == w.dtype
+        assert torch.equal(adapted.tensor(module + ".weight"), expected)
+    untouched = "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(adapted.tensor(untouched), stored(base, untouched))
+    assert adapted.names == open_model(str(base)).names
+
+
+def test_rslora_and_the_rank_and_alpha_patterns(base, tmp_path):
+    tensors = pair(Q, 32, 32, rank=2) | pair(DOWN, 32, 72, rank=4, seed=5)
+    adapter = write_adapter(tmp_path / "a", tensors, use_rslora=True, r=4, lora_alpha=8,
+                            rank_pattern={"q_proj": 2}, alpha_pattern={"layers.1.mlp.down_proj": 3})
+    adapted = open_model(f"{base}+{adapter}")
+    for module, scale in ((Q, 8 / math.sqrt(2)), (DOWN, 3 / math.sqrt(4))):
+        w = stored(base, module + ".weight")
+        A, B = tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"]
+        assert torch.equal(adapted.tensor(module + ".weight"), (w.float() + (B @ A) * scale).to(w.dtype))
+
+
+def test_an_embedding_update_is_transposed_and_rounded_like_peft(base, tmp_path):
+    """peft rounds an embedding's product to the table's dtype before adding it."""
+    A, B = rand(4, 96, seed=1), rand(32, 4, seed=2)
+    adapter = write_adapter(tmp_path / "a", {f"{EMBED}.lora_embedding_A": A, f"{EMBED}.lora_embedding_B": B})
+    w = stored(base, EMBED + ".weight")
+    expected = (w.float() + ((B @ A).T * 2.0).to(w.dtype).float()).to(w.dtype)
+    assert torch.equal(open_model(f"{base}+{adapter}").tensor(EMBED + ".weight"), expected)
+
+
+def test_dora_rescales_each_output_row_to_the_magnitude(base, tmp_path):
+    tensors = pair(Q, 32, 32)
+    magnitude = rand(32, seed=9).abs() + 0.5
+    adapter = write_adapter(tmp_path / "a", tensors | {f"{Q}.lora_magnitude_vector": magnitude}, use_dora=True)
+    w = stored(base, Q + ".weight").float()
+    merged = w + (tensors[f"{Q}.lora_B.weight"] @ tensors[f"{Q}.lora_A.weight"]) * 2.0
+    norms = merged.pow(2).sum(dim=1).sqrt()
+    expected = (merged * (magnitude / norms)[:, None]).to(torch.bfloat16)
+    got = open_model(f"{base}+{adapter}").tensor(Q + ".weight")
+    assert (got.float() - expected.float()).abs().max() <= expected.float().abs().max() * 2**-8
+    assert torch.allclose(got.float().pow(2).sum(dim=1).sqrt(), magnitude, rtol=2e-2)
+
+
+def test_fan_in_fan_out_and_lora_bias(tmp_path):
+    """A GPT-2 style (in x out) weight takes the transposed product; lora_bias adds s * B's bias."""
+    w, bias = rand(12, 20, seed=1).half(), rand(20, seed=2).half()
+    save_file({"h.0.c_attn.weight": w, "h.0.c_attn.bias": bias}, str(tmp_path / "model.safetensors"))
+    A, B, b_bias = rand(3, 12, seed=3), rand(20, 3, seed=4), rand(20, seed=5)
+    adapter = write_adapter(tmp_path / "a", {"h.0.c_attn.lora_A.weight": A, "h.0.c_attn.lora_B.weight": B,
+                                             "h.0.c_attn.lora_B.bias": b_bias}, r=3, lora_alpha=6, fan_in_fan_out=True)
+    adapted = open_model(f"{tmp_path / 'model.safetensors'}+{adapter}")
+    assert torch.equal(adapted.tensor("h.0.c_attn.weight"), (w.float() + (B @ A).T * 2.0).half())
+    assert torch.equal(adapted.tensor("h.0.c_attn.bias"), (bias.float() + b_bias * 2.0).half())
+
+
+def test_stored_tensors_replace_the_models(base, tmp_path):
+    """modules_to_save and embeddings saved with their base layer come from the adapter."""
+    head, table = rand(96, 32, seed=1), rand(96, 32, seed=2).bfloat16()
+    A, B = rand(4, 96, seed=3), rand(32, 4, seed=4)
+    adapter = write_adapter(tmp_path / "a", {"lm_head.weight": head, f"{EMBED}.base_layer.weight": table,
+                                             f"{EMBED}.lora_embedding_A": A, f"{EMBED}.lora_embedding_B": B})
+    adapted = open_model(f"{base}+{adapter}")
+    assert torch.equal(adapted.tensor("lm_head.weight"), head.bfloat16())
+    expected = (table.float() + ((B @ A).T * 2.0).bfloat16().float()).bfloat16()
+    assert torch.equal(adapted.tensor(EMBED + ".weight"), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows, cols, rank", [(0, 5, 2), (1, 1, 1), (7, 3, 5), (9, 13, 2)])
+def test_apply_low_rank_over_dtypes_odd_sizes_and_blocks(dtype, rows, cols, rank, monkeypatch):
+    """Within one rounding of the exact value, in blocks of 3 rows and transposed. (The fp32
+    product itself may differ from torch's whole-matrix B @ A in the last bit: BLAS picks its
+    summation order by shape.)"""
+    monkeypatch.setattr(lora, "APPLY_ROWS", 3)
+    w, A, B = rand(rows, cols, seed=1).to(dtype), rand(rank, cols, seed=2), rand(rows, rank, seed=3)
+    exact = w.double() + (B.double() @ A.double()) * 0.75
+    # fp32 arithmetic error: a few fp32 epsilons of the terms' sizes (B @ A may cancel).
+    slack = (rank + 2) * torch.finfo(torch.float32).eps * (w.double().abs() + 0.75 * (B.double().abs() @ A.double().abs()))
+    assert_one_rounding(apply_low_rank(w, A, B, 0.75), exact, slack)
+    assert_one_rounding(apply_low_rank(w.T.contiguous(), A, B, 0.75, transposed=True), exact.T, slack.T)
+    assert apply_low_rank(w, A, B, 0.75).dtype == dtype
+
+
+def assert_one_rounding(got: torch.Tensor, exact: torch.Tensor, slack: torch.Tensor) -> None:
+    """got is `exact` rounded once to got's dtype, give or take `slack` before the rounding."""
+    assert got.shape == exact.shape
+    half_ulp = 0.5 * torch.finfo(got.dtype).eps * exact.abs()
+    assert ((got.double() - exact).abs() <= half_ulp + slack * (1 + torch.finfo(got.dtype).eps) + 1e-30).all()
+
+
+def test_the_bytes_do_not_depend_on_the_thread_count():
+    script = textwrap.dedent("""
+        import hashlib, sys, torch
+        from fastmerge.io.lora import apply_low_rank
+        torch.set_num_threads(int(sys.argv[1]))
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(2500, 333, generator=g).bfloat16()
+        print(hashlib.sha256(apply_low_rank(w, torch.randn(7, 333, generator=g), torch.randn(2500, 7, generator=g), 0.3)
+                             .view(torch.int16).numpy().tobytes()).hexdigest())
+    """)
+    digests = {subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True, check=True).stdout
+               for n in (1, 2, 3)}
+    assert len(digests) == 1
+
+
+# -- against peft ------------------------------------------------------------------------------
+
+
+def peft_merged(model_dir: Path, adapter: Path, auto_class: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    import peft
+    import transformers
+
+    model = getattr(transformers, auto_class).from_pretrained(str(model_dir), dtype=dtype)
+    return peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+
+
+def peft_adapter(directory: Path, model_dir: Path, auto_class: str, dtype: torch.dtype, **settings) -> Path:
+    import peft
+    import transformers
+
+    torch.manual_seed(len(directory.name))
+    model = getattr(transformers, auto_class).from_pretrained(str(model_dir), dtype=dtype)
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **settings)
+    peft.get_peft_model(model, config).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama") / "base"
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("settings", [
+    dict(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}),
+    dict(target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True),
+    dict(target_modules="all-linear", use_rslora=True, modules_to_save=["lm_head"]),
+], ids=["patterns+embedding", "dora", "rslora+modules_to_save"])
+def test_the_same_bytes_as_peft_merge_and_unload(llama, tmp_path, settings):
+    pytest.importorskip("peft")
+    adapter = peft_adapter(tmp_path / "adapter", llama, "LlamaForCausalLM", torch.bfloat16, **settings)
+    expected = peft_merged(llama, adapter, "LlamaForCausalLM", torch.bfloat16)
+    adapted = open_model(f"{llama}+{adapter}")
+    assert adapted.updates
+    assert sorted(adapted.names) == sorted(expected)
+    assert [name for name in adapted.names if not torch.equal(adapted.tensor(name), expected[name])] == []
+
+
+def test_the_same_bytes_as_peft_on_gpt2_fan_in_fan_out_with_lora_bias(tmp_path):
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(1)
+    model_dir = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(config).to(torch.float16).save_pretrained(str(model_dir))
+    adapter = peft_adapter(tmp_path / "adapter", model_dir, "GPT2LMHeadModel", torch.float16,
+                           target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_bias=True)
+    expected = peft_merged(model_dir, adapter, "GPT2LMHeadModel", torch.float16)
+    adapted = open_model(f"{model_dir}+{adapter}")
+    assert any(u.up_bias for u in adapted.updates.values())
+    assert [name for name in adapted.names if not torch.equal(adapted.tensor(name), expected[name])] == []
+
+
+# -- in merges -------------------------------------------------------------------------------
+
+
+def write_adapted_copy(adapted: AdaptedCheckpoint, source: Path, directory: Path) -> Path:
+    """The adapter merged into a plain checkpoint, as mergekit's cache would hold it."""
+    directory.mkdir()
+    save_file({name: adapted.tensor(name).contiguous() for name in adapted.names}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text((source / "config.json").read_text())
+    return directory
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp"])
+def test_a_merge_with_lora_references_equals_one_of_the_adapted_checkpoints(tiny_models, tmp_path, method):
+    base = tiny_models["base"]
+    adapter = write_adapter(tmp_path / "a", pair(Q, 32, 32) | pair(DOWN, 32, 72, seed=5))
+    reference = f"{tiny_models['ft1']}+{adapter}"
+    copy = write_adapted_copy(open_model(reference), tiny_models["ft1"], tmp_path / "copy")
+
+    def config(model: str) -> dict:
+        if method == "slerp":
+            return {"merge_method": "slerp", "base_model": str(base), "parameters": {"t": 0.3},
+                    "models": [{"model": str(base)}, {"model": model}]}
+        models = [{"model": model, "parameters": {"weight": 0.7}}, {"model": str(tiny_models["ft2"]), "parameters": {"weight": 0.3}}]
+        if method == "linear":
+            return {"merge_method": "linear", "models": models}
+        return {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.5}, "models": models}
+
+    for name, model in (("with_lora", reference), ("with_copy", str(copy)), ("without", str(tiny_models["ft1"]))):
+        run(config(model), tmp_path / name, quiet=True)
+    ours, theirs = load_dir(tmp_path / "with_lora"), load_dir(tmp_path / "with_copy")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(ours[Q + ".weight"], load_dir(tmp_path / "without")[Q + ".weight"])
+
+
+def test_inputs_are_untouched_and_the_output_may_not_go_inside_the_adapter(tiny_models, tmp_path):
+    adapter = write_adapter(tmp_path / "a", pair(Q, 32, 32))
+    config = {"merge_method": "linear", "models": [{"model": f"{tiny_models['ft1']}+{adapter}", "parameters": {"weight": 1.0}}]}
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for d in (adapter, tiny_models["ft1"]) for p in d.iterdir()}
+    run(config, tmp_path / "out", quiet=True)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
+    with pytest.raises(OutputError):
+        run(config, adapter / "out", quiet=True)
+
+
+def test_config_forms_of_a_lora_reference(tmp_path):
+    short = load_config({"merge_method": "linear", "models": [{"model": "m+a"}]})
+    long = load_config({"merge_method": "linear", "models": [{"model": {"model": "m", "lora": "a"}}]})
+    assert short.models[0].model == long.models[0].model == "m+a"
+    with pytest.raises(ConfigError, match=r"models\[0\]\.model.*one '\+'"):
+        load_config({"merge_method": "linear", "models": [{"model": "m+a+b"}]})
+    with pytest.raises(ConfigError, match="without"):
+        load_config({"merge_method": "linear", "models": [{"model": {"model": "m+x", "lora": "a"}}]})
+    plus = tmp_path / "c++model"
+    plus.mkdir()
+    assert split_reference(str(plus)) == (str(plus), None)
+    assert split_reference(f"{tmp_path}/m+{tmp_path}/a") == (f"{tmp_path}/m", f"{tmp_path}/a")
+
+
+# -- bad adapters ------------------------------------------------------------------------------
+
+
+def test_mergekit_lora_flags_are_accepted(tiny_models, tmp_path, capsys):
+    from fastmerge.cli import mergekit_yaml_main
+
+    adapter = write_adapter(tmp_path / "a", pair(Q, 32, 32))
+    config = write_config(tmp_path / "m.yml", {"merge_method": "linear", "models": [{"model": f"{tiny_models['ft1']}+{adapter}", "parameters": {"weight": 1.0}}]})
+    code = mergekit_yaml_main([str(config), str(tmp_path / "out"), "--lora-merge-cache", str(tmp_path / "cache"), "--lora-merge-dtype", "bfloat16"])
+    assert code == 0 and "--lora-merge-cache accepted and ignored" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+BAD_ADAPTERS = {
+    "not LoRA": (lambda: pair(Q, 32, 32), {"peft_type": "IA3"}, "only LoRA adapters"),
+    "a variant": (lambda: pair(Q, 32, 32), {"use_bdlora": {"x": 1}}, "`use_bdlora` is set"),
+    "only A": (lambda: {f"{Q}.lora_A.weight": rand(4, 32, seed=0)}, {}, "only one of lora_A / lora_B"),
+    "rank vs config": (lambda: pair(Q, 32, 32, rank=3), {}, "rank 3 where the adapter config gives 4"),
+    "no such module": (lambda: pair("model.layers.9.self_attn.q_proj", 32, 32), {}, "model.layers.9.self_attn.q_proj.weight"),
+    "wrong shape": (lambda: pair(Q, 32, 31), {}, "does not fit"),
+    "resized table": (lambda: {"lm_head.weight": rand(97, 32, seed=0)}, {}, "resized vocabularies"),
+    "bad r": (lambda: pair(Q, 32, 32), {"r": 0}, "`r` must be a positive integer"),
+    "dora fan-in": (lambda: pair(Q, 32, 32) | {f"{Q}.lora_magnitude_vector": rand(32, seed=0)}, {"fan_in_fan_out": True}, "DoRA on a fan_in_fan_out"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ADAPTERS, ids=list(BAD_ADAPTERS))
+def test_a_bad_adapter_stops_the_merge_before_any_output(tiny_models, tmp_path, capsys, case):
+    make, config, message = BAD_ADAPTERS[case]
+    adapter = write_adapter(tmp_path / "a", make(), **config)
+    merge = write_config(tmp_path / "m.yml", {"merge_method": "linear", "models": [{"model": f"{tiny_models['ft1']}+{adapter}", "parameters": {"weight": 1.0}}]})
+    code = main(["run", str(merge), str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and str(adapter) in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_pickled_adapters(tiny_models, tmp_path):
+    with pytest.raises(CheckpointError, match="no such LoRA adapter"):
+        open_model(f"{tiny_models['ft1']}+{tmp_path / 'nope'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a PEFT adapter"):
+        open_model(f"{tiny_models['ft1']}+{tmp_path / 'empty'}")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({PREFIX + k: v for k, v in pair(Q, 32, 32).items()}, pickled / "adapter_model.bin")
+    (pickled / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        open_model(f"{tiny_models['ft1']}+{pickled}")
+    assert open_model(f"{tiny_models['ft1']}+{pickled}", allow_pickle=True).updates
+    unprefixed = tmp_path / "unprefixed"
+    unprefixed.mkdir()
+    save_file(pair(Q, 32, 32), str(unprefixed / "adapter_model.safetensors"))
+    (unprefixed / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    with pytest.raises(CheckpointError, match="not named as PEFT names"):
+        open_model(f"{tiny_models['ft1']}+{unprefixed}")
