@@ -1,4 +1,4 @@
-"""The `fastmerge` command and the mergekit-compatible `fastmerge-yaml` drop-in.
+"""The `fastmerge` command and the mergekit-compatible `fastmerge-yaml` and `fastmerge-multi` drop-ins.
 
 Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
 -v), since a config or input problem is the user's to fix and a traceback hides the message.
@@ -67,8 +67,16 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_merge_options(continual)
     continual.set_defaults(handler=_cmd_continual)
 
+    multi = commands.add_parser("multi", help="run the merges of a multi-document YAML (mergekit-multi's format) in dependency order")
+    multi.add_argument("config", type=Path, help="YAML documents, each a merge config with an optional `name`")
+    multi.add_argument("--out-path", type=Path, default=None, help="where the unnamed (final) merge goes")
+    multi.add_argument("-I", "--intermediate-dir", type=Path, required=True, help="where each named merge goes (DIR/NAME)")
+    multi.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True, help="skip merges whose output exists [default: on]")
+    _add_merge_options(multi)
+    multi.set_defaults(handler=_cmd_multi)
+
     for arg in ("-v", "--verbose"):
-        for sub in (run, plan, demo, prune, continual):
+        for sub in (run, plan, demo, prune, continual, multi):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -103,6 +111,13 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from .engine import prepare_plan
 
     print(prepare_plan(args.config, allow_pickle=args.allow_pickle).summary())
+
+
+def _cmd_multi(args: argparse.Namespace) -> None:
+    from .multi import run_multi
+
+    for step in run_multi(args.config, args.intermediate_dir, args.out_path, lazy=args.lazy, **_merge_options(args)):
+        print(step)
 
 
 def _key_values(items: Sequence[str], flag: str) -> dict:
@@ -183,13 +198,8 @@ _IGNORED_MERGEKIT_VALUE_FLAGS = {
 }
 
 
-def _build_mergekit_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastmerge-yaml",
-        description="Drop-in for mergekit-yaml: same config, same flags, the fastmerge engine.",
-    )
-    parser.add_argument("config", type=Path)
-    parser.add_argument("out", type=Path)
+def _add_mergekit_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit's merge flags, shared by the mergekit-yaml and mergekit-multi drop-ins."""
     parser.add_argument("--cuda", action="store_true", help="merge on the GPU")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out-shard-size", default="5B", help="bytes per shard, K/M/B suffixes [default: 5B]")
@@ -199,21 +209,44 @@ def _build_mergekit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("-v", "--verbosity", action="count", default=0)
     parser.add_argument("--allow-pickle", action="store_true", help="fastmerge extension: read .bin checkpoints")
-    parser.add_argument("--overwrite", action="store_true", help="fastmerge extension: replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="fastmerge extension: replace an output that exists")
     for flag in _IGNORED_MERGEKIT_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
     for flag in _IGNORED_MERGEKIT_VALUE_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+
+
+def _build_mergekit_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmerge-yaml",
+        description="Drop-in for mergekit-yaml: same config, same flags, the fastmerge engine.",
+    )
+    parser.add_argument("config", type=Path)
+    parser.add_argument("out", type=Path)
+    _add_mergekit_options(parser)
     return parser
 
 
-def mergekit_yaml_main(argv: Sequence[str] | None = None) -> int:
-    args = _build_mergekit_parser().parse_args(argv)
+def _build_mergekit_multi_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmerge-multi",
+        description="Drop-in for mergekit-multi: merges that build on each other, from one multi-document YAML.",
+    )
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--out-path", type=Path, default=None, help="where the unnamed (final) merge goes")
+    parser.add_argument("-I", "--intermediate-dir", type=Path, required=True, help="where each named merge goes (DIR/NAME)")
+    parser.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True, help="skip merges whose output exists [default: on]")
+    _add_mergekit_options(parser)
+    return parser
+
+
+def _mergekit_main(prog: str, args: argparse.Namespace, command: Callable[[argparse.Namespace], None]) -> int:
+    """Translate mergekit's flags to fastmerge's (noting the ignored ones), then run `command`."""
     for flag, why in (_IGNORED_MERGEKIT_FLAGS | _IGNORED_MERGEKIT_VALUE_FLAGS).items():
         if getattr(args, flag) is not None and not args.quiet:
-            print(f"fastmerge-yaml: note: --{flag.replace('_', '-')} accepted and ignored ({why})", file=sys.stderr)
+            print(f"{prog}: note: --{flag.replace('_', '-')} accepted and ignored ({why})", file=sys.stderr)
     args.verbose = args.verbosity > 0
 
     def handler(a: argparse.Namespace) -> None:
@@ -226,9 +259,17 @@ def mergekit_yaml_main(argv: Sequence[str] | None = None) -> int:
         a.device = "cuda" if a.cuda else (a.device or "auto")
         a.seed = a.random_seed if a.random_seed is not None else 0
         a.backend = None
-        _cmd_run(a)
+        command(a)
 
     return _guarded(handler, args)
+
+
+def mergekit_yaml_main(argv: Sequence[str] | None = None) -> int:
+    return _mergekit_main("fastmerge-yaml", _build_mergekit_parser().parse_args(argv), _cmd_run)
+
+
+def mergekit_multi_main(argv: Sequence[str] | None = None) -> int:
+    return _mergekit_main("fastmerge-multi", _build_mergekit_multi_parser().parse_args(argv), _cmd_multi)
 
 
 if __name__ == "__main__":

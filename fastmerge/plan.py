@@ -135,7 +135,7 @@ def open_checkpoints(spec: MergeSpec, allow_pickle: bool = False) -> dict[str, C
 
 def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint]) -> Plan:
     """Resolve every output tensor of the merge described by `spec`."""
-    _check_parameter_names(spec, method)
+    check_parameter_names(spec, method)
     builder = _PlanBuilder(spec, method, checkpoints, _output_vocabulary(spec, checkpoints))
     return builder.build()
 
@@ -154,7 +154,8 @@ def _output_vocabulary(spec: MergeSpec, checkpoints: dict[str, Checkpoint]) -> O
 UNIVERSAL_MODEL_PARAMS = {"mask": None}
 
 
-def _check_parameter_names(spec: MergeSpec, method: MergeMethod) -> None:
+def check_parameter_names(spec: MergeSpec, method: MergeMethod) -> None:
+    """Every parameter the config sets must be one the method (or every method) reads."""
     allowed_model = set(method.model_params) | set(method.required_model_params) | set(UNIVERSAL_MODEL_PARAMS)
     allowed = allowed_model | set(method.global_params)
     places: list[tuple[str, dict[str, Any], set[str]]] = [("parameters", spec.parameters, allowed)]

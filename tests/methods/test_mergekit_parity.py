@@ -14,6 +14,7 @@ import subprocess
 
 import pytest
 import torch
+import yaml
 
 from _support import load_dir, write_config
 from fastmerge import run
@@ -103,3 +104,28 @@ def test_a_lora_reference_matches_mergekit(checkpoints):
     for name, expected in theirs.items():
         scale = expected.abs().max().item()
         assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+
+
+def test_a_multi_merge_file_matches_mergekit_multi(checkpoints):
+    """Two merges, the second reading the first by name, through mergekit-multi and fastmerge."""
+    from fastmerge.multi import run_multi
+
+    mergekit_multi = os.path.join(os.path.dirname(MERGEKIT_YAML), "mergekit-multi")
+    if not os.path.exists(mergekit_multi):
+        pytest.skip("mergekit-multi not installed beside mergekit-yaml")
+    root, paths = checkpoints
+    soup = {"name": "soup", "merge_method": "ties", "base_model": paths[0], "dtype": "float32", "parameters": {"density": 0.6},
+            "models": [{"model": paths[1], "parameters": {"weight": 0.5}}, {"model": paths[2], "parameters": {"weight": 0.5}}]}
+    final = {"merge_method": "slerp", "base_model": paths[0], "dtype": "float32", "parameters": {"t": 0.3},
+             "models": [{"model": paths[0]}, {"model": "soup"}]}
+    config = root / "multi.yml"
+    config.write_text(yaml.safe_dump_all([final, soup], sort_keys=False))
+    subprocess.run([mergekit_multi, str(config), "-I", str(root / "mk_multi"), "--out-path", str(root / "mk_multi_final")],
+                   check=True, capture_output=True)
+    run_multi(config, root / "fm_multi", root / "fm_multi_final", quiet=True)
+    for ours_dir, theirs_dir in ((root / "fm_multi" / "soup", root / "mk_multi" / "soup"), (root / "fm_multi_final", root / "mk_multi_final")):
+        ours, theirs = load_dir(ours_dir), load_dir(theirs_dir)
+        assert sorted(ours) == sorted(theirs)
+        for name, expected in theirs.items():
+            scale = expected.abs().max().item()
+            assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
