@@ -17,7 +17,7 @@ import torch
 from .config import MergeSpec, SliceSpec, SourceSpec, evaluate_setting
 from .errors import ConfigError, PlanError
 from .io.checkpoint import Checkpoint
-from .io.lora import open_model
+from .io.lora import AdaptedCheckpoint, open_model
 from .methods.base import MergeMethod
 from .units import format_size
 from .vocab.align import VocabularyAlignment
@@ -124,6 +124,7 @@ class Plan:
             f"largest tensor: {format_size(self.largest_tensor_bytes)}",
             f"est. peak mem: {format_size(self.estimated_peak_bytes())} (+ interpreter and libraries)",
         ]
+        lines += [f"LoRA adapter:  {c.summary()}" for c in self.checkpoints if isinstance(c, AdaptedCheckpoint)]
         return "\n".join(lines)
 
 

@@ -347,6 +347,11 @@ class AdaptedCheckpoint(Checkpoint):
         super().close()
         self.adapter.close()
 
+    def summary(self) -> str:
+        """One line for `fastmerge plan`: what the adapter changes in which model."""
+        stored = f", {len(self.replacements)} stored whole" if self.replacements else ""
+        return f"{self.adapter.path} on {self.path}: {len(self.updates)} tensors updated{stored}"
+
     def __repr__(self) -> str:
         return f"AdaptedCheckpoint({str(self.path)!r} + LoRA {str(self.adapter.path)!r}, {len(self.updates)} updates)"
 

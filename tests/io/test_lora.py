@@ -347,3 +347,12 @@ def test_missing_and_pickled_adapters(tiny_models, tmp_path):
     (unprefixed / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
     with pytest.raises(CheckpointError, match="not named as PEFT names"):
         open_model(f"{tiny_models['ft1']}+{unprefixed}")
+
+
+def test_the_plan_names_each_adapter_and_what_it_changes(tiny_models, tmp_path, capsys):
+    adapter = write_adapter(tmp_path / "a", pair(Q, 32, 32) | pair(DOWN, 32, 72, seed=5) | {"lm_head.weight": rand(96, 32, seed=1)})
+    config = write_config(tmp_path / "m.yml", {"merge_method": "linear", "models": [
+        {"model": f"{tiny_models['ft1']}+{adapter}", "parameters": {"weight": 0.5}}, {"model": str(tiny_models["ft2"]), "parameters": {"weight": 0.5}}]})
+    assert main(["plan", str(config)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LoRA adapter:")]
+    assert lines == [f"LoRA adapter:  {adapter} on {tiny_models['ft1']}: 2 tensors updated, 1 stored whole"]
