@@ -1,8 +1,9 @@
 """fastmerge: native-accelerated merging of neural-network checkpoints.
 
 Python API: `run(config, out_dir, **options)` merges checkpoints on disk (mergekit-style config);
-`merge_tensors` / `merge_state_dicts` merge tensors already in memory; `fastmerge.ops` holds
-the kernels. The entry points load lazily so `import fastmerge.ops` stays light.
+`run_multi` runs a multi-document config; `extract_lora` factors a fine-tune into a LoRA
+adapter; `merge_tensors` / `merge_state_dicts` merge tensors already in memory; `fastmerge.ops`
+holds the kernels. The entry points load lazily so `import fastmerge.ops` stays light.
 """
 
 import os
@@ -24,6 +25,8 @@ _LAZY = {
     "MergeReport": "engine",
     "merge_tensors": "api",
     "merge_state_dicts": "api",
+    "run_multi": "multi",
+    "extract_lora": "extract_lora",
 }
 
 __all__ = ["FastmergeError", "__version__", *_LAZY]

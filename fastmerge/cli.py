@@ -75,8 +75,28 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_merge_options(multi)
     multi.set_defaults(handler=_cmd_multi)
 
+    extract = commands.add_parser("extract-lora", help="a LoRA adapter approximating a fine-tune's task vector (mergekit-extract-lora's flags)")
+    extract.add_argument("--model", required=True, help="the fine-tuned model")
+    extract.add_argument("--base-model", required=True, help="the base model")
+    extract.add_argument("--out-path", required=True, type=Path, help="output adapter directory")
+    extract.add_argument("--max-rank", type=int, default=128, help="largest rank of an update [default: 128]")
+    extract.add_argument("--distribute-scale", action=argparse.BooleanOptionalAction, default=True, help="split the singular values between A and B [default: on]")
+    extract.add_argument("--embed-lora", action=argparse.BooleanOptionalAction, default=False, help="factor the embeddings too instead of saving them whole")
+    extract.add_argument("--save-module", dest="modules_to_save", action="append", default=[], help="save this module whole (repeatable)")
+    extract.add_argument("-e", "--exclude-regex", dest="exclude", action="append", default=[], help="leave out modules matching this (repeatable)")
+    extract.add_argument("-i", "--include-regex", dest="include", action="append", default=[], help="only modules matching one of these (repeatable)")
+    extract.add_argument("--sv-epsilon", type=float, default=0.0, help="drop singular values at or below this [default: 0]")
+    extract.add_argument("--skip-undecomposable", action="store_true", help="leave out tensors that are not matrices instead of saving them whole")
+    extract.add_argument("--svd", choices=("exact", "randomized"), default="exact", help="full SVD, or randomized subspace iteration (faster) [default: exact]")
+    extract.add_argument("--random-seed", dest="seed", type=int, default=0, help="seed of the randomized SVD [default: 0]")
+    extract.add_argument("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+    extract.add_argument("--allow-pickle", action="store_true")
+    extract.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+    extract.add_argument("--quiet", action="store_true")
+    extract.set_defaults(handler=_cmd_extract_lora)
+
     for arg in ("-v", "--verbose"):
-        for sub in (run, plan, demo, prune, continual, multi):
+        for sub in (run, plan, demo, prune, continual, multi, extract):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -118,6 +138,20 @@ def _cmd_multi(args: argparse.Namespace) -> None:
 
     for step in run_multi(args.config, args.intermediate_dir, args.out_path, lazy=args.lazy, **_merge_options(args)):
         print(step)
+
+
+def _cmd_extract_lora(args: argparse.Namespace) -> None:
+    from .engine import set_threads
+    from .extract_lora import extract_lora
+
+    if args.threads is not None:
+        set_threads(args.threads)
+    print(extract_lora(
+        args.model, args.base_model, args.out_path, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+        quiet=args.quiet, max_rank=args.max_rank, distribute_scale=args.distribute_scale, embed_lora=args.embed_lora,
+        modules_to_save=args.modules_to_save, include=args.include, exclude=args.exclude, sv_epsilon=args.sv_epsilon,
+        skip_undecomposable=args.skip_undecomposable, svd=args.svd, seed=args.seed,
+    ))
 
 
 def _key_values(items: Sequence[str], flag: str) -> dict:

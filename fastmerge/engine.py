@@ -124,7 +124,7 @@ def run(
     started = time.perf_counter()
     _reset_peak_rss()
     if threads is not None:
-        _set_threads(threads)
+        set_threads(threads)
     torch_device = resolve_device(device)
     max_shard = parse_size(out_shard_size)
     plan = prepare_plan(config, allow_pickle=allow_pickle)
@@ -479,7 +479,7 @@ def _write_side_files(plan: Plan, directory: Path, copy_tokenizer: bool) -> list
     return written + [CONFIG_FILE_NAME]
 
 
-def _set_threads(threads: int) -> None:
+def set_threads(threads: int) -> None:
     if threads < 1:
         raise FastmergeError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)

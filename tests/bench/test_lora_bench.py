@@ -1,4 +1,5 @@
-"""The LoRA benchmark on a small set: an adapter fastmerge applies, both merges run, a JSON."""
+"""The LoRA benchmarks on a small set: an adapter fastmerge applies, both merges run, the
+extraction timed both ways with the randomized SVD's error against the exact one, JSON files."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import torch
 
-from bench import lora
+from bench import lora, lora_extract
 from bench.checkpoints import GeneratorSpec, generate
 from fastmerge.demo import LlamaShape
 from fastmerge.io.lora import open_model
@@ -31,3 +32,12 @@ def test_the_benchmark_runs_both_fastmerge_merges(tmp_path, capsys):
     assert set(report["runs"]) == {"lora", "plain"}
     assert all(run["returncode"] == 0 and run["wall_s"] > 0 and run["peak_rss_bytes"] > 0 for run in report["runs"].values())
     assert report["adapter_bytes"] > 0 and "applying it costs fastmerge" in capsys.readouterr().out
+
+
+def test_the_extraction_benchmark_runs_both_svds(tmp_path, capsys):
+    lora_extract.main(["--custom", "64,160,2,4,2,96", "--fine-tunes", "1", "--max-rank", "4", "--work", str(tmp_path),
+                       "--no-mergekit", "--error-matrices", "3"])
+    report = json.loads((tmp_path / "lora-extract.json").read_text())
+    assert set(report["runs"]) == {"fastmerge exact", "fastmerge randomized"}
+    assert len(report["error_ratios"]) == 3 and all(ratio >= 0.999 for ratio in report["error_ratios"])
+    assert "randomized / exact error" in capsys.readouterr().out

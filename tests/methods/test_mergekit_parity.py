@@ -129,3 +129,30 @@ def test_a_multi_merge_file_matches_mergekit_multi(checkpoints):
         for name, expected in theirs.items():
             scale = expected.abs().max().item()
             assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+
+
+def test_an_extracted_lora_matches_mergekit_extract_lora(checkpoints):
+    """The same modules factored or saved whole, and every B @ A (signs of singular vectors
+    are arbitrary, so products are compared) within the methods' bound."""
+    from safetensors.torch import load_file
+
+    from fastmerge.extract_lora import extract_lora
+
+    extract = os.path.join(os.path.dirname(MERGEKIT_YAML), "mergekit-extract-lora")
+    if not os.path.exists(extract):
+        pytest.skip("mergekit-extract-lora not installed beside mergekit-yaml")
+    root, paths = checkpoints
+    subprocess.run([extract, "--model", paths[1], "--base-model", paths[0], "--out-path", str(root / "mk_extract"),
+                    "--max-rank", "8", "--no-write-model-card"], check=True, capture_output=True)
+    extract_lora(paths[1], paths[0], root / "fm_extract", max_rank=8)
+    ours = load_file(str(root / "fm_extract" / "adapter_model.safetensors"))
+    theirs = load_file(str(root / "mk_extract" / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        if ".lora_B." in name:
+            continue
+        got = ours[name]
+        if ".lora_A." in name:
+            b = name.replace(".lora_A.", ".lora_B.")
+            expected, got = theirs[b] @ expected, ours[b] @ got
+        assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item(), name
