@@ -1,4 +1,5 @@
-"""The `fastmerge` command and the mergekit-compatible `fastmerge-yaml` and `fastmerge-multi` drop-ins.
+"""The `fastmerge` command and the mergekit-compatible `fastmerge-yaml`, `fastmerge-multi` and
+`fastmerge-extract-lora` drop-ins.
 
 Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
 -v), since a config or input problem is the user's to fix and a traceback hides the message.
@@ -29,6 +30,22 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_extraction_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit-extract-lora's own flags (fastmerge extract-lora and the fastmerge-extract-lora drop-in)."""
+    parser.add_argument("--model", required=True, help="the fine-tuned model")
+    parser.add_argument("--base-model", required=True, help="the base model")
+    parser.add_argument("--out-path", required=True, type=Path, help="output adapter directory")
+    parser.add_argument("--max-rank", type=int, default=128, help="largest rank of an update [default: 128]")
+    parser.add_argument("--distribute-scale", action=argparse.BooleanOptionalAction, default=True, help="split the singular values between A and B [default: on]")
+    parser.add_argument("--embed-lora", action=argparse.BooleanOptionalAction, default=False, help="factor the embeddings too instead of saving them whole")
+    parser.add_argument("--save-module", dest="modules_to_save", action="append", default=[], help="save this module whole (repeatable)")
+    parser.add_argument("-e", "--exclude-regex", dest="exclude", action="append", default=[], help="leave out modules matching this (repeatable)")
+    parser.add_argument("-i", "--include-regex", dest="include", action="append", default=[], help="only modules matching one of these (repeatable)")
+    parser.add_argument("--sv-epsilon", type=float, default=0.0, help="drop singular values at or below this [default: 0]")
+    parser.add_argument("--skip-undecomposable", action="store_true", help="leave out tensors that are not matrices instead of saving them whole")
+    parser.add_argument("--svd", choices=("exact", "randomized"), default="exact", help="full SVD, or randomized subspace iteration (faster) [default: exact]")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -76,19 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     multi.set_defaults(handler=_cmd_multi)
 
     extract = commands.add_parser("extract-lora", help="a LoRA adapter approximating a fine-tune's task vector (mergekit-extract-lora's flags)")
-    extract.add_argument("--model", required=True, help="the fine-tuned model")
-    extract.add_argument("--base-model", required=True, help="the base model")
-    extract.add_argument("--out-path", required=True, type=Path, help="output adapter directory")
-    extract.add_argument("--max-rank", type=int, default=128, help="largest rank of an update [default: 128]")
-    extract.add_argument("--distribute-scale", action=argparse.BooleanOptionalAction, default=True, help="split the singular values between A and B [default: on]")
-    extract.add_argument("--embed-lora", action=argparse.BooleanOptionalAction, default=False, help="factor the embeddings too instead of saving them whole")
-    extract.add_argument("--save-module", dest="modules_to_save", action="append", default=[], help="save this module whole (repeatable)")
-    extract.add_argument("-e", "--exclude-regex", dest="exclude", action="append", default=[], help="leave out modules matching this (repeatable)")
-    extract.add_argument("-i", "--include-regex", dest="include", action="append", default=[], help="only modules matching one of these (repeatable)")
-    extract.add_argument("--sv-epsilon", type=float, default=0.0, help="drop singular values at or below this [default: 0]")
-    extract.add_argument("--skip-undecomposable", action="store_true", help="leave out tensors that are not matrices instead of saving them whole")
-    extract.add_argument("--svd", choices=("exact", "randomized"), default="exact", help="full SVD, or randomized subspace iteration (faster) [default: exact]")
+    _add_extraction_options(extract)
     extract.add_argument("--random-seed", dest="seed", type=int, default=0, help="seed of the randomized SVD [default: 0]")
+    extract.add_argument("--device", default="auto", help="where the SVDs run: auto (CUDA when available), cpu or cuda [default: auto]")
     extract.add_argument("--threads", type=int, default=None, help="CPU threads [default: all cores]")
     extract.add_argument("--allow-pickle", action="store_true")
     extract.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
@@ -148,7 +155,7 @@ def _cmd_extract_lora(args: argparse.Namespace) -> None:
         set_threads(args.threads)
     print(extract_lora(
         args.model, args.base_model, args.out_path, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-        quiet=args.quiet, max_rank=args.max_rank, distribute_scale=args.distribute_scale, embed_lora=args.embed_lora,
+        quiet=args.quiet, device=args.device, max_rank=args.max_rank, distribute_scale=args.distribute_scale, embed_lora=args.embed_lora,
         modules_to_save=args.modules_to_save, include=args.include, exclude=args.exclude, sv_epsilon=args.sv_epsilon,
         skip_undecomposable=args.skip_undecomposable, svd=args.svd, seed=args.seed,
     ))
@@ -298,12 +305,26 @@ def _mergekit_main(prog: str, args: argparse.Namespace, command: Callable[[argpa
     return _guarded(handler, args)
 
 
+def _build_mergekit_extract_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmerge-extract-lora",
+        description="Drop-in for mergekit-extract-lora: a PEFT LoRA adapter approximating a fine-tune's task vector.",
+    )
+    _add_extraction_options(parser)
+    _add_mergekit_options(parser)
+    return parser
+
+
 def mergekit_yaml_main(argv: Sequence[str] | None = None) -> int:
     return _mergekit_main("fastmerge-yaml", _build_mergekit_parser().parse_args(argv), _cmd_run)
 
 
 def mergekit_multi_main(argv: Sequence[str] | None = None) -> int:
     return _mergekit_main("fastmerge-multi", _build_mergekit_multi_parser().parse_args(argv), _cmd_multi)
+
+
+def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:
+    return _mergekit_main("fastmerge-extract-lora", _build_mergekit_extract_parser().parse_args(argv), _cmd_extract_lora)
 
 
 if __name__ == "__main__":

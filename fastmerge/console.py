@@ -1,4 +1,4 @@
-"""The console scripts `fastmerge`, `fastmerge-yaml` and `fastmerge-multi`: the CLI run as a short-lived process.
+"""The console scripts (`fastmerge` and the mergekit drop-ins): the CLI run as a short-lived process.
 
 A merge process imports torch and exits soon after, and CPython's cyclic garbage collector
 spends a large share of that fixed cost on objects that live until the very end: it runs
@@ -47,3 +47,7 @@ def fastmerge_yaml() -> None:
 
 def fastmerge_multi() -> None:
     _run("mergekit_multi_main")
+
+
+def fastmerge_extract_lora() -> None:
+    _run("mergekit_extract_lora_main")

@@ -129,15 +129,19 @@ def _randomized_svd(matrix: torch.Tensor, width: int, seed: int) -> tuple[torch.
 
 
 def extract_lora(model: str | Path, base_model: str | Path, out_path: str | Path, *, overwrite: bool = False,
-                 allow_pickle: bool = False, quiet: bool = True, **settings) -> ExtractionReport:
+                 allow_pickle: bool = False, quiet: bool = True, device: str | torch.device = "auto",
+                 **settings) -> ExtractionReport:
     """Extract a PEFT LoRA adapter of `model` against `base_model` into `out_path`
-    (options: ExtractionSettings)."""
+    (options: ExtractionSettings); the SVDs run on `device` (auto: CUDA when available)."""
+    from .engine import resolve_device
+
     started = time.perf_counter()
     options = ExtractionSettings(**settings)
     options.check()
+    torch_device = resolve_device(device)
     tuned, base = open_model(str(model), allow_pickle), open_model(str(base_model), allow_pickle)
     try:
-        tensors, ranks, whole, errors = _extract(tuned, base, options, quiet)
+        tensors, ranks, whole, errors = _extract(tuned, base, options, torch_device, quiet)
         with StagedOutput(out_path, [*tuned.sources, *base.sources], overwrite=overwrite) as staged:
             save_file(tensors, str(staged.path / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
             config = _adapter_config(str(base_model), ranks, sorted({_key(n.rpartition(".")[0]) for n in whole}))
@@ -165,7 +169,7 @@ def _modules(names: list[str]) -> dict[str, dict[str, str]]:
     return modules
 
 
-def _extract(tuned: Checkpoint, base: Checkpoint, options: ExtractionSettings, quiet: bool
+def _extract(tuned: Checkpoint, base: Checkpoint, options: ExtractionSettings, device: torch.device, quiet: bool
              ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[str], dict[str, float]]:
     """Each module of the fine-tune is factored (its weight, and its bias delta as lora_B's
     bias), saved whole, or left out, by the rules in the module docstring."""
@@ -195,7 +199,7 @@ def _extract(tuned: Checkpoint, base: Checkpoint, options: ExtractionSettings, q
                 tuned.release(name)
                 whole.append(name)
             continue
-        rank = _factor(tuned, base, weight, options, tensors, errors)
+        rank = _factor(tuned, base, weight, options, device, tensors, errors)
         if rank:
             ranks[weight] = rank
             if "bias" in parameters:
@@ -205,11 +209,11 @@ def _extract(tuned: Checkpoint, base: Checkpoint, options: ExtractionSettings, q
     return tensors, ranks, whole, errors
 
 
-def _factor(tuned: Checkpoint, base: Checkpoint, weight: str, options: ExtractionSettings,
+def _factor(tuned: Checkpoint, base: Checkpoint, weight: str, options: ExtractionSettings, device: torch.device,
             tensors: dict[str, torch.Tensor], errors: dict[str, float]) -> int:
     """Add one matrix's A and B to `tensors` (its error to `errors`); its rank (0: none kept)."""
     module, dtype = weight.removesuffix(".weight"), tuned.info(weight).dtype
-    delta = _delta(tuned, base, weight)
+    delta = _delta(tuned, base, weight).to(device)
     transposed = is_input_embedding(weight)
     target = delta.T if transposed else delta
     A, B = low_rank_factors(target, options.max_rank, options.sv_epsilon, options.distribute_scale, options.svd,
@@ -219,8 +223,8 @@ def _factor(tuned: Checkpoint, base: Checkpoint, weight: str, options: Extractio
     norm = target.norm()
     errors[weight] = float((target - B @ A).norm() / norm) if norm > 0 else 0.0
     kind, suffix = ("lora_embedding", "") if transposed else ("lora", ".weight")
-    tensors[f"{KEY_PREFIX}{module}.{kind}_A{suffix}"] = A.to(dtype).contiguous()
-    tensors[f"{KEY_PREFIX}{module}.{kind}_B{suffix}"] = B.to(dtype).contiguous()
+    tensors[f"{KEY_PREFIX}{module}.{kind}_A{suffix}"] = A.to("cpu", dtype).contiguous()
+    tensors[f"{KEY_PREFIX}{module}.{kind}_B{suffix}"] = B.to("cpu", dtype).contiguous()
     return A.shape[0]
 
 

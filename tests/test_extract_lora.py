@@ -160,3 +160,29 @@ def test_the_cli(pair, tmp_path, capsys):
     code = main(["extract-lora", "--model", str(tuned), "--base-model", str(base), "--out-path", str(tmp_path / "a"),
                  "--max-rank", "3", "--svd", "randomized", "--quiet", "-e", "mlp", "--save-module", "lm_head"])
     assert code == 0 and "extracted 12 LoRA updates (rank <= 3)" in capsys.readouterr().out
+
+
+def test_the_mergekit_extract_lora_drop_in(pair, tmp_path, capsys):
+    from fastmerge.cli import mergekit_extract_lora_main
+
+    base, tuned = pair
+    code = mergekit_extract_lora_main(["--model", str(tuned), "--base-model", str(base), "--out-path", str(tmp_path / "a"),
+                                       "--max-rank", "3", "--no-write-model-card", "--lora-merge-cache", str(tmp_path / "c"),
+                                       "-j", "1", "--random-seed", "2", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "extracted 21 LoRA updates" in out and "--write-model-card accepted and ignored" in err
+    assert not (tmp_path / "c").exists()
+    if not torch.cuda.is_available():
+        code = mergekit_extract_lora_main(["--model", str(tuned), "--base-model", str(base), "--out-path", str(tmp_path / "b"), "--cuda"])
+        assert code == 2 and "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_extraction_on_a_gpu_agrees_with_the_cpu(pair, tmp_path):
+    base, tuned = pair
+    for svd in ("exact", "randomized"):
+        cpu = extract_lora(tuned, base, tmp_path / f"cpu-{svd}", max_rank=4, svd=svd, device="cpu")
+        gpu = extract_lora(tuned, base, tmp_path / f"gpu-{svd}", max_rank=4, svd=svd, device="cuda")
+        assert cpu.ranks == gpu.ranks
+        ours, theirs = (open_model(f"{base}+{tmp_path / name}") for name in (f"cpu-{svd}", f"gpu-{svd}"))
+        assert all(torch.allclose(ours.tensor(n), theirs.tensor(n), atol=1e-5) for n in ours.names)
