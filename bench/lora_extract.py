@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.checkpoints import add_generator_args, generate, spec_from_args
 from bench.e2e import MERGEKIT_YAML, run_child
-from fastmerge.extract_lora import low_rank_factors
+from fastmerge.extraction import low_rank_factors
 from fastmerge.io.lora import open_model
 from fastmerge.ops.random import derive_key
 

@@ -26,7 +26,7 @@ _LAZY = {
     "merge_tensors": "api",
     "merge_state_dicts": "api",
     "run_multi": "multi",
-    "extract_lora": "extract_lora",
+    "extract_lora": "extraction",
 }
 
 __all__ = ["FastmergeError", "__version__", *_LAZY]

@@ -149,7 +149,7 @@ def _cmd_multi(args: argparse.Namespace) -> None:
 
 def _cmd_extract_lora(args: argparse.Namespace) -> None:
     from .engine import set_threads
-    from .extract_lora import extract_lora
+    from .extraction import extract_lora
 
     if args.threads is not None:
         set_threads(args.threads)

@@ -14,7 +14,7 @@ from _support import TINY
 from fastmerge.cli import main
 from fastmerge.demo import make_state, write_checkpoint
 from fastmerge.errors import ConfigError, OutputError, PlanError
-from fastmerge.extract_lora import extract_lora, low_rank_factors
+from fastmerge.extraction import extract_lora, low_rank_factors
 from fastmerge.io.lora import open_model
 
 P = "base_model.model."
@@ -186,3 +186,12 @@ def test_extraction_on_a_gpu_agrees_with_the_cpu(pair, tmp_path):
         assert cpu.ranks == gpu.ranks
         ours, theirs = (open_model(f"{base}+{tmp_path / name}") for name in (f"cpu-{svd}", f"gpu-{svd}"))
         assert all(torch.allclose(ours.tensor(n), theirs.tensor(n), atol=1e-5) for n in ours.names)
+
+
+def test_the_top_level_names_stay_functions_after_their_modules_load():
+    """`fastmerge.extract_lora` is the function even once fastmerge.extraction is imported."""
+    import fastmerge
+    import fastmerge.extraction
+    import fastmerge.multi
+
+    assert fastmerge.extract_lora is extract_lora and callable(fastmerge.run_multi)

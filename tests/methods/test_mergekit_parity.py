@@ -136,7 +136,7 @@ def test_an_extracted_lora_matches_mergekit_extract_lora(checkpoints):
     are arbitrary, so products are compared) within the methods' bound."""
     from safetensors.torch import load_file
 
-    from fastmerge.extract_lora import extract_lora
+    from fastmerge.extraction import extract_lora
 
     extract = os.path.join(os.path.dirname(MERGEKIT_YAML), "mergekit-extract-lora")
     if not os.path.exists(extract):
