@@ -58,6 +58,21 @@ def test_quick_mode_end_to_end(tmp_path):
     AutoTokenizer.from_pretrained(base)
     AutoModelForCausalLM.from_pretrained(base)
 
+    # The LoRA extraction study runs on the same cached models (no training again).
+    extraction = tmp_path / "extraction.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.quality.lora_extraction", "--quick", "--ranks", "2", "--cache-dir", str(cache),
+         "--out", str(tmp_path / "extraction"), "--json", str(extraction)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(extraction.read_text())["test_accuracy"]
+    assert list(rows) == tasks
+    for task, row in rows.items():
+        assert list(row) == ["base", "fine-tune", "rank 2 exact", "rank 2 randomized"]
+        assert all(0.0 <= value <= 1.0 for value in row.values())
+        assert row["fine-tune"] == results["models"][f"ft:{task}"]["accuracy"][task]
+
 
 @pytest.mark.slow
 def test_training_is_reproducible_by_seed(tmp_path):
