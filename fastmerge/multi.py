@@ -25,6 +25,7 @@ import yaml
 from .config import load_config
 from .errors import ConfigError
 from .io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from .io.lora import split_reference
 from .methods import get_method
 from .plan import check_parameter_names
 from .vocab.build import MODEL_PREFIX
@@ -71,8 +72,8 @@ def load_multi(path: str | Path, intermediate_dir: str | Path, out_path: str | P
         if name in merges:
             raise ConfigError(f"{where}: " + (f"a second merge named {name!r}" if name else "a second unnamed merge; only one may be unnamed"))
         needs: list[str] = []
-        config = _resolve_names(document, names, intermediate, needs)
         try:
+            config = _resolve_names(document, names, intermediate, needs)
             spec = load_config(config)
             check_parameter_names(spec, get_method(spec.merge_method))
         except ConfigError as exc:
@@ -114,7 +115,7 @@ def _resolve_names(document: dict[str, Any], names: set[str], intermediate: Path
             return {**reference, "model": resolve(reference["model"])}
         if not isinstance(reference, str):
             return reference
-        model, adapter = reference.split("+", 1) if "+" in reference else (reference, None)
+        model, adapter = split_reference(reference)
         if model not in names:
             return reference
         if model not in needs:

@@ -15,12 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from .cache import default_cache_dir
 from .merging import merge_config, run_merge
-from .pipeline import Context, _quiet_transformers, prepare_data, score, train_all
-from .profiles import FULL, QUICK
+from .pipeline import add_study_args, score, study_models
 
 CHOSEN = {"lambda": 0.3, "ridge": 0.1}
 SETTINGS = {
@@ -35,19 +31,10 @@ SETTINGS = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality.fda_ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick profile's models")
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/fastmerge-fda-ablation"))
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_study_args(parser, Path("/tmp/fastmerge-fda-ablation"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    _quiet_transformers()
-    profile = QUICK if args.quick else FULL
-    ctx = Context(profile, args.seed, args.cache_dir or default_cache_dir(), args.out, lambda message: None)
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    prepare_data(ctx)
-    models = train_all(ctx)
+    ctx, models = study_models(args)
+    profile = ctx.profile
     finetunes = [models[f"ft:{t}"] for t in profile.tasks]
     rows = {}
     print(f"| FDA setting | val mean | test mean | {' | '.join(profile.tasks)} |")

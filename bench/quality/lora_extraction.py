@@ -15,14 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 import fastmerge
 
-from .cache import default_cache_dir
 from .merging import run_merge
-from .pipeline import Context, _quiet_transformers, prepare_data, score, train_all
-from .profiles import FULL, QUICK
+from .pipeline import Context, add_study_args, score, study_models
 
 
 def adapted(base: Path, finetune: Path, rank: int, svd: str, work: Path, seed: int) -> Path:
@@ -40,21 +36,12 @@ def accuracy(ctx: Context, path: Path, task: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality.lora_extraction", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick profile's models")
     parser.add_argument("--ranks", default="2,8,32", help="comma-separated ranks [2,8,32]")
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/fastmerge-lora-extraction"))
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_study_args(parser, Path("/tmp/fastmerge-lora-extraction"))
     args = parser.parse_args(argv)
     ranks = [int(r) for r in args.ranks.split(",")]
-    torch.set_num_threads(2)
-    _quiet_transformers()
-    profile = QUICK if args.quick else FULL
-    ctx = Context(profile, args.seed, args.cache_dir or default_cache_dir(), args.out, lambda message: None)
-    ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    prepare_data(ctx)
-    models = train_all(ctx)
+    ctx, models = study_models(args)
+    profile = ctx.profile
     columns = [f"rank {r} {svd}" for r in ranks for svd in ("exact", "randomized")]
     print(f"| task | base | fine-tune | {' | '.join(columns)} |")
     print("|---|---|---|" + "---|" * len(columns))

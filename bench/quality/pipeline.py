@@ -18,6 +18,7 @@ Stages (each timed into the JSON):
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import shutil
 import time
@@ -29,11 +30,11 @@ import torch
 
 from fastmerge.errors import FastmergeError
 
-from .cache import cached_checkpoint
+from .cache import cached_checkpoint, default_cache_dir
 from .evaluate import general_retention, load_model, task_accuracy
 from .merging import applicable, available_methods, grid_for, merge_config, run_merge
 from .model import new_model
-from .profiles import Profile
+from .profiles import FULL, QUICK, Profile
 from .pruning import prune_rows
 from .scoring import continual_summary
 from .tasks import TASKS, Splits, general_text, make_splits
@@ -245,6 +246,26 @@ def _quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+def add_study_args(parser: argparse.ArgumentParser, default_out: Path) -> None:
+    """The options of a study run on the benchmark's cached models (fda_ablation, lora_extraction)."""
+    parser.add_argument("--quick", action="store_true", help="the quick profile's models")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def study_models(args: argparse.Namespace) -> tuple[Context, dict[str, Path]]:
+    """The data and the trained models for a study (`add_study_args`' options): from the cache,
+    trained first if missing, as `python -m bench.quality` would."""
+    torch.set_num_threads(2)
+    _quiet_transformers()
+    ctx = Context(QUICK if args.quick else FULL, args.seed, args.cache_dir or default_cache_dir(), args.out, lambda message: None)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data(ctx)
+    return ctx, train_all(ctx)
 
 
 def run_benchmark(profile: Profile, out_dir: Path, cache_dir: Path, seed: int = 0,
