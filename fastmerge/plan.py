@@ -349,7 +349,7 @@ class _PlanBuilder:
         self.tensors.append(
             PlannedTensor(out_name, shape, out_dtype, refs, base_ref, params, global_params, layer, copy_only, vocab)
         )
-        self.input_bytes[out_name] = sum(self.checkpoints[r.checkpoint].info(r.name).nbytes for r in refs + ([base_ref] if base_ref else []))
+        self.input_bytes[out_name] = sum(self.checkpoints[r.checkpoint].read_bytes(r.name) for r in refs + ([base_ref] if base_ref else []))
 
     def _check_same_shape(self, refs: list[TensorRef], shape_from: TensorRef) -> None:
         expected = self.checkpoints[shape_from.checkpoint].info(shape_from.name).shape

@@ -179,6 +179,10 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self._file_of(name).infos[name]
 
+    def read_bytes(self, name: str) -> int:
+        """Bytes read from disk to produce `name` (what `fastmerge plan` and the GB/s figures count)."""
+        return self.info(name).nbytes
+
     def tensor(self, name: str) -> torch.Tensor:
         """Zero-copy for safetensors; read-only by contract (see SafetensorsFile)."""
         return self._file_of(name).tensor(name)

@@ -144,6 +144,9 @@ class LoraAdapter:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.file.infos[key].shape)
 
+    def nbytes(self, key: str) -> int:
+        return self.file.infos[key].nbytes
+
     def plan(self) -> tuple[dict[str, LowRankUpdate], dict[str, str]]:
         """Low-rank updates keyed by the model tensor they change, and whole-tensor replacements
         (model tensor -> adapter key)."""
@@ -327,6 +330,17 @@ class AdaptedCheckpoint(Checkpoint):
             # peft adds s * B's bias to the layer's bias in fp32 and rounds once, like the weight.
             return (self.adapter.tensor(bias_update.up_bias).float() * bias_update.scaling).add_(base.float()).to(dtype)
         return base
+
+    def read_bytes(self, name: str) -> int:
+        """The model's tensor or the adapter's stored copy, and the adapter tensors that update it."""
+        stored = self.replacements.get(name)
+        read = self.adapter.nbytes(stored) if stored else super().read_bytes(name)
+        update, bias_update = self.updates.get(name), self._bias_update(name)
+        if update is not None:
+            read += sum(self.adapter.nbytes(key) for key in (update.down, update.up, update.magnitude) if key)
+        elif bias_update is not None:
+            read += self.adapter.nbytes(bias_update.up_bias)
+        return read
 
     def _bias_update(self, name: str) -> LowRankUpdate | None:
         if not name.endswith(".bias"):

@@ -23,6 +23,8 @@ from fastmerge.config import load_config
 from fastmerge.errors import CheckpointError, ConfigError, OutputError
 from fastmerge.io import lora
 from fastmerge.io.lora import AdaptedCheckpoint, apply_low_rank, open_model, split_reference
+from fastmerge.methods import get_method
+from fastmerge.plan import build_plan, open_checkpoints
 
 PREFIX = "base_model.model."
 Q = "model.layers.0.self_attn.q_proj"
@@ -118,6 +120,9 @@ def test_fan_in_fan_out_and_lora_bias(tmp_path):
     adapted = open_model(f"{tmp_path / 'model.safetensors'}+{adapter}")
     assert torch.equal(adapted.tensor("h.0.c_attn.weight"), (w.float() + (B @ A).T * 2.0).half())
     assert torch.equal(adapted.tensor("h.0.c_attn.bias"), (bias.float() + b_bias * 2.0).half())
+    # what a plan counts as read: fp16 model tensors, fp32 adapter tensors
+    assert adapted.read_bytes("h.0.c_attn.weight") == 2 * 12 * 20 + 4 * (3 * 12 + 20 * 3)
+    assert adapted.read_bytes("h.0.c_attn.bias") == 2 * 20 + 4 * 20
 
 
 def test_stored_tensors_replace_the_models(base, tmp_path):
@@ -356,3 +361,28 @@ def test_the_plan_names_each_adapter_and_what_it_changes(tiny_models, tmp_path, 
     assert main(["plan", str(config)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LoRA adapter:")]
     assert lines == [f"LoRA adapter:  {adapter} on {tiny_models['ft1']}: 2 tensors updated, 1 stored whole"]
+
+
+def test_the_plan_counts_the_adapter_bytes_read(tiny_models, tmp_path):
+    """Input bytes: the model's tensors, the adapter's stored copy in place of the model's, and
+    every A and B an update reads (a bias update: test_fan_in_fan_out_and_lora_bias)."""
+    whole = rand(96, 32, seed=1).half()  # a stored copy in another dtype than the model's
+    tensors = pair(Q, 32, 32) | pair(DOWN, 32, 72, seed=5) | {"lm_head.weight": whole}
+    adapter = write_adapter(tmp_path / "a", tensors)
+    ft1 = tiny_models["ft1"]
+
+    def input_bytes(model: str) -> int:
+        spec = load_config({"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1.0}}]})
+        checkpoints = open_checkpoints(spec)
+        try:
+            return build_plan(spec, get_method("linear"), checkpoints).input_bytes
+        finally:
+            for checkpoint in checkpoints.values():
+                checkpoint.close()
+
+    plain = open_model(str(ft1))
+    model_lm_head = plain.info("lm_head.weight").nbytes
+    plain.close()
+    adapter_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k != "lm_head.weight")
+    expected = input_bytes(str(ft1)) - model_lm_head + whole.numel() * 2 + adapter_bytes
+    assert input_bytes(f"{ft1}+{adapter}") == expected
