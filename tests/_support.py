@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fastmerge.demo import LlamaShape
 
@@ -50,3 +51,16 @@ def old_triton_interpreter() -> str:
     if Version(installed).release < (3, 9):
         return f"Triton {installed}'s interpreter rounds tl.fma twice; pip install 'triton>=3.9'"
     return ""
+
+
+PREFIX = "base_model.model."  # how PEFT names an adapter's tensors
+
+
+def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], **config) -> Path:
+    """A LoRA adapter directory as peft writes it: keys under base_model.model., a LORA config."""
+    directory.mkdir(parents=True)
+    save_file({PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
+    settings = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False,
+                "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
+    (directory / "adapter_config.json").write_text(json.dumps({**settings, **config}))
+    return directory

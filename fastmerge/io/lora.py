@@ -331,6 +331,10 @@ class AdaptedCheckpoint(Checkpoint):
             return (self.adapter.tensor(bias_update.up_bias).float() * bias_update.scaling).add_(base.float()).to(dtype)
         return base
 
+    def adapts(self, name: str) -> bool:
+        """Whether the adapter changes tensor `name` (updates it or replaces it)."""
+        return name in self.updates or name in self.replacements or self._bias_update(name) is not None
+
     def read_bytes(self, name: str) -> int:
         """The model's tensor or the adapter's stored copy, and the adapter tensors that update it."""
         stored = self.replacements.get(name)

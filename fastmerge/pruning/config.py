@@ -3,7 +3,8 @@
 A YAML file (or dict) with these keys; only `model` and, for data-aware scores, `data` are
 required:
 
-    model: path/to/model            # Hugging Face directory (safetensors)
+    model: path/to/model            # Hugging Face directory (safetensors), or MODEL+ADAPTER:
+                                    # a PEFT LoRA adapter applied first (as in merge configs)
     data:                           # .jsonl or .txt files (see fastmerge.pruning.data)
       domain: domain.jsonl          # the domain the pruned model must stay good at
       general: general.jsonl        # general text whose skills it should keep
@@ -38,6 +39,7 @@ from typing import Any, Mapping
 import yaml
 
 from ..errors import ConfigError
+from ..io.lora import split_reference
 
 OBJECTIVES = ("causal_lm", "contrastive")
 SCORES = ("gaprune", "fisher", "magnitude", "random")
@@ -54,6 +56,7 @@ class PruneConfig:
     """A validated prune config; see the module docstring for the meaning of each field."""
 
     model: Path
+    adapter: Path | None = None  # a LoRA adapter applied to `model`
     domain_data: Path | None = None
     general_data: Path | None = None
     objective: str = "causal_lm"
@@ -73,6 +76,11 @@ class PruneConfig:
     num_batches: int = 16
     seed: int = 0
     dtype: str = "float32"
+
+    @property
+    def reference(self) -> str:
+        """The model as merge configs name it (`io.lora.open_model` opens it)."""
+        return str(self.model) + (f"+{self.adapter}" if self.adapter is not None else "")
 
     @property
     def needs_data(self) -> bool:
@@ -108,7 +116,7 @@ def parse_prune_config(data: dict[str, Any], root: Path) -> PruneConfig:
         raise ConfigError(f"unknown prune config key {unknown[0]!r}; allowed keys: {', '.join(sorted(_KEYS))}")
     if not isinstance(data.get("model"), str) or not data["model"]:
         raise ConfigError("prune config: `model` is required and must be a model directory path")
-    cfg = PruneConfig(model=_path(root, data["model"]))
+    cfg = PruneConfig(*_model_reference(root, data["model"]))
     for key, choices in (("objective", OBJECTIVES), ("pooling", POOLINGS), ("score", SCORES), ("budget", BUDGETS),
                          ("structure", STRUCTURES), ("alignment", ALIGNMENTS), ("dtype", DTYPES)):
         if key in data:
@@ -155,6 +163,15 @@ def _parse_data(cfg: PruneConfig, data: Any, root: Path) -> None:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"prune config: `data.{key}` must be a file path")
         setattr(cfg, f"{key}_data", _path(root, value))
+
+
+def _model_reference(root: Path, value: str) -> tuple[Path, Path | None]:
+    """(model, adapter) of `model: PATH` or `model: MODEL+ADAPTER`, both relative to `root`."""
+    whole = _path(root, value)
+    if whole.exists():
+        return whole, None
+    model, adapter = split_reference(value)
+    return _path(root, model), (_path(root, adapter) if adapter is not None else None)
 
 
 def _path(root: Path, value: str) -> Path:

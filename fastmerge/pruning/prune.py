@@ -19,6 +19,7 @@ import torch
 
 from ..engine import peak_rss_bytes, resolve_device
 from ..io.checkpoint import Checkpoint
+from ..io.lora import open_model
 from ..io.output_dir import StagedOutput, copy_model_files
 from ..io.writer import ShardedWriter
 from ..ops import apply_mask
@@ -71,7 +72,7 @@ def compute_masks(cfg: PruneConfig, checkpoint: Checkpoint, work_dir: Path, devi
     if cfg.needs_data:
         targets, statistics = collect_statistics(cfg, checkpoint, work_dir, device)
     else:
-        targets = select_targets(shapes, cfg.targets, str(cfg.model))
+        targets = select_targets(shapes, cfg.targets, cfg.reference)
     scorer = Scorer(
         cfg,
         {set_name: stats.tensor for set_name, stats in statistics.items()},
@@ -83,7 +84,7 @@ def compute_masks(cfg: PruneConfig, checkpoint: Checkpoint, work_dir: Path, devi
     finally:
         for stats in statistics.values():
             stats.close()
-    info = {"model": str(cfg.model), "score": cfg.score, "sparsity": repr(cfg.sparsity), "structure": cfg.structure,
+    info = {"model": cfg.reference, "score": cfg.score, "sparsity": repr(cfg.sparsity), "structure": cfg.structure,
             "budget": cfg.budget}
     return MaskSet.from_dense(dense, architecture_fingerprint(shapes.items()), info)
 
@@ -108,7 +109,7 @@ def prune(config: str | Path | Mapping[str, Any] | PruneConfig, out_dir: str | P
     started = time.perf_counter()
     cfg = config if isinstance(config, PruneConfig) else load_prune_config(config)
     torch_device = resolve_device(device)
-    with Checkpoint(cfg.model) as checkpoint, StagedOutput(out_dir, [checkpoint.path], overwrite=overwrite) as staged:
+    with open_model(cfg.reference) as checkpoint, StagedOutput(out_dir, checkpoint.sources, overwrite=overwrite) as staged:
         work_dir = staged.path / STATISTICS_DIR
         masks = compute_masks(cfg, checkpoint, work_dir, torch_device, backend)
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import CheckpointError, FastmergeError
 from ..io.checkpoint import Checkpoint
+from ..io.lora import AdaptedCheckpoint
 from ..io.writer import ShardedWriter
 from ..representations.models import require_transformers
 from .config import PruneConfig
@@ -44,7 +45,8 @@ class LoadedModel:
 
 
 def load_model(cfg: PruneConfig, checkpoint: Checkpoint, device: torch.device) -> LoadedModel:
-    """The model and tokenizer in `cfg.model`, with only the targeted weights trainable."""
+    """The model and tokenizer in `cfg.model` (its LoRA adapter applied, if any), with only the
+    targeted weights trainable."""
     transformers = require_transformers("the GAPrune statistics pass")
     auto = transformers.AutoModelForCausalLM if cfg.objective == "causal_lm" else transformers.AutoModel
     dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
@@ -59,8 +61,14 @@ def load_model(cfg: PruneConfig, checkpoint: Checkpoint, device: torch.device) -
     model.eval()  # no dropout: the statistics describe the deployed function
     params = dict(model.named_parameters())
     names = {checkpoint_name(n, checkpoint, model.base_model_prefix): n for n in params}
+    if isinstance(checkpoint, AdaptedCheckpoint):
+        # transformers loaded the base model: the adapted tensors replace what the adapter changes
+        with torch.no_grad():
+            for ck, name in names.items():
+                if ck is not None and checkpoint.adapts(ck):
+                    params[name].copy_(checkpoint.tensor(ck))
     shapes = {ck: tuple(params[n].shape) for ck, n in names.items() if ck is not None}
-    targets = {ck: names[ck] for ck in select_targets(shapes, cfg.targets, str(cfg.model))}
+    targets = {ck: names[ck] for ck in select_targets(shapes, cfg.targets, cfg.reference)}
     for name, param in params.items():
         param.requires_grad_(name in targets.values())
     return LoadedModel(model, tokenizer, targets)

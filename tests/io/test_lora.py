@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _support import load_dir, write_config
+from _support import PREFIX, load_dir, write_adapter, write_config
 from fastmerge import run
 from fastmerge.cli import main
 from fastmerge.config import load_config
@@ -26,7 +26,6 @@ from fastmerge.io.lora import AdaptedCheckpoint, apply_low_rank, open_model, spl
 from fastmerge.methods import get_method
 from fastmerge.plan import build_plan, open_checkpoints
 
-PREFIX = "base_model.model."
 Q = "model.layers.0.self_attn.q_proj"
 DOWN = "model.layers.1.mlp.down_proj"
 EMBED = "model.embed_tokens"
@@ -34,16 +33,6 @@ EMBED = "model.embed_tokens"
 
 def rand(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], **config) -> Path:
-    """An adapter directory as peft writes it: keys under base_model.model., a LORA config."""
-    directory.mkdir(parents=True)
-    save_file({PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(directory / "adapter_model.safetensors"))
-    settings = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False,
-                "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
-    (directory / "adapter_config.json").write_text(json.dumps({**settings, **config}))
-    return directory
 
 
 def pair(module: str, out: int, inp: int, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

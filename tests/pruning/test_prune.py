@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from _support import load_dir
-from fastmerge.errors import FastmergeError
+from _support import load_dir, write_adapter, write_config
+from fastmerge.errors import ConfigError, FastmergeError
+from fastmerge.io.lora import open_model
 from fastmerge.pruning import load_masks, prune
+from fastmerge.pruning.config import load_prune_config
 from fastmerge.pruning.targets import is_target
 
 
-def _config(model: Path, data: dict, **extra) -> dict:
+def _config(model: Path | str, data: dict, **extra) -> dict:
     return {"model": str(model), "data": data, "batch_size": 2, "num_batches": 2, "max_length": 16, **extra}
 
 
@@ -62,3 +66,35 @@ def test_empty_and_gradient_free_data(tiny_model, text_data, tmp_path):
     with pytest.raises(FastmergeError, match="nothing to learn|anything to learn"):
         prune(_config(tiny_model, {**text_data, "general": str(tmp_path / "single.txt")}), tmp_path / "o2", device="cpu")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("score", ["gaprune", "magnitude"])
+def test_a_lora_reference_is_pruned_as_the_model_with_its_adapter_merged(tiny_model, text_data, tmp_path, score):
+    """`model: base+adapter` scores, masks and writes the adapted model: the same files as pruning
+    a copy of the model with the adapter merged (what `AdaptedCheckpoint` reads)."""
+    g = torch.Generator().manual_seed(3)
+    adapter = write_adapter(tmp_path / "adapter", {
+        f"model.layers.{i}.mlp.{proj}.lora_{side}.weight": torch.randn(shape, generator=g) * (0.3 if side == "B" else 1.0)
+        for i in (0, 2) for proj, (out, inp) in {"up_proj": (72, 32), "down_proj": (32, 72)}.items()
+        for side, shape in (("A", (4, inp)), ("B", (out, 4)))})
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model, merged, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    adapted = open_model(f"{tiny_model}+{adapter}")
+    save_file({name: adapted.tensor(name).contiguous() for name in adapted.names}, str(merged / "model.safetensors"))
+    adapted.close()
+    from_reference = prune(_config(f"{tiny_model}+{adapter}", text_data, score=score), tmp_path / "a", device="cpu")
+    from_copy = prune(_config(merged, text_data, score=score), tmp_path / "b", device="cpu")
+    ours, theirs = load_masks(from_reference.output_dir), load_masks(from_copy.output_dir)
+    assert all(torch.equal(ours.packed[n], theirs.packed[n]) for n in theirs.packed) and ours.packed.keys() == theirs.packed.keys()
+    pruned, expected = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    assert pruned.keys() == expected.keys() and all(torch.equal(pruned[n], expected[n]) for n in expected)
+    assert not torch.equal(pruned["model.layers.0.mlp.up_proj.weight"], load_dir(tiny_model)["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_a_prune_config_resolves_both_parts_of_a_lora_reference_next_to_it(tmp_path):
+    (tmp_path / "model").mkdir()
+    config = write_config(tmp_path / "prune.yml", {"model": "model+adapter", "score": "magnitude"})
+    cfg = load_prune_config(config)
+    assert (cfg.model, cfg.adapter, cfg.reference) == (tmp_path / "model", tmp_path / "adapter", f"{tmp_path / 'model'}+{tmp_path / 'adapter'}")
+    with pytest.raises(ConfigError, match="MODEL\\+ADAPTER"):
+        load_prune_config({"model": "a+b+c"})
