@@ -21,8 +21,9 @@ directions by randomized subspace iteration (Halko, Martinsson and Tropp 2011: r
 directions, 4 power iterations, a generator seeded by the tensor name) at a fraction of the cost
 for r much below the matrix size; its error is measured in bench/lora_extract.py.
 
-The adapter is built in memory (its size: r x (rows + columns) per matrix, plus modules saved
-whole) and written to a staged directory that appears only when complete.
+Each factor and each tensor saved whole goes to disk as soon as it is made
+(io.spooled_writer), so memory holds one matrix and its SVD at a time, not the adapter; the
+adapter is written into a staged directory that appears only when complete.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import ConfigError, PlanError
 from .io.checkpoint import Checkpoint
 from .io.lora import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, KEY_PREFIX, open_model
 from .io.output_dir import StagedOutput
+from .io.spooled_writer import SpooledSafetensorsWriter
 from .ops.random import derive_key
 from .vocab.names import is_input_embedding, is_vocabulary_tensor
 
@@ -141,12 +142,12 @@ def extract_lora(model: str | Path, base_model: str | Path, out_path: str | Path
     torch_device = resolve_device(device)
     tuned, base = open_model(str(model), allow_pickle), open_model(str(base_model), allow_pickle)
     try:
-        tensors, ranks, whole, errors = _extract(tuned, base, options, torch_device, quiet)
-        with StagedOutput(out_path, [*tuned.sources, *base.sources], overwrite=overwrite) as staged:
-            save_file(tensors, str(staged.path / ADAPTER_SAFETENSORS), metadata={"format": "pt"})
+        with (StagedOutput(out_path, [*tuned.sources, *base.sources], overwrite=overwrite) as staged,
+              SpooledSafetensorsWriter(staged.path / ADAPTER_SAFETENSORS) as writer):
+            ranks, whole, errors = _extract(tuned, base, options, torch_device, quiet, writer)
+            written = writer.finish()
             config = _adapter_config(str(base_model), ranks, sorted({_key(n.rpartition(".")[0]) for n in whole}))
             (staged.path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            written = (staged.path / ADAPTER_SAFETENSORS).stat().st_size
             staged.commit()
     finally:
         tuned.close()
@@ -169,13 +170,13 @@ def _modules(names: list[str]) -> dict[str, dict[str, str]]:
     return modules
 
 
-def _extract(tuned: Checkpoint, base: Checkpoint, options: ExtractionSettings, device: torch.device, quiet: bool
-             ) -> tuple[dict[str, torch.Tensor], dict[str, int], list[str], dict[str, float]]:
+def _extract(tuned: Checkpoint, base: Checkpoint, options: ExtractionSettings, device: torch.device, quiet: bool,
+             writer: SpooledSafetensorsWriter) -> tuple[dict[str, int], list[str], dict[str, float]]:
     """Each module of the fine-tune is factored (its weight, and its bias delta as lora_B's
-    bias), saved whole, or left out, by the rules in the module docstring."""
+    bias), saved whole, or left out, by the rules in the module docstring; what is saved goes
+    to `writer`."""
     from tqdm import tqdm
 
-    tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     whole: list[str] = []
@@ -195,23 +196,23 @@ def _extract(tuned: Checkpoint, base: Checkpoint, options: ExtractionSettings, d
             action = "whole"
         if action == "whole":
             for name in parameters.values():
-                tensors[KEY_PREFIX + name] = tuned.tensor(name).clone()
+                writer.add(KEY_PREFIX + name, tuned.tensor(name))
                 tuned.release(name)
                 whole.append(name)
             continue
-        rank = _factor(tuned, base, weight, options, device, tensors, errors)
+        rank = _factor(tuned, base, weight, options, device, writer, errors)
         if rank:
             ranks[weight] = rank
             if "bias" in parameters:
-                tensors[f"{KEY_PREFIX}{module}.lora_B.bias"] = _delta(tuned, base, parameters["bias"]).to(info.dtype)
-    if not tensors:
+                writer.add(f"{KEY_PREFIX}{module}.lora_B.bias", _delta(tuned, base, parameters["bias"]).to(info.dtype))
+    if not len(writer):
         raise PlanError(f"{tuned.path}: nothing to extract (every module was left out)")
-    return tensors, ranks, whole, errors
+    return ranks, whole, errors
 
 
 def _factor(tuned: Checkpoint, base: Checkpoint, weight: str, options: ExtractionSettings, device: torch.device,
-            tensors: dict[str, torch.Tensor], errors: dict[str, float]) -> int:
-    """Add one matrix's A and B to `tensors` (its error to `errors`); its rank (0: none kept)."""
+            writer: SpooledSafetensorsWriter, errors: dict[str, float]) -> int:
+    """Write one matrix's A and B (its error to `errors`); its rank (0: none kept)."""
     module, dtype = weight.removesuffix(".weight"), tuned.info(weight).dtype
     delta = _delta(tuned, base, weight).to(device)
     transposed = is_input_embedding(weight)
@@ -223,8 +224,8 @@ def _factor(tuned: Checkpoint, base: Checkpoint, weight: str, options: Extractio
     norm = target.norm()
     errors[weight] = float((target - B @ A).norm() / norm) if norm > 0 else 0.0
     kind, suffix = ("lora_embedding", "") if transposed else ("lora", ".weight")
-    tensors[f"{KEY_PREFIX}{module}.{kind}_A{suffix}"] = A.to("cpu", dtype).contiguous()
-    tensors[f"{KEY_PREFIX}{module}.{kind}_B{suffix}"] = B.to("cpu", dtype).contiguous()
+    writer.add(f"{KEY_PREFIX}{module}.{kind}_A{suffix}", A.to("cpu", dtype))
+    writer.add(f"{KEY_PREFIX}{module}.{kind}_B{suffix}", B.to("cpu", dtype))
     return A.shape[0]
 
 

@@ -58,14 +58,14 @@ def _group_into_shards(sizes: Sequence[int], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def _header_bytes(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
+def header_bytes(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
     """8-byte length + JSON, padded with spaces so the data section starts 8-byte aligned."""
     body = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
     return struct.pack("<Q", len(body)) + body
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's raw little-endian bytes without a copy (beyond making it contiguous on CPU)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
@@ -134,7 +134,7 @@ class ShardedWriter:
                 "data_offsets": [offset, offset + nbytes],
             }
             offset += nbytes
-        header = _header_bytes(entries, self._metadata)
+        header = header_bytes(entries, self._metadata)
         name = self.shard_names[shard]
         shard_file = ShardFile(self.directory / name, len(header) + offset, staging=self._staging)
         self._files.append(shard_file)
@@ -160,7 +160,7 @@ class ShardedWriter:
             )
         if slot.nbytes:
             try:
-                self._files[slot.shard].write(slot.offset, _tensor_bytes(tensor))
+                self._files[slot.shard].write(slot.offset, tensor_bytes(tensor))
             except OSError as exc:
                 shard = self.directory / self.shard_names[slot.shard]
                 raise OutputError(f"{shard}: writing {name!r} failed ({exc})") from None
