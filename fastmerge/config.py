@@ -1,9 +1,10 @@
 """mergekit-compatible merge configs: YAML text, a YAML file or a dict -> a validated MergeSpec.
 
 The schema follows mergekit 0.1.5 so existing configs are a drop-in: `merge_method`,
-`models` or `slices`, `base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`,
-`chat_template`. Validation is strict (unknown keys and wrong types are errors naming the key)
-because a silently ignored typo in a merge config produces a wrong model that looks fine.
+`models` or `slices`, `base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source` or
+the `tokenizer:` block, `chat_template`. Validation is strict (unknown keys and wrong types are
+errors naming the key) because a silently ignored typo in a merge config produces a wrong model
+that looks fine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .errors import ConfigError
 from .io.lora import split_reference
 from .vocab.build import parse_tokenizer_source
 from .vocab.chat_templates import check_chat_template
+from .vocab.tokens import TokenEmbedding, TokenizerBlock, parse_tokenizer_block
 
 # A parameter setting as written: a scalar, a gradient (list of scalars) or a filter list.
 ParameterSetting = Any
@@ -75,6 +77,9 @@ class MergeSpec:
     raw: dict[str, Any]
     # A masks.safetensors file (fastmerge prune) applied to the merged model to keep it sparse.
     output_mask: str | None = None
+    # The `tokenizer:` block's per-token embeddings and padding (vocab/tokens.py).
+    tokens: dict[str, TokenEmbedding] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
 
     def referenced_models(self) -> list[str]:
         """Every model path the config names, base first, without repeats, in config order."""
@@ -100,7 +105,6 @@ _TOP_KEYS = {
     "tokenizer_source", "chat_template", "tokenizer", "modules", "output_mask",
 }
 _UNSUPPORTED_TOP_KEYS = {
-    "tokenizer": "use `tokenizer_source` instead of the `tokenizer:` block",
     "modules": "multi-module (`modules:`) configs are not supported; use `models` or `slices`",
 }
 
@@ -148,6 +152,12 @@ def parse_config(data: dict[str, Any]) -> MergeSpec:
 
     base_model = _optional_model_name(data.get("base_model"), "base_model")
     tokenizer_source = data.get("tokenizer_source")
+    block = TokenizerBlock("union")
+    if data.get("tokenizer") is not None:
+        if tokenizer_source is not None:
+            raise ConfigError("give `tokenizer_source` or the `tokenizer:` block, not both (as in mergekit)")
+        block = parse_tokenizer_block(data["tokenizer"])
+        tokenizer_source = block.source
     if tokenizer_source is not None:
         parse_tokenizer_source(tokenizer_source)
     chat_template = data.get("chat_template")
@@ -172,6 +182,8 @@ def parse_config(data: dict[str, Any]) -> MergeSpec:
         tokenizer_source=tokenizer_source,
         chat_template=chat_template,
         raw=data,
+        tokens=block.tokens,
+        pad_to_multiple_of=block.pad_to_multiple_of,
     )
 
 

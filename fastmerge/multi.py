@@ -2,8 +2,8 @@
 
 Each YAML document is a merge config with an optional `name`. A named merge is written to
 INTERMEDIATE_DIR/<name>, the unnamed one (at most one) to the output path. Wherever a config
-names a model (`base_model`, `models`, `slices` sources and bases, `tokenizer_source: model:`)
-by another merge's name, alone or as the model of a LoRA reference (`name+adapter`), it means
+names a model (`base_model`, `models`, `slices` sources and bases, `tokenizer_source: model:`,
+the `tokenizer:` block's source and token sources) by another merge's name, alone or as the model of a LoRA reference (`name+adapter`), it means
 that merge's output, as in mergekit-multi. The merges run in dependency order; a cycle is an
 error naming it.
 
@@ -127,6 +127,13 @@ def _resolve_names(document: dict[str, Any], names: set[str], intermediate: Path
     source = config.get("tokenizer_source")
     if isinstance(source, str) and source.startswith(MODEL_PREFIX):
         config["tokenizer_source"] = MODEL_PREFIX + resolve(source.removeprefix(MODEL_PREFIX).strip())
+    block = config.get("tokenizer")
+    if isinstance(block, dict):
+        if block.get("source") not in (None, "union", "base"):
+            block["source"] = resolve(block["source"])
+        for token in (block.get("tokens") or {}).values():
+            if isinstance(token, dict) and "source" in token:
+                token["source"] = resolve(token["source"])
     return config
 
 

@@ -20,10 +20,11 @@ from .io.checkpoint import Checkpoint
 from .io.lora import AdaptedCheckpoint, open_model
 from .methods.base import MergeMethod
 from .units import format_size
-from .vocab.align import VocabularyAlignment
+from .vocab.align import RowOverride, VocabularyAlignment
 from .vocab.build import OutputVocabulary, build_output_vocabulary, parse_tokenizer_source
 from .vocab.chat_templates import resolve_chat_template
 from .vocab.names import is_output_embedding, is_vocabulary_tensor, tied_source
+from .vocab.tokens import MODEL, ZERO
 
 # `model.layers.12.mlp.up_proj.weight`, `transformer.h.3.attn.c_attn.weight`, `blocks.0.x`, ...
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)(?P<suffix>\..+)$")
@@ -147,7 +148,8 @@ def _output_vocabulary(spec: MergeSpec, checkpoints: dict[str, Checkpoint]) -> O
     if spec.tokenizer_source is None:
         return None
     names = spec.referenced_models()
-    return build_output_vocabulary(parse_tokenizer_source(spec.tokenizer_source), names[0], names, checkpoints)
+    return build_output_vocabulary(parse_tokenizer_source(spec.tokenizer_source), names[0], names, checkpoints,
+                                   list(spec.tokens), spec.pad_to_multiple_of)
 
 
 # Per-model parameters every method accepts: `mask` (a masks.safetensors file from
@@ -381,13 +383,47 @@ class _PlanBuilder:
             known = self.vocabulary.model_sizes[model]
             if shape[0] < known:
                 raise PlanError(f"tensor {out_name} of {model} has {shape[0]} rows but its vocab_size is {known}")
-        out_shape = (self.vocabulary.size, *shapes[0][1:])
-        if all(self.vocabulary.is_identity(m, shape[0]) for m, shape in zip(models, shapes)):
-            return out_shape, None
+        out_shape = (self.vocabulary.padded_size, *shapes[0][1:])
         rows = [self.vocabulary.rows[m] for m in models]
+        overrides = self._row_overrides(out_name, models, shapes, rows)
+        if not overrides and all(self.vocabulary.is_identity(m, shape[0]) for m, shape in zip(models, shapes)):
+            return out_shape, None
         return out_shape, VocabularyAlignment(
-            input_rows=tuple(rows[: len(rows) - has_base]), base_rows=rows[-1] if has_base else None
+            input_rows=tuple(rows[: len(rows) - has_base]), base_rows=rows[-1] if has_base else None,
+            overrides=overrides, padded_size=self.vocabulary.padded_size,
         )
+
+    def _row_overrides(self, out_name: str, models: list[str], shapes: list[tuple[int, ...]],
+                       rows: list[torch.Tensor]) -> tuple[RowOverride, ...]:
+        """The `tokenizer.tokens` entries that change this tensor: a forced token, or one some
+        model of the group lacks (mergekit resolves a token's source only then)."""
+        vocab = self.vocabulary.tokenizer.get_vocab()
+        overrides = []
+        for token, embedding in self.spec.tokens.items():
+            row = vocab[token]
+            if not embedding.force and all(r[row] >= 0 for r in rows):
+                continue
+            if embedding.kind == ZERO:
+                overrides.append(RowOverride(row, embedding.force))
+                continue
+            where = f"tokenizer.tokens[{token!r}] (tensor {out_name})"
+            if embedding.model not in models:
+                raise PlanError(f"{where}: its source {embedding.model} is not one of this tensor's models ({', '.join(models)})")
+            source = models.index(embedding.model)
+            if embedding.kind == MODEL:
+                source_row = int(rows[source][row])
+                if source_row < 0:
+                    raise PlanError(f"{where}: the source {embedding.model} does not have the token")
+            elif embedding.token is not None:
+                source_row = self.vocabulary.model_vocabs[embedding.model].get(embedding.token, -1)
+                if source_row < 0:
+                    raise PlanError(f"{where}: {embedding.token!r} is not in the tokenizer of {embedding.model}")
+            else:
+                source_row = embedding.token_id
+            if source_row >= shapes[source][0]:
+                raise PlanError(f"{where}: row {source_row} is beyond the {shapes[source][0]} rows of {embedding.model}")
+            overrides.append(RowOverride(row, embedding.force, source, source_row))
+        return tuple(overrides)
 
     def _ref(self, model: str, name: str) -> TensorRef:
         """`name` in `model`; a tied model's output embedding is its input embedding."""
@@ -437,7 +473,7 @@ class _PlanBuilder:
         if out_layers is not None and out_layers != in_layers and "num_hidden_layers" in config:
             config["num_hidden_layers"] = out_layers
         if self.vocabulary is not None:
-            config["vocab_size"] = self.vocabulary.size
+            config["vocab_size"] = self.vocabulary.padded_size
         if config.get("tie_word_embeddings", True) and any(is_output_embedding(t.name) and not source.has(t.name) for t in self.tensors):
             # The config's model is tied but another input is not, so the output has a merged
             # lm_head of its own; left tied, transformers would drop it and reuse the embedding.

@@ -54,7 +54,7 @@ def test_slices_with_layer_ranges():
         ({"merge_method": "x", "models": [{"model": "/a", "paramters": {}}]}, "models[0].paramters"),
         (minimal(parameters={"weight": {"filter": "mlp"}}), "value"),
         (minimal(parameters={"weight": [[1, 2]]}), "parameters.weight"),
-        (minimal(tokenizer={"source": "base"}), "tokenizer"),
+        (minimal(tokenizer={"source": "base", "pad": 8}), "tokenizer.pad"),
         (minimal(base_model=5), "base_model"),
     ],
 )

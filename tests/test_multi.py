@@ -85,6 +85,9 @@ def test_a_failed_run_resumes_where_it_stopped(tiny_models, tmp_path):
     assert [s.report is None for s in steps] == [True, False, False]
 
 
+LINEAR = {"merge_method": "linear", "models": [{"model": "/m", "parameters": {"weight": 1.0}}]}
+
+
 def test_names_resolve_everywhere_a_model_is_named(tmp_path):
     adapter = tmp_path / "adapter"
     documents = [
@@ -104,7 +107,16 @@ def test_names_resolve_everywhere_a_model_is_named(tmp_path):
     assert merges[-1].needs == ["a"] and merges[-1].out == tmp_path / "out"
 
 
-LINEAR = {"merge_method": "linear", "models": [{"model": "/m", "parameters": {"weight": 1.0}}]}
+def test_names_resolve_in_the_tokenizer_block(tmp_path):
+    block = {"source": "b", "tokens": {"x": {"source": "b"}, "y": {"source": {"kind": "model_token", "model": "b", "token_id": 1}},
+                                       "z": {"source": {"kind": "zero"}}, "w": {"source": "/m1"}}}
+    documents = [{"name": "b", **LINEAR}, {"merge_method": "linear", "tokenizer": block, "models": [{"model": "b", "parameters": {"weight": 1.0}}]}]
+    final = load_multi(write_multi(tmp_path / "multi.yml", *documents), tmp_path / "work", tmp_path / "out")[-1]
+    out_b = str((tmp_path / "work" / "b").resolve())
+    assert final.config["tokenizer"] == {"source": out_b, "tokens": {
+        "x": {"source": out_b}, "y": {"source": {"kind": "model_token", "model": out_b, "token_id": 1}},
+        "z": {"source": {"kind": "zero"}}, "w": {"source": "/m1"}}}
+    assert final.needs == ["b"]
 
 
 @pytest.mark.parametrize("documents, message", [

@@ -174,3 +174,78 @@ def test_literal_and_auto_chat_templates(models, tmp_path):
 def test_unknown_chat_template_is_a_config_error(models, tmp_path, bad):
     with pytest.raises(ConfigError, match="chat_template"):
         run(_linear(models["big1"], models["big2"], chat_template=bad), tmp_path / "out", quiet=True)
+
+
+# -- the tokenizer: block ---------------------------------------------------------------------
+
+
+def _aligned(own: torch.Tensor, donor: torch.Tensor) -> torch.Tensor:
+    """A model's rows in the 118-token union: its own, then the donor's for the tokens only the
+    donor has (the only model with them)."""
+    return torch.cat([own[:110], donor[110:118]]) if own.shape[0] == 110 else own.clone()
+
+
+def test_the_tokenizer_block_sets_rows_per_token_and_pads(models, tmp_path):
+    """source union; w13 (only big1 has it) zero where missing; w0 forced to small's row in both
+    models; a new token <new> from big1's w20 row in both; w1 configured but present everywhere
+    and not forced, so unchanged; 119 tokens padded to 128 rows, each model's padding the mean of
+    its aligned rows."""
+    block = {"source": "union", "pad_to_multiple_of": 16, "tokens": {
+        "w13": {"source": {"kind": "zero"}},
+        "w0": {"source": str(models["small"]), "force": True},
+        "<new>": {"source": {"kind": "model_token", "model": str(models["big1"]), "token": "w20"}},
+        "w1": {"source": {"kind": "model_token", "model": str(models["small"]), "token_id": 5}},
+    }}
+    out = run(_linear(models["small"], models["big1"], tokenizer=block), tmp_path / "out", quiet=True).output_dir
+    small, big, merged = load_dir(models["small"]), load_dir(models["big1"]), load_dir(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert len(tokenizer) == 119 and tokenizer.get_vocab()["<new>"] == 118
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 128
+    for name in VOCAB_TENSORS:
+        rows = []
+        for own in (small[name], big[name]):
+            r = _aligned(own, big[name])
+            if own.shape[0] == 110:
+                r[110] = 0.0  # w13: small lacks it
+            r[97] = small[name][97]  # w0, forced
+            r = torch.cat([r, big[name][117:118]])  # <new> = big1's w20
+            rows.append(torch.cat([r, r.mean(dim=0).expand(9, -1)]))
+        assert merged[name].shape == (128, SMALL.hidden_size)
+        torch.testing.assert_close(merged[name], 0.25 * rows[0] + 0.75 * rows[1])
+
+
+def test_the_tokenizer_block_on_its_own_is_a_union(models, tmp_path):
+    with_block = run(_linear(models["small"], models["big1"], tokenizer={}), tmp_path / "a", quiet=True).output_dir
+    with_source = run(_linear(models["small"], models["big1"], tokenizer_source="union"), tmp_path / "b", quiet=True).output_dir
+    for shard in with_source.glob("*.safetensors"):
+        assert (with_block / shard.name).read_bytes() == shard.read_bytes()
+
+
+@pytest.mark.parametrize("block, error", [
+    ("union", "must be a mapping"),
+    ({"sourc": "union"}, r"`tokenizer.sourc` is not a tokenizer option"),
+    ({"pad_to_multiple_of": 0}, "pad_to_multiple_of` must be a positive integer"),
+    ({"tokens": {"w1": {"source": {"kind": "random"}}}}, r"tokens\['w1'\]`.source must be"),
+    ({"tokens": {"w1": {"source": {"kind": "zero"}, "force": "yes"}}}, "force must be true or false"),
+    ({"tokens": {"w1": {"source": {"kind": "model_token", "model": "m", "token_id": 1, "token": "x"}}}}, "exactly one of token_id and token"),
+    ({"tokens": {"w1": {"source": {"kind": "model_token", "model": "m", "token_id": -1}}}}, "token_id must be an integer >= 0"),
+])
+def test_a_malformed_tokenizer_block_is_a_config_error(models, tmp_path, block, error):
+    with pytest.raises(ConfigError, match=error):
+        run(_linear(models["small"], models["big1"], tokenizer=block), tmp_path / "out", quiet=True)
+    with pytest.raises(ConfigError, match="not both"):
+        run(_linear(models["small"], models["big1"], tokenizer={}, tokenizer_source="union"), tmp_path / "out", quiet=True)
+
+
+@pytest.mark.parametrize("token, error", [
+    ({"w13": {"source": "OTHER"}}, r"tokens\['w13'\] \(tensor .*\): its source .*big2 is not one of this tensor's models"),
+    ({"w13": {"source": "SMALL"}}, r"tokens\['w13'\] .*the source .*small does not have the token"),
+    ({"w13": {"source": {"kind": "model_token", "model": "SMALL", "token": "w19"}}}, r"'w19' is not in the tokenizer of .*small"),
+    ({"w13": {"source": {"kind": "model_token", "model": "SMALL", "token_id": 110}}}, r"row 110 is beyond the 110 rows of .*small"),
+])
+def test_a_token_source_that_cannot_be_read_is_a_plan_error(models, tmp_path, token, error):
+    names = {"OTHER": str(models["big2"]), "SMALL": str(models["small"])}
+    token = json.loads(json.dumps(token).replace('"OTHER"', json.dumps(names["OTHER"])).replace('"SMALL"', json.dumps(names["SMALL"])))
+    with pytest.raises(PlanError, match=error):
+        run(_linear(models["small"], models["big1"], tokenizer={"tokens": token}), tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

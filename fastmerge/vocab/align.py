@@ -6,7 +6,8 @@ is filled the way mergekit 0.1.5 fills it, so the method blends something sensib
 the base model's row if the base has the token; else the row of the only model that has it;
 else the mean of the rows of the models that have it (in fp32, rounded once); zero when no
 model has it. "Models" are the tensor's merge inputs plus the base when the method uses one,
-exactly the group mergekit aligns.
+exactly the group mergekit aligns. The `tokenizer:` block's per-token sources and padding
+(vocab/tokens.py) are applied after that.
 """
 
 from __future__ import annotations
@@ -19,19 +20,57 @@ from ..methods.base import TensorTask
 
 
 @dataclass(frozen=True)
+class RowOverride:
+    """A `tokenizer.tokens` entry resolved for one tensor (vocab/tokens.py): output row `row` of
+    every model that lacks the token (every model with `force`) becomes row `source_row` of
+    group member `source` as read (inputs, then the base), or zeros when `source` is None."""
+
+    row: int
+    force: bool
+    source: int | None = None
+    source_row: int = 0
+
+
+@dataclass(frozen=True)
 class VocabularyAlignment:
     """For one output tensor: which source row each output token takes, per input and for the
-    base (-1: the model lacks the token)."""
+    base (-1: the model lacks the token), the per-token overrides, and the padded row count."""
 
     input_rows: tuple[torch.Tensor, ...]
     base_rows: torch.Tensor | None
+    overrides: tuple[RowOverride, ...] = ()
+    padded_size: int | None = None
 
     def align(self, task: TensorTask) -> TensorTask:
         tensors = list(task.inputs) + ([task.base] if task.base is not None else [])
         rows = list(self.input_rows) + ([self.base_rows] if task.base is not None else [])
         aligned = align_rows(tensors, rows, base_index=len(task.inputs) if task.base is not None else None)
+        override_rows(aligned, tensors, rows, self.overrides)
+        if self.padded_size is not None:
+            aligned = [pad_rows(tensor, self.padded_size) for tensor in aligned]
         count = len(task.inputs)
         return replace(task, inputs=aligned[:count], base=aligned[count] if task.base is not None else None)
+
+
+def override_rows(aligned: list[torch.Tensor], originals: list[torch.Tensor], rows: list[torch.Tensor],
+                  overrides: tuple[RowOverride, ...]) -> None:
+    """Apply the per-token overrides to the aligned tensors in place."""
+    for override in overrides:
+        target = aligned[0][override.row]
+        value = torch.zeros_like(target) if override.source is None else originals[override.source][override.source_row].to(target)
+        for tensor, model_rows in zip(aligned, rows):
+            if override.force or model_rows[override.row] < 0:
+                tensor[override.row] = value
+
+
+def pad_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """`tensor` with rows added up to `size`, each the mean of its rows (mergekit's padding)."""
+    if size == tensor.shape[0]:
+        return tensor
+    padded = tensor.new_empty((size, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    padded[tensor.shape[0]:] = torch.mean(tensor, dim=0)
+    return padded
 
 
 def align_rows(tensors: list[torch.Tensor], rows: list[torch.Tensor], base_index: int | None) -> list[torch.Tensor]:

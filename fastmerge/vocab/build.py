@@ -25,6 +25,7 @@ from ..errors import CheckpointError, ConfigError, MissingExtraError
 from ..io.checkpoint import Checkpoint
 from ..io.output_dir import TOKENIZER_FILES
 from .names import is_input_embedding
+from .tokens import padded_size
 
 MODEL_PREFIX = "model:"
 
@@ -57,11 +58,15 @@ class OutputVocabulary:
     size: int
     rows: dict[str, torch.Tensor]
     model_sizes: dict[str, int]
+    # Each model's own token -> id map (its tokenizer's, or the base's when it has none).
+    model_vocabs: dict[str, dict[str, int]]
+    # Embedding rows of the output: `size` padded up to `pad_to_multiple_of` (tokenizer: block).
+    padded_size: int
 
     def is_identity(self, model: str, tensor_rows: int) -> bool:
         """Whether the model's tensor already is in output order and size (no copy needed)."""
         rows = self.rows[model]
-        return tensor_rows == self.size and bool(torch.equal(rows, torch.arange(self.size)))
+        return tensor_rows == self.padded_size == self.size and bool(torch.equal(rows, torch.arange(self.size)))
 
     def save(self, directory: Path) -> list[str]:
         before = {p.name for p in directory.iterdir()}
@@ -84,9 +89,11 @@ def has_tokenizer_files(directory: Path | None) -> bool:
 
 
 def build_output_vocabulary(
-    source: TokenizerSource, base: str, models: list[str], checkpoints: dict[str, Checkpoint]
+    source: TokenizerSource, base: str, models: list[str], checkpoints: dict[str, Checkpoint],
+    add_tokens: list[str] = (), pad_to_multiple_of: int | None = None,
 ) -> OutputVocabulary:
-    """`base` is the base model (or the first model); `models` every model the config names."""
+    """`base` is the base model (or the first model); `models` every model the config names;
+    `add_tokens` (the `tokenizer.tokens` keys) join the output vocabulary where it lacks them."""
     what = f"tokenizer_source: {source.kind}"
     transformers = require_transformers(what)
     base_directory = checkpoints[base].directory
@@ -101,22 +108,29 @@ def build_output_vocabulary(
     _check_within_embedding(tokenizers[base], sizes[base], base, what)
 
     if source.kind == "base":
-        output = tokenizers[base]
+        # a copy when tokens are added: the base tokenizer maps the other models' rows
+        output = _fresh_copy(transformers, tokenizers[base], base) if add_tokens else tokenizers[base]
     elif source.kind == "union":
         output = _union(transformers, tokenizers, base, sizes)
     else:
         output = _load(transformers, _model_directory(source.model, checkpoints), source.model)
+    known = set(output.get_vocab())
+    for token in add_tokens:
+        if token not in known:
+            output.add_tokens(token)
+            known.add(token)
 
     vocab = output.get_vocab()
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise ConfigError(f"{what}: the output tokenizer's token ids are not 0..{len(vocab) - 1} without gaps; it cannot index an embedding")
     by_id = sorted(vocab, key=vocab.__getitem__)
-    rows = {}
+    rows, model_vocabs = {}, {}
     for name in models:
-        model_vocab = tokenizers.get(name, tokenizers[base]).get_vocab()
+        model_vocabs[name] = model_vocab = tokenizers.get(name, tokenizers[base]).get_vocab()
         ids = [model_vocab.get(token, -1) for token in by_id]
         rows[name] = torch.tensor([i if 0 <= i < sizes[name] else -1 for i in ids], dtype=torch.int64)
-    return OutputVocabulary(tokenizer=output, size=len(vocab), rows=rows, model_sizes=sizes)
+    return OutputVocabulary(tokenizer=output, size=len(vocab), rows=rows, model_sizes=sizes, model_vocabs=model_vocabs,
+                            padded_size=padded_size(len(vocab), pad_to_multiple_of))
 
 
 def model_vocab_size(checkpoint: Checkpoint, tokenizer_size: int) -> int:
@@ -156,11 +170,15 @@ def _check_within_embedding(tokenizer: Any, size: int, name: str, what: str) -> 
         )
 
 
-def _union(transformers: Any, tokenizers: dict[str, Any], base: str, sizes: dict[str, int]) -> Any:
+def _fresh_copy(transformers: Any, tokenizer: Any, name: str) -> Any:
     with tempfile.TemporaryDirectory() as scratch:
-        # A fresh copy: adding tokens must not change the base tokenizer other models map through.
-        tokenizers[base].save_pretrained(scratch)
-        output = _load(transformers, Path(scratch), base)
+        tokenizer.save_pretrained(scratch)
+        return _load(transformers, Path(scratch), name)
+
+
+def _union(transformers: Any, tokenizers: dict[str, Any], base: str, sizes: dict[str, int]) -> Any:
+    # A fresh copy: adding tokens must not change the base tokenizer other models map through.
+    output = _fresh_copy(transformers, tokenizers[base], base)
     known = set(output.get_vocab())
     plain: list[str] = []
     added: dict[str, Any] = {}

@@ -48,6 +48,13 @@ def configs(b, f1, f2, f3):
         "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": b, "models": [{"model": b}, {"model": f1}]},
         "ram": {"merge_method": "ram", "base_model": b, "models": three},
         "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": b, "models": three, "parameters": {"r": 0.5, "alpha": 0.3}},
+        # the tokenizer: block: a new token from another token's row, forced rows, padding
+        "tokenizer_block": {"merge_method": "task_arithmetic", "base_model": b, "models": weighted, "tokenizer": {
+            "source": "union", "pad_to_multiple_of": 16, "tokens": {
+                "<new>": {"source": {"kind": "model_token", "model": f2, "token": "A"}},
+                "B": {"source": f1, "force": True},
+                "C": {"source": {"kind": "zero"}, "force": True},
+                "D": {"source": {"kind": "model_token", "model": b, "token_id": 7}, "force": True}}}},
     }
 
 
