@@ -12,9 +12,11 @@ with A (r x in) and B (out x r) from the adapter, the product transposed for `fa
 layers and for embeddings (whose A is r x vocab). It is formed in fp32 and added to W in fp32,
 then rounded once to W's stored dtype, which is what peft's `merge_and_unload` does to a bf16
 model with an fp32 adapter; for embeddings peft rounds the product to W's dtype before adding,
-and so does fastmerge, so the bytes are peft's. DoRA (`use_dora`) rescales each output row of W + s B A to the adapter's magnitude m:
-m_o / ||(W + s B A)_o|| * (W + s B A)_o. A bias trained with `lora_bias` adds s * B's bias to the
-layer's bias. Tensors the adapter stores whole (`modules_to_save`, embeddings saved with their
+and so does fastmerge, so the bytes are peft's. DoRA (`use_dora`) rescales each output of
+W + s B A to the adapter's magnitude m: m_o / ||(W + s B A)_o|| * (W + s B A)_o, where output o
+is a row of a linear layer and a stored column of a fan_in_fan_out layer or an embedding (the
+product not rounded first there, as in peft). A bias trained with `lora_bias` adds s * B's bias
+to the layer's bias. Tensors the adapter stores whole (`modules_to_save`, embeddings saved with their
 base layer) replace the model's.
 
 Every adapter tensor is matched to a model tensor when the reference is opened, and anything
@@ -186,8 +188,6 @@ class LoraAdapter:
         expected = self.options.rank(update.module)
         if rank != expected:
             raise CheckpointError(f"{where}: lora_A has rank {rank} where the adapter config gives {expected}")
-        if update.magnitude is not None and update.transposed:
-            raise CheckpointError(f"{where}: DoRA on a fan_in_fan_out layer or an embedding cannot be applied")
         update.scaling = self.options.scaling(update.module, rank)
 
     def close(self) -> None:
@@ -247,6 +247,8 @@ def apply_low_rank(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, s
         left, right = down.float().T, up.float().T
     else:
         left, right = up.float(), down.float()
+    if magnitude is not None and transposed:
+        return _dora_by_columns(weight, left @ right, scaling, magnitude)
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     # One fp32 block reused: fresh 20-40 MB temporaries per block cost page faults, 3-4x the time.
     block = torch.empty(min(APPLY_ROWS, weight.shape[0]), weight.shape[1], dtype=torch.float32)
@@ -261,6 +263,14 @@ def apply_low_rank(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, s
             combined.mul_((magnitude[rows].float() / torch.linalg.vector_norm(combined, dim=1)).unsqueeze(1))
         out[rows].copy_(combined)
     return out
+
+
+def _dora_by_columns(weight: torch.Tensor, product: torch.Tensor, scaling: float, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA on a layer stored transposed (fan_in_fan_out, embeddings): the magnitude rescales
+    each stored column, whose norm runs over every row, so the whole fp32 matrix is formed
+    (twice the tensor's bytes and more; only here)."""
+    combined = product.mul_(scaling).add_(weight)
+    return combined.mul_(magnitude.float() / torch.linalg.vector_norm(combined, dim=0)).to(weight.dtype)
 
 
 class AdaptedCheckpoint(Checkpoint):
@@ -304,6 +314,7 @@ class AdaptedCheckpoint(Checkpoint):
         if not info.dtype.is_floating_point:
             raise CheckpointError(f"{where}: {target!r} is {info.dtype}, not a float tensor a LoRA can update")
         if update.magnitude is not None and self.adapter.shape(update.magnitude) != product[:1]:
+            # one magnitude per output: a row of B @ A (an embedding's output is its width, B's rows too)
             raise CheckpointError(f"{where}: module {update.module!r}: the DoRA magnitude has shape "
                                   f"{list(self.adapter.shape(update.magnitude))}, expected [{product[0]}]")
         if update.up_bias is not None:
@@ -323,8 +334,9 @@ class AdaptedCheckpoint(Checkpoint):
         update = self.updates.get(name)
         if update is not None:
             magnitude = self.adapter.tensor(update.magnitude) if update.magnitude else None
+            # peft rounds an embedding's product first, except under DoRA
             return apply_low_rank(base, self.adapter.tensor(update.down), self.adapter.tensor(update.up), update.scaling,
-                                  update.transposed, magnitude, round_delta=update.embedding)
+                                  update.transposed, magnitude, round_delta=update.embedding and magnitude is None)
         bias_update = self._bias_update(name)
         if bias_update is not None:
             # peft adds s * B's bias to the layer's bias in fp32 and rounds once, like the weight.

@@ -99,6 +99,25 @@ def test_dora_rescales_each_output_row_to_the_magnitude(base, tmp_path):
     assert torch.allclose(got.float().pow(2).sum(dim=1).sqrt(), magnitude, rtol=2e-2)
 
 
+def test_dora_on_a_transposed_layer_rescales_each_stored_column(tmp_path):
+    """fan_in_fan_out (in x out) and embeddings (vocab x width): the magnitude has one entry per
+    output, a stored column, normed over every stored row."""
+    w, embed = rand(12, 20, seed=1).half(), rand(30, 8, seed=6).half()
+    save_file({"h.0.c_attn.weight": w, "wte.weight": embed}, str(tmp_path / "model.safetensors"))
+    A, B, m = rand(3, 12, seed=3), rand(20, 3, seed=4), rand(20, seed=5).abs() + 0.5
+    EA, EB, em = rand(3, 30, seed=7), rand(8, 3, seed=8), rand(8, seed=9).abs() + 0.5
+    adapter = write_adapter(tmp_path / "a", {"h.0.c_attn.lora_A.weight": A, "h.0.c_attn.lora_B.weight": B,
+                                             "h.0.c_attn.lora_magnitude_vector": m, "wte.lora_embedding_A": EA,
+                                             "wte.lora_embedding_B": EB, "wte.lora_magnitude_vector": em},
+                            r=3, lora_alpha=6, fan_in_fan_out=True, use_dora=True)
+    adapted = open_model(f"{tmp_path / 'model.safetensors'}+{adapter}")
+    for name, weight, product, magnitude in (("h.0.c_attn.weight", w, (B @ A).T, m), ("wte.weight", embed, (EB @ EA).T, em)):
+        merged = weight.float() + product * 2.0
+        expected = (merged * (magnitude / merged.pow(2).sum(dim=0).sqrt())[None, :]).half()
+        got = adapted.tensor(name)
+        assert (got.float() - expected.float()).abs().max() <= expected.float().abs().max() * 2**-10, name
+
+
 def test_fan_in_fan_out_and_lora_bias(tmp_path):
     """A GPT-2 style (in x out) weight takes the transposed product; lora_bias adds s * B's bias."""
     w, bias = rand(12, 20, seed=1).half(), rand(20, seed=2).half()
@@ -199,9 +218,9 @@ def llama(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("settings", [
     dict(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3}),
-    dict(target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True),
+    dict(target_modules=["q_proj", "o_proj", "up_proj", "embed_tokens"], use_dora=True),
     dict(target_modules="all-linear", use_rslora=True, modules_to_save=["lm_head"]),
-], ids=["patterns+embedding", "dora", "rslora+modules_to_save"])
+], ids=["patterns+embedding", "dora+embedding", "rslora+modules_to_save"])
 def test_the_same_bytes_as_peft_merge_and_unload(llama, tmp_path, settings):
     pytest.importorskip("peft")
     adapter = peft_adapter(tmp_path / "adapter", llama, "LlamaForCausalLM", torch.bfloat16, **settings)
@@ -212,18 +231,24 @@ def test_the_same_bytes_as_peft_merge_and_unload(llama, tmp_path, settings):
     assert [name for name in adapted.names if not torch.equal(adapted.tensor(name), expected[name])] == []
 
 
-def test_the_same_bytes_as_peft_on_gpt2_fan_in_fan_out_with_lora_bias(tmp_path):
+@pytest.mark.parametrize("settings", [
+    dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_bias=True),
+    dict(target_modules=["c_attn", "c_proj", "wte"], fan_in_fan_out=True, use_dora=True),
+], ids=["lora_bias", "dora"])
+def test_the_same_bytes_as_peft_on_gpt2_fan_in_fan_out(tmp_path, settings):
+    """GPT-2 stores its linear layers in x out; DoRA there (and on its embedding) rescales
+    stored columns, each normed over all rows."""
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(1)
     model_dir = tmp_path / "gpt2"
     transformers.GPT2LMHeadModel(config).to(torch.float16).save_pretrained(str(model_dir))
-    adapter = peft_adapter(tmp_path / "adapter", model_dir, "GPT2LMHeadModel", torch.float16,
-                           target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_bias=True)
+    adapter = peft_adapter(tmp_path / "adapter", model_dir, "GPT2LMHeadModel", torch.float16, **settings)
     expected = peft_merged(model_dir, adapter, "GPT2LMHeadModel", torch.float16)
     adapted = open_model(f"{model_dir}+{adapter}")
-    assert any(u.up_bias for u in adapted.updates.values())
+    kinds = {(u.up_bias is not None, u.magnitude is not None, u.embedding) for u in adapted.updates.values()}
+    assert kinds == ({(True, False, False)} if "lora_bias" in settings else {(False, True, False), (False, True, True)})
     assert [name for name in adapted.names if not torch.equal(adapted.tensor(name), expected[name])] == []
 
 
@@ -307,7 +332,7 @@ BAD_ADAPTERS = {
     "wrong shape": (lambda: pair(Q, 32, 31), {}, "does not fit"),
     "resized table": (lambda: {"lm_head.weight": rand(97, 32, seed=0)}, {}, "resized vocabularies"),
     "bad r": (lambda: pair(Q, 32, 32), {"r": 0}, "`r` must be a positive integer"),
-    "dora fan-in": (lambda: pair(Q, 32, 32) | {f"{Q}.lora_magnitude_vector": rand(32, seed=0)}, {"fan_in_fan_out": True}, "DoRA on a fan_in_fan_out"),
+    "dora magnitude": (lambda: pair(Q, 32, 32) | {f"{Q}.lora_magnitude_vector": rand(31, seed=0)}, {}, "DoRA magnitude has shape [31], expected [32]"),
 }
 
 
