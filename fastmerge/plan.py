@@ -400,13 +400,15 @@ class _PlanBuilder:
         vocab = self.vocabulary.tokenizer.get_vocab()
         overrides = []
         for token, embedding in self.spec.tokens.items():
-            row = vocab[token]
+            where = f"tokenizer.tokens[{token!r}] (tensor {out_name})"
+            row = vocab.get(token)
+            if row is None:  # added, but the tokenizer stores it under another form
+                raise PlanError(f"{where}: the output tokenizer has no token {token!r} after adding it")
             if not embedding.force and all(r[row] >= 0 for r in rows):
                 continue
             if embedding.kind == ZERO:
                 overrides.append(RowOverride(row, embedding.force))
                 continue
-            where = f"tokenizer.tokens[{token!r}] (tensor {out_name})"
             if embedding.model not in models:
                 raise PlanError(f"{where}: its source {embedding.model} is not one of this tensor's models ({', '.join(models)})")
             source = models.index(embedding.model)
