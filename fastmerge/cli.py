@@ -30,6 +30,13 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_truncation_option(parser)
+
+
+def _add_truncation_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--unsafe-truncate-embeddings", dest="truncate_embeddings", action=argparse.BooleanOptionalAction,
+                        default=False, help="merge vocabularies of different sizes by keeping the rows all models have "
+                        "(mergekit's flag; assumes those token ids mean the same everywhere)")
 
 
 def _add_extraction_options(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +70,7 @@ def _build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="show what a config would merge, without writing anything")
     plan.add_argument("config", type=Path)
     plan.add_argument("--allow-pickle", action="store_true")
+    _add_truncation_option(plan)
     plan.set_defaults(handler=_cmd_plan)
 
     demo = commands.add_parser("demo", help="build small example checkpoints and merge them (no downloads)")
@@ -120,6 +128,7 @@ def _merge_options(args: argparse.Namespace) -> dict:
         "overwrite": args.overwrite,
         "quiet": args.quiet,
         "backend": args.backend,
+        "truncate_embeddings": args.truncate_embeddings,
     }
 
 
@@ -137,7 +146,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _cmd_plan(args: argparse.Namespace) -> None:
     from .engine import prepare_plan
 
-    print(prepare_plan(args.config, allow_pickle=args.allow_pickle).summary())
+    print(prepare_plan(args.config, allow_pickle=args.allow_pickle, truncate_embeddings=args.truncate_embeddings).summary())
 
 
 def _cmd_multi(args: argparse.Namespace) -> None:
@@ -230,25 +239,30 @@ _IGNORED_MERGEKIT_FLAGS = {
     "async_write": "fastmerge's writer already overlaps the merge",
     "allow_crimes": "fastmerge checks shapes, not architecture names",
     "write_model_card": "fastmerge does not write a model card",
+    "multi_gpu": "fastmerge merges on one device",
 }
-# mergekit flags that take a value, for LoRA references (model+adapter), which fastmerge
+# mergekit flags that take a value: two for LoRA references (model+adapter), which fastmerge
 # applies tensor by tensor as it reads them instead of merging a full copy into a cache.
 _IGNORED_MERGEKIT_VALUE_FLAGS = {
     "lora_merge_cache": "LoRA adapters are applied as tensors are read; nothing is cached",
     "lora_merge_dtype": "LoRA updates are added in fp32 and rounded once to each tensor's stored dtype, as peft does",
+    "transformers_cache": "fastmerge reads local model directories only; nothing is downloaded",
+    "write_threads": "fastmerge writes on one thread that overlaps the merge",
 }
 
 
 def _add_mergekit_options(parser: argparse.ArgumentParser) -> None:
     """mergekit's merge flags, shared by the mergekit-yaml and mergekit-multi drop-ins."""
-    parser.add_argument("--cuda", action="store_true", help="merge on the GPU")
+    parser.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=False, help="merge on the GPU")
+    parser.add_argument("--gpu-rich", dest="cuda", action="store_true", help="mergekit's alias for --cuda and GPU reads: --cuda")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out-shard-size", default="5B", help="bytes per shard, K/M/B suffixes [default: 5B]")
     parser.add_argument("--copy-tokenizer", dest="copy_tokenizer", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--random-seed", type=int, default=None)
     parser.add_argument("--num-threads", "-j", dest="threads", type=int, default=None)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("-v", "--verbosity", action="count", default=0)
+    _add_truncation_option(parser)
     parser.add_argument("--allow-pickle", action="store_true", help="fastmerge extension: read .bin checkpoints")
     parser.add_argument("--overwrite", action="store_true", help="fastmerge extension: replace an output that exists")
     for flag in _IGNORED_MERGEKIT_FLAGS:

@@ -55,6 +55,7 @@ class MergeReport:
     peak_rss_bytes: int
     device: str
     extra_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         rate = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
@@ -63,7 +64,7 @@ class MergeReport:
             f"({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}, {format_size(self.bytes_written)}) "
             f"in {self.seconds:.2f} s: read {format_size(self.bytes_read)} ({rate:.2f} GB/s), "
             f"peak RSS {format_size(self.peak_rss_bytes)}, device {self.device}"
-        )
+        ) + "".join(f"\nnote: {note}" for note in self.notes)
 
 
 @dataclass
@@ -94,12 +95,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def prepare_plan(config: str | Path | Mapping[str, Any] | MergeSpec, allow_pickle: bool = False) -> Plan:
+def prepare_plan(config: str | Path | Mapping[str, Any] | MergeSpec, allow_pickle: bool = False,
+                 truncate_embeddings: bool = False) -> Plan:
     """Parse the config, open the inputs' headers and resolve every tensor (no data is read)."""
     spec = config if isinstance(config, MergeSpec) else load_config(config)
     method = get_method(spec.merge_method)
     checkpoints = open_checkpoints(spec, allow_pickle=allow_pickle)
-    return build_plan(spec, method, checkpoints)
+    return build_plan(spec, method, checkpoints, truncate_embeddings)
 
 
 def run(
@@ -115,8 +117,10 @@ def run(
     overwrite: bool = False,
     quiet: bool = False,
     backend: str | None = None,
+    truncate_embeddings: bool = False,
 ) -> MergeReport:
-    """Merge the models a mergekit-style config describes into `out_dir`.
+    """Merge the models a mergekit-style config describes into `out_dir`
+    (`truncate_embeddings`: mergekit's --unsafe-truncate-embeddings).
 
     The output appears at `out_dir` only when complete: it is built in a temporary directory
     beside it and renamed into place, so a failed merge leaves nothing that looks finished.
@@ -127,7 +131,7 @@ def run(
         set_threads(threads)
     torch_device = resolve_device(device)
     max_shard = parse_size(out_shard_size)
-    plan = prepare_plan(config, allow_pickle=allow_pickle)
+    plan = prepare_plan(config, allow_pickle=allow_pickle, truncate_embeddings=truncate_embeddings)
     try:
         writer, final, extra = _merge_into(plan, Path(out_dir), torch_device, seed, backend, quiet, max_shard, overwrite, copy_tokenizer)
     finally:
@@ -144,6 +148,7 @@ def run(
         peak_rss_bytes=peak_rss_bytes(),
         device=str(torch_device),
         extra_files=extra,
+        notes=plan.notes,
     )
 
 

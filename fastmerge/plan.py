@@ -89,6 +89,8 @@ class Plan:
     vocabulary: OutputVocabulary | None = None
     # Jinja text for the output's tokenizer_config.json (`chat_template`), resolved from the config.
     chat_template: str | None = None
+    # What the user should know about this merge (`fastmerge plan` and the report print them).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def output_bytes(self) -> int:
@@ -126,6 +128,7 @@ class Plan:
             f"est. peak mem: {format_size(self.estimated_peak_bytes())} (+ interpreter and libraries)",
         ]
         lines += [f"LoRA adapter:  {c.summary()}" for c in self.checkpoints if isinstance(c, AdaptedCheckpoint)]
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -135,10 +138,12 @@ def open_checkpoints(spec: MergeSpec, allow_pickle: bool = False) -> dict[str, C
     return {name: open_model(name, allow_pickle=allow_pickle) for name in spec.referenced_models()}
 
 
-def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint]) -> Plan:
-    """Resolve every output tensor of the merge described by `spec`."""
+def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint],
+               truncate_embeddings: bool = False) -> Plan:
+    """Resolve every output tensor of the merge described by `spec`; `truncate_embeddings` is
+    mergekit's --unsafe-truncate-embeddings (see _PlanBuilder._truncated)."""
     check_parameter_names(spec, method)
-    builder = _PlanBuilder(spec, method, checkpoints, _output_vocabulary(spec, checkpoints))
+    builder = _PlanBuilder(spec, method, checkpoints, _output_vocabulary(spec, checkpoints), truncate_embeddings)
     return builder.build()
 
 
@@ -179,10 +184,13 @@ def check_parameter_names(spec: MergeSpec, method: MergeMethod) -> None:
 
 class _PlanBuilder:
     def __init__(self, spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint],
-                 vocabulary: OutputVocabulary | None = None):
+                 vocabulary: OutputVocabulary | None = None, truncate_embeddings: bool = False):
         self.spec = spec
         self.method = method
         self.vocabulary = vocabulary
+        self.truncate_embeddings = truncate_embeddings
+        self.truncated_rows: int | None = None
+        self.notes: list[str] = []
         self.names = list(checkpoints)
         self.checkpoints = [checkpoints[n] for n in self.names]
         self.index = {n: i for i, n in enumerate(self.names)}
@@ -226,6 +234,7 @@ class _PlanBuilder:
             input_bytes_by_tensor=self.input_bytes,
             vocabulary=self.vocabulary,
             chat_template=self._chat_template(config_source),
+            notes=self.notes,
         )
 
     def _template(self, first_slice: SliceSpec) -> Checkpoint:
@@ -373,9 +382,12 @@ class _PlanBuilder:
         if self.vocabulary is None:
             if len({shape[0] for shape in shapes}) > 1:
                 listed = ", ".join(f"{self.names[r.checkpoint]} has {shape[0]}" for r, shape in zip(refs, shapes))
+                if self.truncate_embeddings:
+                    return self._truncated(out_name, shapes, listed, len(refs) - has_base, has_base)
                 raise PlanError(
                     f"tensor {out_name} has vocabularies of different sizes ({listed}); set "
-                    "`tokenizer_source: base`, `union` or `model:<path>` to align the embedding rows"
+                    "`tokenizer_source: base`, `union` or `model:<path>` to align the embedding rows "
+                    "(or keep only the rows all have: --unsafe-truncate-embeddings)"
                 )
             return shapes[0], None
         models = [self.names[r.checkpoint] for r in refs]
@@ -392,6 +404,18 @@ class _PlanBuilder:
             input_rows=tuple(rows[: len(rows) - has_base]), base_rows=rows[-1] if has_base else None,
             overrides=overrides, padded_size=self.vocabulary.padded_size,
         )
+
+    def _truncated(self, out_name: str, shapes: list[tuple[int, ...]], listed: str, inputs: int,
+                   has_base: bool) -> tuple[tuple[int, ...], VocabularyAlignment]:
+        """mergekit's --unsafe-truncate-embeddings: keep the first rows, as many as every model
+        has, assuming their token ids mean the same in all (nothing checks that).
+        config.json's vocab_size becomes the kept count, so the output loads (mergekit leaves it)."""
+        rows = min(shape[0] for shape in shapes)
+        self.truncated_rows = min(rows, self.truncated_rows or rows)
+        self.notes.append(f"{out_name}: truncated to the first {rows} rows, which every input has ({listed}); "
+                          "--unsafe-truncate-embeddings assumes those token ids mean the same in every model")
+        kept = torch.arange(rows)
+        return (rows, *shapes[0][1:]), VocabularyAlignment(input_rows=(kept,) * inputs, base_rows=kept if has_base else None)
 
     def _row_overrides(self, out_name: str, models: list[str], shapes: list[tuple[int, ...]],
                        rows: list[torch.Tensor]) -> tuple[RowOverride, ...]:
@@ -476,6 +500,8 @@ class _PlanBuilder:
             config["num_hidden_layers"] = out_layers
         if self.vocabulary is not None:
             config["vocab_size"] = self.vocabulary.padded_size
+        elif self.truncated_rows is not None:
+            config["vocab_size"] = self.truncated_rows
         if config.get("tie_word_embeddings", True) and any(is_output_embedding(t.name) and not source.has(t.name) for t in self.tensors):
             # The config's model is tied but another input is not, so the output has a merged
             # lm_head of its own; left tied, transformers would drop it and reuse the embedding.

@@ -53,6 +53,26 @@ def test_mergekit_yaml_drop_in_flags(tiny_models, tmp_path, capsys):
     assert all(torch.equal(produced[k], expected[k]) for k in expected)
 
 
+def test_every_mergekit_yaml_flag_is_accepted(tiny_models, tmp_path, capsys):
+    """mergekit 0.1.5's whole flag list (`mergekit-yaml --help`), so scripts written for it run."""
+    path = write_config(tmp_path / "m.yml", config_for(tiny_models))
+    code = mergekit_yaml_main([
+        str(path), str(tmp_path / "out"), "--no-allow-crimes", "--no-unsafe-truncate-embeddings", "--no-trust-remote-code",
+        "--transformers-cache", str(tmp_path / "cache"), "--lora-merge-cache", str(tmp_path / "lora"), "--lora-merge-dtype", "float32",
+        "--random-seed", "1", "-v", "--no-quiet", "--no-cuda", "--device", "cpu", "--no-low-cpu-memory", "--no-lazy-unpickle",
+        "--no-read-to-gpu", "--multi-gpu", "-j", "1", "--no-async-write", "--write-threads", "2", "--out-shard-size", "1B",
+        "--copy-tokenizer", "--no-clone-tensors", "--no-write-model-card", "--safe-serialization",
+    ])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    for flag in ("--transformers-cache", "--multi-gpu", "--write-threads"):
+        assert f"{flag} accepted and ignored" in err
+    assert not (tmp_path / "cache").exists()
+    assert mergekit_yaml_main([str(path), str(tmp_path / "gpu"), "--gpu-rich"]) == (0 if torch.cuda.is_available() else 2)
+    if not torch.cuda.is_available():
+        assert "--device cuda was asked for" in capsys.readouterr().err
+
+
 def test_mergekit_yaml_errors_exit_2(tmp_path, capsys):
     path = write_config(tmp_path / "m.yml", {"merge_method": "linear", "models": [{"model": str(tmp_path / "missing"), "parameters": {"weight": 1}}]})
     assert mergekit_yaml_main([str(path), str(tmp_path / "out")]) == 2

@@ -14,6 +14,7 @@ import torch
 
 from _support import load_dir
 from fastmerge import run
+from fastmerge.cli import main
 from fastmerge.demo import LlamaShape, fine_tune_of, make_state, write_checkpoint
 from fastmerge.errors import ConfigError, MissingExtraError, PlanError
 from fastmerge.vocab.chat_templates import NAMED_TEMPLATES
@@ -46,9 +47,25 @@ def _linear(a: Path, b: Path, **extra) -> dict:
 
 
 def test_unset_source_refuses_different_vocab_sizes_naming_models(models, tmp_path):
-    with pytest.raises(PlanError, match=r"small has 110, .*big1 has 118.*tokenizer_source"):
+    with pytest.raises(PlanError, match=r"small has 110, .*big1 has 118.*tokenizer_source.*--unsafe-truncate-embeddings"):
         run(_linear(models["small"], models["big1"]), tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_unsafe_truncation_keeps_the_rows_every_model_has(models, tmp_path, capsys):
+    """mergekit's --unsafe-truncate-embeddings: the first 110 rows of each, merged; config.json
+    says 110 so the output loads; the report and `fastmerge plan` say what was cut."""
+    report = run(_linear(models["small"], models["big1"]), tmp_path / "out", quiet=True, truncate_embeddings=True)
+    small, big, merged = load_dir(models["small"]), load_dir(models["big1"]), load_dir(report.output_dir)
+    for name in VOCAB_TENSORS:
+        torch.testing.assert_close(merged[name], 0.25 * small[name] + 0.75 * big[name][:110])
+    assert json.loads((report.output_dir / "config.json").read_text())["vocab_size"] == 110
+    assert "note: model.embed_tokens.weight: truncated to the first 110 rows" in str(report)
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(report.output_dir)).get_input_embeddings().weight.shape[0] == 110
+    config = tmp_path / "m.yml"
+    config.write_text(json.dumps(_linear(models["small"], models["big1"])))
+    assert main(["plan", str(config), "--unsafe-truncate-embeddings"]) == 0
+    assert "note: lm_head.weight: truncated to the first 110 rows, which every input has (" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("source", ["base", "union", "model:big1", "big1"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +85,25 @@ def test_matches_mergekit(case, checkpoints):
     for name, expected in theirs.items():
         scale = expected.abs().max().item()
         assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+
+
+def test_unsafe_truncated_embeddings_match_mergekit(checkpoints):
+    """--unsafe-truncate-embeddings: a model with 8 more vocabulary rows merges on the rows both
+    have. (fastmerge also sets config.json's vocab_size to them; mergekit leaves it.)"""
+    root, paths = checkpoints
+    grown_state = {k: torch.cat([v, torch.randn(8, *v.shape[1:], generator=torch.Generator().manual_seed(5))])
+                   if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in load_dir(Path(paths[1])).items()}
+    grown = write_checkpoint(root / "grown", grown_state, replace(SHAPE, vocab_size=SHAPE.vocab_size + 8), dtype=torch.float32)
+    config = write_config(root / "truncate.yml", {"merge_method": "task_arithmetic", "base_model": paths[0], "dtype": "float32",
+                                                  "models": [{"model": str(grown), "parameters": {"weight": 0.7}},
+                                                             {"model": paths[2], "parameters": {"weight": 0.5}}]})
+    subprocess.run([MERGEKIT_YAML, str(config), str(root / "mk_truncate"), "--no-write-model-card", "--unsafe-truncate-embeddings"],
+                   check=True, capture_output=True)
+    ours = load_dir(run(config, root / "fm_truncate", quiet=True, truncate_embeddings=True).output_dir)
+    theirs = load_dir(root / "mk_truncate")
+    assert sorted(ours) == sorted(theirs) and ours["lm_head.weight"].shape[0] == SHAPE.vocab_size
+    for name, expected in theirs.items():
+        assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * expected.abs().max().item(), name
 
 
 def test_a_lora_reference_matches_mergekit(checkpoints):
