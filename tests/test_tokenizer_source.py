@@ -266,3 +266,18 @@ def test_a_token_source_that_cannot_be_read_is_a_plan_error(models, tmp_path, to
     with pytest.raises(PlanError, match=error):
         run(_linear(models["small"], models["big1"], tokenizer={"tokens": token}), tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_padding_rows_are_the_fp32_mean_rounded_once(dtype):
+    from fastmerge.vocab.align import pad_rows
+
+    rows = (torch.randn(7, 5, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    padded = pad_rows(rows, 16)
+    mean = rows.double().sum(dim=0) / 7
+    assert padded.dtype == dtype and torch.equal(padded[:7], rows)
+    if dtype == torch.float32:  # fp32 sums: within rounding of the exact mean
+        torch.testing.assert_close(padded[7:].double(), mean.expand(9, -1), rtol=1e-6, atol=1e-6)
+    else:  # half precisions: the exact mean rounded once (fp32 sums of 7 are exact enough)
+        assert torch.equal(padded[7:], mean.to(dtype).expand(9, -1))
+    assert pad_rows(rows, 7) is rows

@@ -64,12 +64,13 @@ def override_rows(aligned: list[torch.Tensor], originals: list[torch.Tensor], ro
 
 
 def pad_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """`tensor` with rows added up to `size`, each the mean of its rows (mergekit's padding)."""
+    """`tensor` with rows added up to `size`, each the mean of its rows (mergekit's padding),
+    summed in fp32 and rounded once."""
     if size == tensor.shape[0]:
         return tensor
     padded = tensor.new_empty((size, *tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor
-    padded[tensor.shape[0]:] = torch.mean(tensor, dim=0)
+    padded[tensor.shape[0]:] = tensor.float().mean(dim=0).to(tensor.dtype)
     return padded
 
 

@@ -18,7 +18,7 @@ The rules are mergekit 0.1.5's. A model that has a token keeps its own row unles
 names: the source model's row for that token, a given row of the source model (`model_token`,
 by id or by the token's id in that model's own tokenizer), or zeros. Tokens without a config
 keep the `tokenizer_source` rules (vocab/align.py). Padding rows of each model are the mean of
-its aligned rows, and config.json's vocab_size is the padded size.
+its aligned rows (fp32, rounded once), and config.json's vocab_size is the padded size.
 """
 
 from __future__ import annotations
