@@ -421,11 +421,10 @@ class _PlanBuilder:
                        rows: list[torch.Tensor]) -> tuple[RowOverride, ...]:
         """The `tokenizer.tokens` entries that change this tensor: a forced token, or one some
         model of the group lacks (mergekit resolves a token's source only then)."""
-        vocab = self.vocabulary.tokenizer.get_vocab()
         overrides = []
         for token, embedding in self.spec.tokens.items():
             where = f"tokenizer.tokens[{token!r}] (tensor {out_name})"
-            row = vocab.get(token)
+            row = self.vocabulary.token_ids.get(token)
             if row is None:  # added, but the tokenizer stores it under another form
                 raise PlanError(f"{where}: the output tokenizer has no token {token!r} after adding it")
             if not embedding.force and all(r[row] >= 0 for r in rows):

@@ -16,8 +16,8 @@ and so does fastmerge, so the bytes are peft's. DoRA (`use_dora`) rescales each 
 W + s B A to the adapter's magnitude m: m_o / ||(W + s B A)_o|| * (W + s B A)_o, where output o
 is a row of a linear layer and a stored column of a fan_in_fan_out layer or an embedding (the
 product not rounded first there, as in peft). A bias trained with `lora_bias` adds s * B's bias
-to the layer's bias. Tensors the adapter stores whole (`modules_to_save`, embeddings saved with their
-base layer) replace the model's.
+to the layer's bias. Tensors the adapter stores whole (`modules_to_save`, embeddings saved with
+their base layer) replace the model's.
 
 Every adapter tensor is matched to a model tensor when the reference is opened, and anything
 fastmerge cannot apply exactly (other PEFT methods, LoRA variants other than DoRA, convolutions,

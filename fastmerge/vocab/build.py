@@ -58,7 +58,9 @@ class OutputVocabulary:
     size: int
     rows: dict[str, torch.Tensor]
     model_sizes: dict[str, int]
-    # Each model's own token -> id map (its tokenizer's, or the base's when it has none).
+    # The output tokenizer's token -> id map, and each model's own (its tokenizer's, or the
+    # base's when it has none).
+    token_ids: dict[str, int]
     model_vocabs: dict[str, dict[str, int]]
     # Embedding rows of the output: `size` padded up to `pad_to_multiple_of` (tokenizer: block).
     padded_size: int
@@ -129,8 +131,8 @@ def build_output_vocabulary(
         model_vocabs[name] = model_vocab = tokenizers.get(name, tokenizers[base]).get_vocab()
         ids = [model_vocab.get(token, -1) for token in by_id]
         rows[name] = torch.tensor([i if 0 <= i < sizes[name] else -1 for i in ids], dtype=torch.int64)
-    return OutputVocabulary(tokenizer=output, size=len(vocab), rows=rows, model_sizes=sizes, model_vocabs=model_vocabs,
-                            padded_size=padded_size(len(vocab), pad_to_multiple_of))
+    return OutputVocabulary(tokenizer=output, size=len(vocab), rows=rows, model_sizes=sizes, token_ids=vocab,
+                            model_vocabs=model_vocabs, padded_size=padded_size(len(vocab), pad_to_multiple_of))
 
 
 def model_vocab_size(checkpoint: Checkpoint, tokenizer_size: int) -> int:
