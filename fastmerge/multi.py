@@ -3,9 +3,9 @@
 Each YAML document is a merge config with an optional `name`. A named merge is written to
 INTERMEDIATE_DIR/<name>, the unnamed one (at most one) to the output path. Wherever a config
 names a model (`base_model`, `models`, `slices` sources and bases, `tokenizer_source: model:`,
-the `tokenizer:` block's source and token sources) by another merge's name, alone or as the model of a LoRA reference (`name+adapter`), it means
-that merge's output, as in mergekit-multi. The merges run in dependency order; a cycle is an
-error naming it.
+the `tokenizer:` block's source and token sources) by another merge's name, alone or as the
+model of a LoRA reference (`name+adapter`), it means that merge's output, as in mergekit-multi.
+The merges run in dependency order; a cycle is an error naming it.
 
 Every config is checked before the first merge starts, so a typo in the last document costs
 nothing. Lazy by default, like mergekit-multi: a merge whose output directory already holds a
@@ -124,13 +124,20 @@ def _resolve_names(document: dict[str, Any], names: set[str], intermediate: Path
 
     for holder, key in _model_reference_slots(config):
         holder[key] = resolve(holder[key])
-    source = config.get("tokenizer_source")
-    if isinstance(source, str) and source.startswith(MODEL_PREFIX):
-        config["tokenizer_source"] = MODEL_PREFIX + resolve(source.removeprefix(MODEL_PREFIX).strip())
+    def resolve_tokenizer_source(source: Any) -> Any:
+        """`base`, `union`, `model:PATH` or a bare PATH (parse_tokenizer_source's forms)."""
+        if not isinstance(source, str) or source in ("base", "union"):
+            return source
+        if source.startswith(MODEL_PREFIX):
+            return MODEL_PREFIX + resolve(source.removeprefix(MODEL_PREFIX).strip())
+        return resolve(source)
+
+    if "tokenizer_source" in config:
+        config["tokenizer_source"] = resolve_tokenizer_source(config["tokenizer_source"])
     block = config.get("tokenizer")
     if isinstance(block, dict):
-        if block.get("source") not in (None, "union", "base"):
-            block["source"] = resolve(block["source"])
+        if "source" in block:
+            block["source"] = resolve_tokenizer_source(block["source"])
         for token in (block.get("tokens") or {}).values():
             if isinstance(token, dict) and "source" in token:
                 token["source"] = resolve(token["source"])

@@ -117,6 +117,12 @@ def test_names_resolve_in_the_tokenizer_block(tmp_path):
         "x": {"source": out_b}, "y": {"source": {"kind": "model_token", "model": out_b, "token_id": 1}},
         "z": {"source": {"kind": "zero"}}, "w": {"source": "/m1"}}}
     assert final.needs == ["b"]
+    prefixed = [{"name": "b", **LINEAR}, {"merge_method": "linear", "tokenizer": {"source": "model:b"},
+                                          "models": [{"model": "b", "parameters": {"weight": 1.0}}]},
+                {"name": "c", **LINEAR, "tokenizer_source": "b"}]
+    merges = load_multi(write_multi(tmp_path / "prefixed.yml", *prefixed), tmp_path / "work", tmp_path / "out")
+    by_name = {m.name: m.config for m in merges}
+    assert by_name[None]["tokenizer"]["source"] == f"model:{out_b}" and by_name["c"]["tokenizer_source"] == out_b
 
 
 @pytest.mark.parametrize("documents, message", [
