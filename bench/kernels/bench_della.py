@@ -2,6 +2,8 @@
 eager (a stable argsort of each row's |d| and its inverse for the ranks, uniform draws, one
 compare), as mergekit computes it. One bf16 fine-tune against its base, FASTMERGE_BENCH_N
 elements (default 64M) in rows of 2048, task-vector steps of a few bf16 ulps as in a fine-tune.
+Also the native Philox draws alone for as many elements (one per element, the contract's
+`tl.rand` stream): the part of the mask that no ranking design can remove.
 
 Run: python -m pytest bench/kernels/bench_della.py --benchmark-only
 The native mask is checked against the reference in tests/ops/test_ties.py; here only the speed
@@ -46,3 +48,10 @@ def test_della_mask_native(benchmark, tensors):
     x, base = tensors
     benchmark.pedantic(_native_della_keep, args=(x, base, della_fibres(x.shape), DENSITY, EPSILON, 7),
                        rounds=3, iterations=1)
+
+
+def test_della_draws_alone_native(benchmark, tensors):
+    from fastmerge import _native
+
+    out = torch.zeros(tensors[0].numel())  # written once here, so no page faults are timed
+    benchmark.pedantic(_native.philox_fill, args=(out.data_ptr(), 7, 0, out.numel()), rounds=3, iterations=1)
