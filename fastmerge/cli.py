@@ -1,5 +1,5 @@
-"""The `fastmerge` command and the mergekit-compatible `fastmerge-yaml`, `fastmerge-multi` and
-`fastmerge-extract-lora` drop-ins.
+"""The `fastmerge` command and the mergekit-compatible `fastmerge-yaml`, `fastmerge-multi`,
+`fastmerge-pytorch` and `fastmerge-extract-lora` drop-ins.
 
 Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
 -v), since a config or input problem is the user's to fix and a traceback hides the message.
@@ -39,6 +39,15 @@ def _add_truncation_option(parser: argparse.ArgumentParser) -> None:
                         "(mergekit's flag; assumes those token ids mean the same everywhere)")
 
 
+def _add_missing_tensor_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit-pytorch's two flags for tensors that not every model has (default: an error)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-i", "--tensor-intersection", dest="missing", action="store_const", const="intersection",
+                       default="error", help="only merge the tensors every model has")
+    group.add_argument("-u", "--tensor-union", dest="missing", action="store_const", const="union",
+                       help="merge every tensor any model has, from the models that have it")
+
+
 def _add_extraction_options(parser: argparse.ArgumentParser) -> None:
     """mergekit-extract-lora's own flags (fastmerge extract-lora and the fastmerge-extract-lora drop-in)."""
     parser.add_argument("--model", required=True, help="the fine-tuned model")
@@ -67,8 +76,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_merge_options(run)
     run.set_defaults(handler=_cmd_run)
 
+    pytorch = commands.add_parser("pytorch", help="merge arbitrary checkpoints tensor by tensor, by name (mergekit-pytorch's format)")
+    pytorch.add_argument("config", type=Path, help="merge config (YAML) with `models:`, each a checkpoint file or directory")
+    pytorch.add_argument("out", type=Path, help="output directory")
+    _add_missing_tensor_options(pytorch)
+    _add_merge_options(pytorch)
+    pytorch.set_defaults(handler=_cmd_pytorch)
+
     plan = commands.add_parser("plan", help="show what a config would merge, without writing anything")
     plan.add_argument("config", type=Path)
+    plan.add_argument("--flat", action="store_true", help="plan it as `fastmerge pytorch` would merge it (-i and -u imply this)")
+    _add_missing_tensor_options(plan)
     plan.add_argument("--allow-pickle", action="store_true")
     _add_truncation_option(plan)
     plan.set_defaults(handler=_cmd_plan)
@@ -111,7 +129,7 @@ def _build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(handler=_cmd_extract_lora)
 
     for arg in ("-v", "--verbose"):
-        for sub in (run, plan, demo, prune, continual, multi, extract):
+        for sub in (run, pytorch, plan, demo, prune, continual, multi, extract):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -143,10 +161,18 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(report)
 
 
+def _cmd_pytorch(args: argparse.Namespace) -> None:
+    from .engine import run
+
+    print(run(args.config, args.out, flat=args.missing, **_merge_options(args)))
+
+
 def _cmd_plan(args: argparse.Namespace) -> None:
     from .engine import prepare_plan
 
-    print(prepare_plan(args.config, allow_pickle=args.allow_pickle, truncate_embeddings=args.truncate_embeddings).summary())
+    flat = args.missing if args.flat or args.missing != "error" else None
+    print(prepare_plan(args.config, allow_pickle=args.allow_pickle, truncate_embeddings=args.truncate_embeddings,
+                       flat=flat).summary())
 
 
 def _cmd_multi(args: argparse.Namespace) -> None:
@@ -319,6 +345,18 @@ def _mergekit_main(prog: str, args: argparse.Namespace, command: Callable[[argpa
     return _guarded(handler, args)
 
 
+def _build_mergekit_pytorch_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastmerge-pytorch",
+        description="Drop-in for mergekit-pytorch: arbitrary checkpoints merged tensor by tensor, by name.",
+    )
+    parser.add_argument("config", type=Path)
+    parser.add_argument("out", type=Path)
+    _add_missing_tensor_options(parser)
+    _add_mergekit_options(parser)
+    return parser
+
+
 def _build_mergekit_extract_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmerge-extract-lora",
@@ -335,6 +373,10 @@ def mergekit_yaml_main(argv: Sequence[str] | None = None) -> int:
 
 def mergekit_multi_main(argv: Sequence[str] | None = None) -> int:
     return _mergekit_main("fastmerge-multi", _build_mergekit_multi_parser().parse_args(argv), _cmd_multi)
+
+
+def mergekit_pytorch_main(argv: Sequence[str] | None = None) -> int:
+    return _mergekit_main("fastmerge-pytorch", _build_mergekit_pytorch_parser().parse_args(argv), _cmd_pytorch)
 
 
 def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:

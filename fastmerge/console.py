@@ -49,5 +49,9 @@ def fastmerge_multi() -> None:
     _run("mergekit_multi_main")
 
 
+def fastmerge_pytorch() -> None:
+    _run("mergekit_pytorch_main")
+
+
 def fastmerge_extract_lora() -> None:
     _run("mergekit_extract_lora_main")

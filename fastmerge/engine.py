@@ -96,12 +96,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def prepare_plan(config: str | Path | Mapping[str, Any] | MergeSpec, allow_pickle: bool = False,
-                 truncate_embeddings: bool = False) -> Plan:
-    """Parse the config, open the inputs' headers and resolve every tensor (no data is read)."""
+                 truncate_embeddings: bool = False, flat: str | None = None) -> Plan:
+    """Parse the config, open the inputs' headers and resolve every tensor (no data is read);
+    `flat`: plan mergekit-pytorch's merge by tensor name (plan.build_plan)."""
     spec = config if isinstance(config, MergeSpec) else load_config(config)
     method = get_method(spec.merge_method)
     checkpoints = open_checkpoints(spec, allow_pickle=allow_pickle)
-    return build_plan(spec, method, checkpoints, truncate_embeddings)
+    return build_plan(spec, method, checkpoints, truncate_embeddings, flat)
 
 
 def run(
@@ -118,9 +119,12 @@ def run(
     quiet: bool = False,
     backend: str | None = None,
     truncate_embeddings: bool = False,
+    flat: str | None = None,
 ) -> MergeReport:
     """Merge the models a mergekit-style config describes into `out_dir`
-    (`truncate_embeddings`: mergekit's --unsafe-truncate-embeddings).
+    (`truncate_embeddings`: mergekit's --unsafe-truncate-embeddings). With `flat` ("error",
+    "union" or "intersection": what to do with a tensor some model lacks) the merge is
+    mergekit-pytorch's: every tensor of arbitrary checkpoints by name, no layer structure.
 
     The output appears at `out_dir` only when complete: it is built in a temporary directory
     beside it and renamed into place, so a failed merge leaves nothing that looks finished.
@@ -131,7 +135,7 @@ def run(
         set_threads(threads)
     torch_device = resolve_device(device)
     max_shard = parse_size(out_shard_size)
-    plan = prepare_plan(config, allow_pickle=allow_pickle, truncate_embeddings=truncate_embeddings)
+    plan = prepare_plan(config, allow_pickle=allow_pickle, truncate_embeddings=truncate_embeddings, flat=flat)
     try:
         writer, final, extra = _merge_into(plan, Path(out_dir), torch_device, seed, backend, quiet, max_shard, overwrite, copy_tokenizer)
     finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import torch
@@ -30,6 +30,10 @@ from .vocab.tokens import MODEL, ZERO
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)(?P<suffix>\..+)$")
 # Non-layer tensors that sit before the decoder stack (the rest sit after it).
 _PRE_LAYER_HINTS = ("embed", "wte", "wpe", "tok_embeddings", "word_embeddings")
+# A flat merge's rule for a tensor that not every model has (mergekit-pytorch's flags): stop with
+# an error, merge it from the models that have it (--tensor-union), or leave it out
+# (--tensor-intersection).
+FLAT_MISSING = ("error", "union", "intersection")
 
 
 def layer_index(name: str) -> int | None:
@@ -139,12 +143,18 @@ def open_checkpoints(spec: MergeSpec, allow_pickle: bool = False) -> dict[str, C
 
 
 def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Checkpoint],
-               truncate_embeddings: bool = False) -> Plan:
+               truncate_embeddings: bool = False, flat: str | None = None) -> Plan:
     """Resolve every output tensor of the merge described by `spec`; `truncate_embeddings` is
-    mergekit's --unsafe-truncate-embeddings (see _PlanBuilder._truncated)."""
+    mergekit's --unsafe-truncate-embeddings (see _PlanBuilder._truncated). With `flat` (one of
+    FLAT_MISSING) the merge is mergekit-pytorch's: every tensor by name, no layer structure
+    (see _PlanBuilder.build_flat)."""
     check_parameter_names(spec, method)
     builder = _PlanBuilder(spec, method, checkpoints, _output_vocabulary(spec, checkpoints), truncate_embeddings)
-    return builder.build()
+    if flat is None:
+        return builder.build()
+    if flat not in FLAT_MISSING:
+        raise ConfigError(f"unknown rule for missing tensors {flat!r}; use one of {', '.join(FLAT_MISSING)}")
+    return builder.build_flat(flat)
 
 
 def _output_vocabulary(spec: MergeSpec, checkpoints: dict[str, Checkpoint]) -> OutputVocabulary | None:
@@ -200,8 +210,7 @@ class _PlanBuilder:
     # -- structure -----------------------------------------------------------------------
     def build(self) -> Plan:
         spec = self.spec
-        if self.method.requires_base and not (spec.base_model or any(s.base_model for s in spec.slices or [])):
-            raise ConfigError(f"merge_method {spec.merge_method} needs a `base_model`")
+        self._check_base()
         slices = spec.slices or [self._models_slice()]
         template = self._template(slices[0])
         layer_count = self._layer_count(template)
@@ -216,20 +225,64 @@ class _PlanBuilder:
 
         if not self.tensors:
             raise PlanError(f"nothing to merge: {template.path} has no tensors")
-        output_layer_count = out_layers if layer_names else None
-        input_models = self._input_models(slices[0])
-        base_name = self._base_name(slices[0])
+        return self._plan(slices[0], template, out_layers if layer_names else None, layer_count)
+
+    def build_flat(self, missing: str) -> Plan:
+        """mergekit-pytorch's merge of arbitrary checkpoints: every tensor name of the `models:`
+        entries (the base adds none of its own, as there), each merged by name, with no layer
+        structure, from the models that have it; `missing` (FLAT_MISSING) says what happens
+        when some model lacks it. A base that lacks a tensor the method needs it for is an error."""
+        spec = self.spec
+        if spec.slices is not None:
+            raise ConfigError("a flat merge (fastmerge pytorch, mergekit-pytorch's format) takes `models:`, not "
+                              "`slices:`; `fastmerge run` merges slices")
+        self._check_base()
+        out_slice = self._models_slice()
+        names = dict.fromkeys(n for s in spec.models or [] for n in self.checkpoints[self.index[s.model]].names)
+        left_out = []
+        for name in names:
+            present = [s for s in out_slice.sources if self.checkpoints[self.index[s.model]].has(name)]
+            if len(present) < len(out_slice.sources):
+                if missing == "intersection":
+                    left_out.append(name)
+                    continue
+                if missing == "error":
+                    lacking = ", ".join(s.model for s in out_slice.sources if s not in present)
+                    raise PlanError(f"tensor {name} is missing from {lacking}; merge only the tensors every model has "
+                                    "(--tensor-intersection, -i) or each from the models that have it (--tensor-union, -u)")
+            base = spec.base_model
+            if base is not None and self.method.uses_base and not self.checkpoints[self.index[base]].has(name):
+                raise PlanError(f"tensor {name} is missing from the base model {base}, which merge_method "
+                                f"{spec.merge_method} needs for it; leave it out with --tensor-intersection (-i)")
+            if not self._merge_sources(replace(out_slice, sources=present)):
+                raise PlanError(f"tensor {name}: only the base model has it, so there is nothing to merge into it; "
+                                "leave it out with --tensor-intersection (-i)")
+            self._plan_tensor(name, replace(out_slice, sources=present), {s.model: name for s in present}, None, 0.0, name)
+        if left_out:
+            self.notes.append(f"{len(left_out)} tensor(s) not in every model left out (--tensor-intersection): "
+                              + ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else ""))
+        if not self.tensors:
+            raise PlanError("nothing to merge: no tensor is in every model" if left_out else "nothing to merge: the models have no tensors")
+        return self._plan(out_slice, self._template(out_slice), None, 0)
+
+    def _check_base(self) -> None:
+        spec = self.spec
+        if self.method.requires_base and not (spec.base_model or any(s.base_model for s in spec.slices or [])):
+            raise ConfigError(f"merge_method {spec.merge_method} needs a `base_model`")
+
+    def _plan(self, first_slice: SliceSpec, template: Checkpoint, out_layers: int | None, in_layers: int) -> Plan:
+        base_name = self._base_name(first_slice)
         config_source = self.checkpoints[self.index[base_name]] if base_name else template
         return Plan(
-            spec=spec,
+            spec=self.spec,
             method=self.method,
             checkpoints=self.checkpoints,
             checkpoint_names=self.names,
-            input_models=input_models,
+            input_models=self._input_models(first_slice),
             base_model=base_name,
             tensors=self._in_file_order(),
-            layer_count=output_layer_count,
-            output_config=self._output_config(config_source, output_layer_count, layer_count),
+            layer_count=out_layers,
+            output_config=self._output_config(config_source, out_layers, in_layers),
             config_source=config_source,
             input_bytes_by_tensor=self.input_bytes,
             vocabulary=self.vocabulary,

@@ -98,6 +98,8 @@ def test_console_scripts_exit_2_on_bad_input(tmp_path):
         "fastmerge": [sys.executable, "-m", "fastmerge", "run", str(bad), str(tmp_path / "out")],
         "fastmerge-yaml": [sys.executable, "-c", "import sys; from fastmerge.console import fastmerge_yaml; sys.argv[0] = 'fastmerge-yaml'; fastmerge_yaml()",
                            str(bad), str(tmp_path / "out")],
+        "fastmerge-pytorch": [sys.executable, "-c", "import sys; from fastmerge.console import fastmerge_pytorch; sys.argv[0] = 'fastmerge-pytorch'; fastmerge_pytorch()",
+                              str(bad), str(tmp_path / "out")],
     }
     for name, command in scripts.items():
         result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -5,7 +5,8 @@ Accepted forms, in the order a directory is probed:
   model.safetensors                       (single file)
   pytorch_model.bin.index.json + shards   (pickle: only with allow_pickle=True)
   pytorch_model.bin                       (pickle: only with allow_pickle=True)
-or a bare `.safetensors` (or, with allow_pickle, `.bin`) file.
+or a bare `.safetensors` file (or, with allow_pickle, a `.bin`, `.pt` or `.pth` one: torch.save's
+usual names, as `fastmerge pytorch` merges arbitrary checkpoints).
 
 Index files come from the internet, so every shard name is checked to be a plain relative name
 inside the model directory before anything is opened. Symlinks are still followed, because the
@@ -28,6 +29,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 _PICKLE_HINT = (
     "it holds only pickled PyTorch weights, which can run code when loaded; "
@@ -141,15 +143,16 @@ class Checkpoint:
     def _check_bare_file(self) -> Path:
         if self.path.suffix == ".safetensors":
             return self.path
-        if self.path.suffix == ".bin":
+        if self.path.suffix in PICKLE_SUFFIXES:
             if not self.allow_pickle:
                 raise CheckpointError(f"{self.path}: {_PICKLE_HINT}")
             return self.path
-        raise CheckpointError(f"{self.path}: not a model directory, .safetensors file or .bin file")
+        raise CheckpointError(f"{self.path}: not a model directory, .safetensors file or pickled "
+                              f"{'/'.join(PICKLE_SUFFIXES)} file")
 
     @staticmethod
     def _open(path: Path) -> SafetensorsFile | PickleFile:
-        return PickleFile(path) if path.suffix == ".bin" else SafetensorsFile(path)
+        return PickleFile(path) if path.suffix in PICKLE_SUFFIXES else SafetensorsFile(path)
 
     def _check_index_agrees(self, index_path: Path, weight_map: dict[str, str]) -> None:
         """Every tensor the index lists must be in the shard it names (and only there)."""

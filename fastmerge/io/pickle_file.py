@@ -1,4 +1,5 @@
-"""Pickled PyTorch weight files (`pytorch_model*.bin`), read only when the user opts in.
+"""Pickled PyTorch weight files (`pytorch_model*.bin`, or a bare `.bin`, `.pt` or `.pth` file), read
+only when the user opts in.
 
 Unpickling can run arbitrary code, so Checkpoint refuses these unless allow_pickle=True, and even
 then we load with `weights_only=True` (tensors and plain containers only). `mmap=True` keeps the
@@ -19,7 +20,7 @@ from .safetensors_file import TensorInfo
 
 
 class PickleFile:
-    """A state dict from one `.bin` file; tensor offsets are unknown, so begin == end == -1."""
+    """A state dict from one pickled file; tensor offsets are unknown, so begin == end == -1."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
