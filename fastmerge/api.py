@@ -10,7 +10,7 @@ import torch
 from .errors import ConfigError, PlanError
 from .methods import get_method
 from .methods.base import MergeMethod, TensorTask
-from .plan import REQUIRED, check_parameter_value, layer_index
+from .plan import FLAT_MISSING, REQUIRED, check_parameter_value, layer_index
 
 
 def merge_tensors(
@@ -37,30 +37,46 @@ def merge_state_dicts(
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     base: Mapping[str, torch.Tensor] | None = None,
     *,
+    missing: str = "error",
     out_dtype: torch.dtype | None = None,
     seed: int = 0,
     backend: str | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
-    """Merge whole state dicts tensor by tensor (keys of `base`, else of the first model).
-    Non-float tensors are copied from the base (else the first model)."""
+    """Merge whole state dicts tensor by tensor, as `fastmerge pytorch` merges files: every key
+    of the state dicts (the base adds none of its own). A key that not every state dict has is
+    an error, unless `missing` is "union" (merge it from the state dicts that have it; per-model
+    parameter lists are narrowed to them) or "intersection" (leave it out). A base the method
+    needs must have every merged key. Non-float tensors are copied from the base, else from
+    the first state dict that has them."""
     if not state_dicts:
         raise ConfigError("merge_state_dicts needs at least one state dict")
+    if missing not in FLAT_MISSING:
+        raise ConfigError(f"missing={missing!r}: use one of {', '.join(FLAT_MISSING)}")
     merger = get_method(method)
-    template = base if base is not None else state_dicts[0]
     merged = {}
-    for key, reference in template.items():
-        inputs = []
-        for i, state in enumerate(state_dicts):
-            if key not in state:
-                raise PlanError(f"tensor {key} is missing from state dict {i}")
-            if state[key].shape != reference.shape:
-                raise PlanError(f"tensor {key} has shape {list(state[key].shape)} in state dict {i} but {list(reference.shape)} in the reference")
-            inputs.append(state[key])
+    for key in dict.fromkeys(k for state in state_dicts for k in state):
+        present = [i for i, state in enumerate(state_dicts) if key in state]
+        if len(present) < len(state_dicts):
+            if missing == "intersection":
+                continue
+            if missing == "error":
+                lacking = ", ".join(str(i) for i in range(len(state_dicts)) if i not in present)
+                raise PlanError(f"tensor {key} is missing from state dict(s) {lacking}; pass missing='union' to merge "
+                                "it from the others or missing='intersection' to leave it out")
+        if base is not None and merger.uses_base and key not in base:
+            raise PlanError(f"tensor {key} is missing from the base state dict, which {merger.name} needs for it")
+        inputs = [state_dicts[i][key] for i in present]
+        reference = base[key] if base is not None and key in base else inputs[0]
+        for i, tensor in zip(present, inputs):
+            if tensor.shape != reference.shape:
+                raise PlanError(f"tensor {key} has shape {list(tensor.shape)} in state dict {i} but {list(reference.shape)} in the reference")
         if not reference.is_floating_point():
             merged[key] = reference.clone()
             continue
-        task = _task(merger, key, inputs, base[key] if base is not None else None, params, out_dtype, seed, backend)
+        narrowed = {k: [v[i] for i in present] if isinstance(v, (list, tuple)) and len(v) == len(state_dicts) else v
+                    for k, v in params.items()}
+        task = _task(merger, key, inputs, base.get(key) if base is not None else None, narrowed, out_dtype, seed, backend)
         merged[key] = merger.merge_tensor(task)
     return merged
 

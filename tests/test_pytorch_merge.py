@@ -210,3 +210,24 @@ def test_matches_mergekit_pytorch(models, tmp_path, method, flag, params):
     for name, expected in theirs.items():
         scale = max(expected.double().abs().max().item(), 1e-30)
         assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+
+
+def test_merge_state_dicts_follows_the_same_rule_for_missing_keys(models):
+    """The Python API's merge_state_dicts: the same three rules as the command, per-model
+    parameter lists narrowed to the state dicts that have a key."""
+    import fastmerge
+    from fastmerge.errors import PlanError
+
+    states = [_load(models[k]) for k in ("m0", "m1", "m2")]
+    with pytest.raises(PlanError, match=r"adapter.scale is missing from state dict\(s\) 0, 1"):
+        fastmerge.merge_state_dicts("linear", states, weight=list(WEIGHTS))
+    union = fastmerge.merge_state_dicts("linear", states, weight=list(WEIGHTS), missing="union")
+    assert sorted(union) == sorted(states[2])
+    assert torch.equal(union["adapter.scale"], states[2]["adapter.scale"])
+    name = "stem.conv.weight"
+    assert torch.equal(union[name], sum(w * s[name] for w, s in zip(WEIGHTS, states)) / sum(WEIGHTS))
+    common = fastmerge.merge_state_dicts("linear", states, weight=list(WEIGHTS), missing="intersection")
+    assert sorted(common) == sorted(states[0]) and torch.equal(common[name], union[name])
+    base = _load(models["base"])
+    with pytest.raises(PlanError, match="adapter.scale is missing from the base state dict"):
+        fastmerge.merge_state_dicts("task_arithmetic", states, base=base, weight=0.5, missing="union")
