@@ -299,13 +299,15 @@ def _add_mergekit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
 
 
-def _build_mergekit_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastmerge-yaml",
-        description="Drop-in for mergekit-yaml: same config, same flags, the fastmerge engine.",
-    )
+def _build_mergekit_parser(prog: str = "fastmerge-yaml",
+                           description: str = "Drop-in for mergekit-yaml: same config, same flags, the fastmerge engine.",
+                           flat: bool = False) -> argparse.ArgumentParser:
+    """CONFIG OUT and mergekit's merge flags; with `flat`, mergekit-pytorch's -i / -u too."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("config", type=Path)
     parser.add_argument("out", type=Path)
+    if flat:
+        _add_missing_tensor_options(parser)
     _add_mergekit_options(parser)
     return parser
 
@@ -345,18 +347,6 @@ def _mergekit_main(prog: str, args: argparse.Namespace, command: Callable[[argpa
     return _guarded(handler, args)
 
 
-def _build_mergekit_pytorch_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastmerge-pytorch",
-        description="Drop-in for mergekit-pytorch: arbitrary checkpoints merged tensor by tensor, by name.",
-    )
-    parser.add_argument("config", type=Path)
-    parser.add_argument("out", type=Path)
-    _add_missing_tensor_options(parser)
-    _add_mergekit_options(parser)
-    return parser
-
-
 def _build_mergekit_extract_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastmerge-extract-lora",
@@ -376,7 +366,9 @@ def mergekit_multi_main(argv: Sequence[str] | None = None) -> int:
 
 
 def mergekit_pytorch_main(argv: Sequence[str] | None = None) -> int:
-    return _mergekit_main("fastmerge-pytorch", _build_mergekit_pytorch_parser().parse_args(argv), _cmd_pytorch)
+    parser = _build_mergekit_parser("fastmerge-pytorch", "Drop-in for mergekit-pytorch: arbitrary checkpoints merged "
+                                    "tensor by tensor, by name.", flat=True)
+    return _mergekit_main("fastmerge-pytorch", parser.parse_args(argv), _cmd_pytorch)
 
 
 def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:
