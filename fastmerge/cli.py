@@ -26,7 +26,7 @@ def _add_merge_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for randomized methods (DARE, DELLA) [default: 0]")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels [default: all cores]")
     parser.add_argument("--backend", choices=("reference", "native", "triton", "cuda"), default=None, help="force one kernel backend")
-    parser.add_argument("--allow-pickle", action="store_true", help="also read pytorch_model*.bin (loaded with weights_only=True)")
+    parser.add_argument("--allow-pickle", action="store_true", help="also read pickled weights: pytorch_model*.bin, bare .bin/.pt/.pth (loaded with weights_only=True)")
     parser.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
