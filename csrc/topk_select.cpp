@@ -8,12 +8,16 @@
 // only two or three are occupied; spread-out data occupies many, and the histograms go to those
 // nearest the expected rank). One pass then counts, per thread: the elements above the
 // window (a vectorised compare), and each element in the window once, into one histogram: by
-// its full bit pattern in a bucket that has a histogram, by its bucket alone in one that has
-// not (the buckets' totals follow from it, so an element is counted once, not twice). That
-// pins the k-th largest exactly whenever it falls in an occupied bucket, and the per-thread
+// its full bit pattern in a bucket that has a histogram, by its bucket and whether its low 16
+// bits are zero in one that has not (the buckets' totals follow from it, so an element is
+// counted once, not twice). That pins the k-th largest exactly whenever it falls in an
+// occupied bucket, or is the smallest value of a bucket without one (low 16 bits zero: nearly
+// every |d| of a bf16 task vector, whose tail spreads over more buckets than get histograms,
+// as breadcrumbs' top 1% does), and the per-thread
 // counts of its value say which thread's range holds the tie cut-off, so only that range is
-// scanned. When the sample mispredicts, the classic passes decide. The answer never depends on
-// the sample: only the speed does.
+// scanned. When the k-th largest lies outside the window, the classic passes decide; when it
+// lies among the nonzero low bits of a bucket without a histogram, one fine pass over that
+// bucket does. The answer never depends on the sample: only the speed does.
 #include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -140,6 +144,9 @@ struct WindowCounts {
   int64_t above = 0;
   std::vector<int64_t> buckets;  // per bucket of the window
   std::vector<int64_t> fine;     // per occupied slot, 65536 bins (low 16 bits)
+  // Per bucket without a histogram, the elements whose low 16 bits are zero (the bucket's
+  // smallest value, and in a bf16 task vector nearly all of them); the rest are above it.
+  std::vector<int64_t> exact;
 };
 
 // Counts one chunk's bits into a window: the compare-and-count vectorises, and the elements in
@@ -149,7 +156,7 @@ class WindowCounter {
   explicit WindowCounter(const Window& w)
       : w_(w),
         unhistogrammed_(int64_t(w.occupied) * kFineBins),
-        fine_(w.usable() ? unhistogrammed_ + w.span() + 1 : 1),
+        fine_(w.usable() ? unhistogrammed_ + 2 * (int64_t(w.span()) + 1) : 1),
         inside_(kChunk + 16) {}
 
   void add(const uint32_t* bits, int64_t len, WindowCounts& out) {
@@ -176,26 +183,30 @@ class WindowCounter {
       m += bits[j] - lo <= span;
     }
     out.above += above;
-    // One count per element: its bit pattern's bin if its bucket has a histogram, else its
-    // bucket's bin after the histograms (drain_into recovers every bucket's total).
+    // One count per element: its bit pattern's bin if its bucket has a histogram, else one of
+    // its bucket's two bins after the histograms, for low 16 bits zero or not (drain_into
+    // recovers every bucket's total).
     const int* slot = w_.slot.data();
     const int64_t unhistogrammed = unhistogrammed_;
     fine_.add(m, [in, slot, unhistogrammed](int64_t j) {
       const uint32_t bucket = in[j] >> 16;
       const int s = slot[bucket];
-      return s < kMaxOccupied ? int64_t(s) * kFineBins + (in[j] & 0xffffu) : unhistogrammed + bucket;
+      return s < kMaxOccupied ? int64_t(s) * kFineBins + (in[j] & 0xffffu)
+                              : unhistogrammed + 2 * int64_t(bucket) + ((in[j] & 0xffffu) != 0);
     }, [](int64_t) { return true; });
   }
 
   void drain_into(WindowCounts& out) {
-    std::vector<int64_t> bins(unhistogrammed_ + w_.span() + 1, 0);
+    std::vector<int64_t> bins(unhistogrammed_ + 2 * (int64_t(w_.span()) + 1), 0);
     fine_.drain_into(bins.data());
     out.buckets.assign(w_.span() + 1, 0);
+    out.exact.assign(w_.span() + 1, 0);
     for (uint32_t i = 0; i <= w_.span(); ++i) {
       const int s = w_.slot[i];
       const bool histogrammed = s < kMaxOccupied;
-      const int64_t* first = bins.data() + (histogrammed ? int64_t(s) * kFineBins : unhistogrammed_ + i);
-      out.buckets[i] = std::accumulate(first, first + (histogrammed ? kFineBins : 1), int64_t(0));
+      const int64_t* first = bins.data() + (histogrammed ? int64_t(s) * kFineBins : unhistogrammed_ + 2 * int64_t(i));
+      out.buckets[i] = std::accumulate(first, first + (histogrammed ? kFineBins : 2), int64_t(0));
+      if (!histogrammed) out.exact[i] = first[0];
     }
     bins.resize(unhistogrammed_);
     out.fine = std::move(bins);
@@ -203,7 +214,7 @@ class WindowCounter {
 
  private:
   const Window& w_;
-  const int64_t unhistogrammed_;  // the first bin after the histograms: one per bucket without one
+  const int64_t unhistogrammed_;  // the first bin after the histograms: two per bucket without one
   BinCounter fine_;
   std::vector<uint32_t> inside_;
 };
@@ -211,18 +222,26 @@ class WindowCounter {
 // The tie cut-off when no scan is needed: keep no tie (0) or all of them (n).
 int64_t cut_without_scan(int64_t ties_to_keep, int64_t n) { return ties_to_keep <= 0 ? 0 : n; }
 
-// The classic selection: coarse pass, fine pass, tie scan (what a mispredicted window falls back on).
-Result two_pass_select(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, int64_t k) {
-  std::vector<int64_t> coarse(kHistBins, 0), fine(kHistBins, 0);
-  magnitude_histogram(x, x_dtype, b, b_dtype, n, reinterpret_cast<uintptr_t>(coarse.data()), 1, 0);
-  const auto [bucket, above] = bin_of_kth(coarse.data(), kHistBins - 1, k);
-  magnitude_histogram(x, x_dtype, b, b_dtype, n, reinterpret_cast<uintptr_t>(fine.data()), 2, uint32_t(bucket));
+// The fine pass and the tie scan for a k-th largest known to lie in coarse bucket `bucket`,
+// with `above` elements in higher buckets.
+Result select_in_bucket(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, int64_t k, uint32_t bucket,
+                        int64_t above) {
+  std::vector<int64_t> fine(kHistBins, 0);
+  magnitude_histogram(x, x_dtype, b, b_dtype, n, reinterpret_cast<uintptr_t>(fine.data()), 2, bucket);
   const auto [low, above_fine] = bin_of_kth(fine.data(), kHistBins - 1, k - above);
-  const uint32_t t_bits = (uint32_t(bucket) << 16) | uint32_t(low);
+  const uint32_t t_bits = (bucket << 16) | uint32_t(low);
   const int64_t ties_to_keep = k - above - above_fine, tie_count = fine[low];
   int64_t cut = cut_without_scan(ties_to_keep, n);
   if (ties_to_keep > 0 && ties_to_keep < tie_count) cut = tie_cutoff(x, x_dtype, b, b_dtype, n, t_bits, ties_to_keep);
   return {t_bits, ties_to_keep, tie_count, cut};
+}
+
+// The classic selection: coarse pass, then select_in_bucket (what a mispredicted window falls back on).
+Result two_pass_select(uintptr_t x, int x_dtype, uintptr_t b, int b_dtype, int64_t n, int64_t k) {
+  std::vector<int64_t> coarse(kHistBins, 0);
+  magnitude_histogram(x, x_dtype, b, b_dtype, n, reinterpret_cast<uintptr_t>(coarse.data()), 1, 0);
+  const auto [bucket, above] = bin_of_kth(coarse.data(), kHistBins - 1, k);
+  return select_in_bucket(x, x_dtype, b, b_dtype, n, k, uint32_t(bucket), above);
 }
 
 }  // namespace
@@ -290,28 +309,51 @@ std::pair<std::vector<Result>, int64_t> select_top_k(uintptr_t x, int x_dtype, u
       }
       above += here;
     }
-    const int slot = bucket >= 0 ? w.slot[bucket] : kMaxOccupied;
-    if (slot == kMaxOccupied) {  // mispredicted: outside the window, or in a bucket without a histogram
+    if (bucket < 0) {  // mispredicted: outside the window
       results.push_back(two_pass_select(x, x_dtype, b, b_dtype, n, k));
       continue;
     }
-    std::vector<int64_t> fine(kFineBins, 0);
-    for (const auto& thread : counts)
-      for (int64_t bin = 0; bin < kFineBins; ++bin) fine[bin] += thread[q].fine[slot * kFineBins + bin];
-    const auto [low, above_fine] = bin_of_kth(fine.data(), kFineBins - 1, k - above);
-    const uint32_t t_bits = ((w.lo + uint32_t(bucket)) << 16) | uint32_t(low);
-    const int64_t ties_to_keep = k - above - above_fine, tie_count = fine[low];
+    const int slot = w.slot[bucket];
+    // Per thread, the count of the threshold's value (its ties), in flat order.
+    std::vector<int64_t> ties_by_thread(used);
+    uint32_t t_bits;
+    int64_t ties_to_keep;
+    if (slot < kMaxOccupied) {
+      std::vector<int64_t> fine(kFineBins, 0);
+      for (const auto& thread : counts)
+        for (int64_t bin = 0; bin < kFineBins; ++bin) fine[bin] += thread[q].fine[slot * kFineBins + bin];
+      const auto [low, above_fine] = bin_of_kth(fine.data(), kFineBins - 1, k - above);
+      t_bits = ((w.lo + uint32_t(bucket)) << 16) | uint32_t(low);
+      ties_to_keep = k - above - above_fine;
+      for (int t = 0; t < used; ++t) ties_by_thread[t] = counts[t][q].fine[slot * kFineBins + low];
+    } else {
+      // A bucket without a histogram still pins the k-th largest when it is the bucket's
+      // smallest value (low 16 bits zero): the elements with other low bits are all above it.
+      int64_t exact = 0, here = 0;
+      for (int t = 0; t < used; ++t) {
+        exact += ties_by_thread[t] = counts[t][q].exact[bucket];
+        here += counts[t][q].buckets[bucket];
+      }
+      const int64_t above_exact = here - exact;
+      if (k - above <= above_exact) {  // among the other low bits: the bucket's histogram decides
+        results.push_back(select_in_bucket(x, x_dtype, b, b_dtype, n, k, w.lo + uint32_t(bucket), above));
+        continue;
+      }
+      t_bits = (w.lo + uint32_t(bucket)) << 16;
+      ties_to_keep = k - above - above_exact;
+    }
+    int64_t tie_count = 0;
+    for (int64_t here : ties_by_thread) tie_count += here;
     int64_t cut = cut_without_scan(ties_to_keep, n);
     if (ties_to_keep > 0 && ties_to_keep < tie_count) {
       // The thread ranges are in flat order: skip whole ranges by their tie counts.
       int64_t seen = 0;
       for (int t = 0; t < used; ++t) {
-        const int64_t here = counts[t][q].fine[slot * kFineBins + low];
-        if (seen + here > ties_to_keep) {
+        if (seen + ties_by_thread[t] > ties_to_keep) {
           cut = find_tie(xp, x_dtype, bp, b_dtype, first[t], first[t + 1], t_bits, seen, ties_to_keep);
           break;
         }
-        seen += here;
+        seen += ties_by_thread[t];
       }
     }
     results.push_back({t_bits, ties_to_keep, tie_count, cut});

@@ -165,22 +165,50 @@ NATIVE_PATHS = {
 
 @pytest.mark.skipif("native" not in THRESHOLD_BACKENDS, reason="native extension not built")
 @pytest.mark.parametrize("path", list(NATIVE_PATHS))
-@pytest.mark.parametrize("data", ["continuous", "few magnitudes"])
+@pytest.mark.parametrize("data", ["continuous", "few magnitudes", "fine-tune"])
 def test_native_one_pass_selection_matches_reference(monkeypatch, path, data):
+    """"fine-tune" is a bf16 task vector a hundredth of the weights (the benchmark's): its top 1%
+    spreads over more coarse buckets than get histograms, where the k-th largest is pinned by
+    its bucket's count of values with zero low bits."""
     from fastmerge import _native
 
     monkeypatch.setattr(threshold_module, "SELECT_SAMPLE", NATIVE_PATHS[path])
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(BIG_SIZE, generator=gen).to(torch.bfloat16)
-    step = torch.randn(BIG_SIZE, generator=gen) * 0.05 if data == "continuous" else \
-        torch.randint(-3, 4, (BIG_SIZE,), generator=gen) * 2.0 ** -8
-    x = (base.float() * (1 + step)).to(torch.bfloat16)
-    ks = [1, 1000, BIG_SIZE // 5, BIG_SIZE // 2, BIG_SIZE]
+    if data == "fine-tune":
+        x = (base.float() + torch.randn(BIG_SIZE, generator=gen) * 0.01).to(torch.bfloat16)
+    else:
+        step = torch.randn(BIG_SIZE, generator=gen) * 0.05 if data == "continuous" else \
+            torch.randint(-3, 4, (BIG_SIZE,), generator=gen) * 2.0 ** -8
+        x = (base.float() * (1 + step)).to(torch.bfloat16)
+    ks = [1, 1000, BIG_SIZE // 100, BIG_SIZE // 5, BIG_SIZE // 2, BIG_SIZE]
     expected = magnitude_thresholds(x, ks, base=base, backend="reference")
     threads = _native.max_threads()
     try:
         for n_threads in (1, max(threads, 3)):
             _native.set_num_threads(n_threads)
             assert magnitude_thresholds(x, ks, base=base, backend="native") == expected
+    finally:
+        _native.set_num_threads(threads)
+
+
+@pytest.mark.skipif("native" not in THRESHOLD_BACKENDS, reason="native extension not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_selection_in_a_bucket_without_a_histogram(monkeypatch, dtype):
+    """A 4096-element sample widens the windows over more occupied buckets than get histograms,
+    so the k-th largest lands in one without: bf16 values (low 16 bits zero) are pinned by the
+    bucket's counts; fp32 values (low bits set) take a fine pass over that bucket alone. Both
+    give the reference's thresholds and tie cut-offs."""
+    from fastmerge import _native
+
+    monkeypatch.setattr(threshold_module, "SELECT_SAMPLE", 4096)
+    x = torch.randn(BIG_SIZE, generator=torch.Generator().manual_seed(5)).to(dtype)
+    ks = [BIG_SIZE // 100, BIG_SIZE // 7]
+    expected = magnitude_thresholds(x, ks, backend="reference")
+    threads = _native.max_threads()
+    try:
+        for n_threads in (1, max(threads, 3)):
+            _native.set_num_threads(n_threads)
+            assert magnitude_thresholds(x, ks, backend="native") == expected
     finally:
         _native.set_num_threads(threads)
