@@ -1,6 +1,8 @@
 """TIES speed: the fused native kernel vs a torch eager implementation that trims with topk, as
 mergekit does. 4 bf16 inputs + base of FASTMERGE_BENCH_N elements (default 64M), density 0.2.
 
+Also the selection alone of breadcrumbs' two thresholds per model (test_outlier_band_selection_native).
+
 Run: python -m pytest bench/kernels/bench_ties.py --benchmark-only
 (set FASTMERGE_BENCH_N=4000000 for a quick run). The native result is checked against the
 reference on a slice-sized problem in tests/ops/test_ties.py; here only the speed is measured.
@@ -69,3 +71,25 @@ def test_ties_native(benchmark, models):
     base, xs = models
     benchmark.pedantic(ties_merge, args=(base, xs, WEIGHTS), kwargs=dict(densities=[DENSITY] * K, backend="native"),
                        rounds=3, iterations=1)
+
+
+@pytest.fixture(scope="module")
+def fine_tunes():
+    """3 fine-tunes as bench/checkpoints.py makes them: weights scaled 1/sqrt(fan_in) (rows of
+    2048), task vectors a hundredth of that."""
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(N, generator=gen) / 2048 ** 0.5).to(torch.bfloat16)
+    return base, [(base.float() + torch.randn(N, generator=gen) * 0.01 / 2048 ** 0.5).to(torch.bfloat16) for _ in range(3)]
+
+
+def test_outlier_band_selection_native(benchmark, fine_tunes):
+    """breadcrumbs' two thresholds per model (density 0.9, gamma 0.01, as bench.e2e's config):
+    the top-1% cut of such task vectors lands in coarse buckets the one-pass selection has no
+    histogram for."""
+    from fastmerge.ops.threshold import magnitude_thresholds
+    from fastmerge.ops.ties import outlier_ranks
+
+    base, xs = fine_tunes
+    ks = outlier_ranks(base.numel(), 0.9, 0.01)
+    benchmark.pedantic(lambda: [magnitude_thresholds(x, ks, base=base, backend="native") for x in xs],
+                       rounds=5, iterations=1)
