@@ -16,12 +16,16 @@ and so does fastmerge, so the bytes are peft's. DoRA (`use_dora`) rescales each 
 W + s B A to the adapter's magnitude m: m_o / ||(W + s B A)_o|| * (W + s B A)_o, where output o
 is a row of a linear layer and a stored column of a fan_in_fan_out layer or an embedding (the
 product not rounded first there, as in peft). A bias trained with `lora_bias` adds s * B's bias
-to the layer's bias. Tensors the adapter stores whole (`modules_to_save`, embeddings saved with
-their base layer) replace the model's.
+to the layer's bias. A convolution's LoRA (A a convolution of the layer's kernel into r
+channels, B a 1 x 1 one back to the outputs) adds s * B A as peft forms it: a matrix product for
+1 x 1 kernels, else the convolution of A's transpose with B, so the bytes are peft's again.
+Tensors the adapter stores whole (`modules_to_save`, embeddings saved with their base layer)
+replace the model's.
 
 Every adapter tensor is matched to a model tensor when the reference is opened, and anything
-fastmerge cannot apply exactly (other PEFT methods, LoRA variants other than DoRA, convolutions,
-shapes that do not fit) is a CheckpointError naming it, before the merge starts.
+fastmerge cannot apply exactly (other PEFT methods, LoRA variants other than DoRA, DoRA on
+convolutions, shapes that do not fit, grouped convolutions among them) is a CheckpointError
+naming it, before the merge starts.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ class LowRankUpdate:
     # The product B @ A is (out x in); fan_in_fan_out layers and embeddings store its transpose.
     transposed: bool = False
     embedding: bool = False
+    # A convolution's update: A is (r, in, *kernel), B is (out, r, 1, ...).
+    conv: bool = False
 
 
 class LoraAdapter:
@@ -180,9 +186,12 @@ class LoraAdapter:
         where = f"{self.file.path}: module {update.module!r}"
         if update.down is None or update.up is None:
             raise CheckpointError(f"{where} has only one of lora_A / lora_B")
-        if len(self.shape(update.down)) != 2 or len(self.shape(update.up)) != 2:
-            raise CheckpointError(f"{where}: lora_A and lora_B must be matrices (convolution LoRA cannot be applied)")
-        rank = self.shape(update.down)[0]
+        down, up = self.shape(update.down), self.shape(update.up)
+        update.conv = len(down) > 2
+        if len(down) != len(up) or len(down) > 5 or (update.conv and (update.embedding or any(k != 1 for k in up[2:]))):
+            raise CheckpointError(f"{where}: lora_A {list(down)} and lora_B {list(up)} are neither matrices nor a "
+                                  "convolution's LoRA (A over the kernel, B 1 x 1)")
+        rank = down[0]
         if self.shape(update.up)[1] != rank:
             raise CheckpointError(f"{where}: lora_A has {rank} rows but lora_B has {self.shape(update.up)[1]} columns")
         expected = self.options.rank(update.module)
@@ -265,6 +274,20 @@ def apply_low_rank(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, s
     return out
 
 
+def apply_conv_low_rank(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
+    """A convolution's weight + scaling * its LoRA product, formed in fp32 as peft forms it (a
+    matrix product for 1 x 1 kernels, else the convolution of A's transpose with B), added to
+    the weight in fp32 and rounded once to its dtype. Convolution weights are small, so the
+    whole product is formed at once."""
+    a, b = down.float(), up.float()
+    if all(k == 1 for k in weight.shape[2:]):
+        product = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)
+    else:
+        conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
+        product = conv(a.transpose(0, 1), b).transpose(0, 1)
+    return (product * scaling).add_(weight.float()).to(weight.dtype)
+
+
 def _dora_by_columns(weight: torch.Tensor, product: torch.Tensor, scaling: float, magnitude: torch.Tensor) -> torch.Tensor:
     """DoRA on a layer stored transposed (fan_in_fan_out, embeddings): the magnitude rescales
     each stored column, whose norm runs over every row, so the whole fp32 matrix is formed
@@ -306,11 +329,13 @@ class AdaptedCheckpoint(Checkpoint):
     def _check_update(self, target: str, update: LowRankUpdate, where: str) -> None:
         self._require(target, where, update.down)
         info = self.info(target)
-        product = (self.adapter.shape(update.up)[0], self.adapter.shape(update.down)[1])  # B @ A: out x in
-        stored = product[::-1] if update.transposed else product
+        product = (self.adapter.shape(update.up)[0], *self.adapter.shape(update.down)[1:])  # B @ A: out x in (x kernel)
+        stored = product[::-1] if update.transposed and not update.conv else product
+        if update.conv and update.magnitude is not None:
+            raise CheckpointError(f"{where}: module {update.module!r}: DoRA on a convolution cannot be applied")
         if tuple(info.shape) != stored:
-            raise CheckpointError(f"{where}: module {update.module!r}: B @ A is {product[0]} x {product[1]}, which does "
-                                  f"not fit {target!r} of shape {list(info.shape)}")
+            raise CheckpointError(f"{where}: module {update.module!r}: B @ A is {' x '.join(map(str, product))}, which "
+                                  f"does not fit {target!r} of shape {list(info.shape)}")
         if not info.dtype.is_floating_point:
             raise CheckpointError(f"{where}: {target!r} is {info.dtype}, not a float tensor a LoRA can update")
         if update.magnitude is not None and self.adapter.shape(update.magnitude) != product[:1]:
@@ -332,6 +357,8 @@ class AdaptedCheckpoint(Checkpoint):
         dtype = self.info(name).dtype
         base = self.adapter.tensor(self.replacements[name]).to(dtype) if name in self.replacements else super().tensor(name)
         update = self.updates.get(name)
+        if update is not None and update.conv:
+            return apply_conv_low_rank(base, self.adapter.tensor(update.down), self.adapter.tensor(update.up), update.scaling)
         if update is not None:
             magnitude = self.adapter.tensor(update.magnitude) if update.magnitude else None
             # peft rounds an embedding's product first, except under DoRA

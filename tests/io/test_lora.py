@@ -133,6 +133,37 @@ def test_fan_in_fan_out_and_lora_bias(tmp_path):
     assert adapted.read_bytes("h.0.c_attn.bias") == 2 * 20 + 4 * 20
 
 
+def test_a_convolution_update_adds_the_scaled_kernel_product(tmp_path):
+    """A conv LoRA: A convolves the layer's kernel into r channels, B maps them back 1 x 1, so
+    the update of W[o, i, ...] is s * sum_r B[o, r] A[r, i, ...] (a 3 x 3 kernel, a 1 x 1 one and
+    a 1-d one here). Small integers and s = 2, so every value is exact in each dtype; a DoRA
+    magnitude or a B wider than 1 x 1 on a convolution is refused."""
+    gen = torch.Generator().manual_seed(3)
+    ints = lambda *shape: torch.randint(-3, 4, shape, generator=gen).float()  # noqa: E731
+    model = {"stem.conv.weight": ints(6, 3, 3, 3), "head.conv.weight": ints(5, 6, 1, 1), "seq.conv.weight": ints(4, 6, 5),
+             "head.norm.weight": ints(5)}
+    (tmp_path / "m").mkdir()
+    save_file({k: v.to(torch.bfloat16) for k, v in model.items()}, str(tmp_path / "m" / "model.safetensors"))
+    tensors = {"stem.conv.lora_A.weight": ints(4, 3, 3, 3), "stem.conv.lora_B.weight": ints(6, 4, 1, 1),
+               "head.conv.lora_A.weight": ints(4, 6, 1, 1), "head.conv.lora_B.weight": ints(5, 4, 1, 1),
+               "seq.conv.lora_A.weight": ints(4, 6, 5), "seq.conv.lora_B.weight": ints(4, 4, 1)}
+    adapted = open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'a', tensors)}")
+    for module in ("stem.conv", "head.conv", "seq.conv"):
+        A, B = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+        expected = model[f"{module}.weight"] + 2.0 * torch.einsum("or,ri...->oi...", B.flatten(1), A)
+        assert torch.equal(adapted.tensor(f"{module}.weight"), expected.to(torch.bfloat16)), module
+    assert torch.equal(adapted.tensor("head.norm.weight"), model["head.norm.weight"].to(torch.bfloat16))
+    dora = tensors | {"head.conv.lora_magnitude_vector": torch.ones(5)}
+    with pytest.raises(CheckpointError, match="DoRA on a convolution"):
+        open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'dora', dora, use_dora=True)}")
+    wide = tensors | {"head.conv.lora_B.weight": ints(5, 4, 3, 3)}
+    with pytest.raises(CheckpointError, match="neither matrices nor a convolution's LoRA"):
+        open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'wide', wide)}")
+    grouped = tensors | {"stem.conv.lora_A.weight": ints(4, 1, 3, 3)}  # an A over 1 of the 3 input channels
+    with pytest.raises(CheckpointError, match=r"B @ A is 6 x 1 x 3 x 3, which does not fit 'stem.conv.weight'"):
+        open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'grouped', grouped)}")
+
+
 def test_stored_tensors_replace_the_models(base, tmp_path):
     """modules_to_save and embeddings saved with their base layer come from the adapter."""
     head, table = rand(96, 32, seed=1), rand(96, 32, seed=2).bfloat16()
@@ -249,6 +280,25 @@ def test_the_same_bytes_as_peft_on_gpt2_fan_in_fan_out(tmp_path, settings):
     adapted = open_model(f"{model_dir}+{adapter}")
     kinds = {(u.up_bias is not None, u.magnitude is not None, u.embedding) for u in adapted.updates.values()}
     assert kinds == ({(True, False, False)} if "lora_bias" in settings else {(False, True, False), (False, True, True)})
+    assert [name for name in adapted.names if not torch.equal(adapted.tensor(name), expected[name])] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_same_bytes_as_peft_on_resnet_convolutions(tmp_path, dtype):
+    """A ResNet's convolutions (7 x 7, 3 x 3 and 1 x 1) with LoRA, as for `fastmerge pytorch`'s
+    vision models: byte for byte what peft's merge_and_unload gives."""
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       layer_type="bottleneck")
+    torch.manual_seed(2)
+    model_dir = tmp_path / "resnet"
+    transformers.ResNetModel(config).to(dtype).save_pretrained(str(model_dir))
+    adapter = peft_adapter(tmp_path / "adapter", model_dir, "ResNetModel", dtype, target_modules=["convolution"])
+    expected = peft_merged(model_dir, adapter, "ResNetModel", dtype)
+    adapted = open_model(f"{model_dir}+{adapter}")
+    kernels = {tuple(adapted.info(name).shape[2:]) for name in adapted.updates}
+    assert all(u.conv for u in adapted.updates.values()) and kernels == {(7, 7), (3, 3), (1, 1)}
     assert [name for name in adapted.names if not torch.equal(adapted.tensor(name), expected[name])] == []
 
 
