@@ -18,14 +18,15 @@ is a row of a linear layer and a stored column of a fan_in_fan_out layer or an e
 product not rounded first there, as in peft). A bias trained with `lora_bias` adds s * B's bias
 to the layer's bias. A convolution's LoRA (A a convolution of the layer's kernel into r
 channels, B a 1 x 1 one back to the outputs) adds s * B A as peft forms it: a matrix product for
-1 x 1 kernels, else the convolution of A's transpose with B, so the bytes are peft's again.
+1 x 1 kernels, else the convolution of A's transpose with B, so the bytes are peft's again;
+with DoRA each output channel is rescaled over all its inputs and kernel taps.
 Tensors the adapter stores whole (`modules_to_save`, embeddings saved with their base layer)
 replace the model's.
 
 Every adapter tensor is matched to a model tensor when the reference is opened, and anything
-fastmerge cannot apply exactly (other PEFT methods, LoRA variants other than DoRA, DoRA on
-convolutions, shapes that do not fit, grouped convolutions among them) is a CheckpointError
-naming it, before the merge starts.
+fastmerge cannot apply exactly (other PEFT methods, LoRA variants other than DoRA, shapes that
+do not fit, grouped convolutions among them) is a CheckpointError naming it, before the merge
+starts.
 """
 
 from __future__ import annotations
@@ -274,18 +275,27 @@ def apply_low_rank(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, s
     return out
 
 
-def apply_conv_low_rank(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
+def apply_conv_low_rank(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scaling: float,
+                        magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """A convolution's weight + scaling * its LoRA product, formed in fp32 as peft forms it (a
     matrix product for 1 x 1 kernels, else the convolution of A's transpose with B), added to
-    the weight in fp32 and rounded once to its dtype. Convolution weights are small, so the
-    whole product is formed at once."""
+    the weight in fp32 and rounded once to its dtype; with `magnitude` (DoRA), each output
+    channel first rescaled to it over the norm of all its inputs and kernel taps. Convolution
+    weights are small, so the whole product is formed at once."""
     a, b = down.float(), up.float()
     if all(k == 1 for k in weight.shape[2:]):
         product = (b.flatten(1) @ a.flatten(1)).reshape(weight.shape)
     else:
         conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
         product = conv(a.transpose(0, 1), b).transpose(0, 1)
-    return (product * scaling).add_(weight.float()).to(weight.dtype)
+    delta = product * scaling
+    if magnitude is None:
+        return delta.add_(weight.float()).to(weight.dtype)
+    # The norm's sum runs in the memory order of `weight + delta`, written as peft writes it
+    # (delta is a transposed view for kernels above 1 x 1); another order can move its last bit.
+    combined = weight + delta
+    norm = combined.norm(p=2, dim=tuple(range(1, combined.dim())), keepdim=True)
+    return ((magnitude.float().reshape(norm.shape) / norm) * combined).to(weight.dtype)
 
 
 def _dora_by_columns(weight: torch.Tensor, product: torch.Tensor, scaling: float, magnitude: torch.Tensor) -> torch.Tensor:
@@ -331,14 +341,14 @@ class AdaptedCheckpoint(Checkpoint):
         info = self.info(target)
         product = (self.adapter.shape(update.up)[0], *self.adapter.shape(update.down)[1:])  # B @ A: out x in (x kernel)
         stored = product[::-1] if update.transposed and not update.conv else product
-        if update.conv and update.magnitude is not None:
-            raise CheckpointError(f"{where}: module {update.module!r}: DoRA on a convolution cannot be applied")
         if tuple(info.shape) != stored:
             raise CheckpointError(f"{where}: module {update.module!r}: B @ A is {' x '.join(map(str, product))}, which "
                                   f"does not fit {target!r} of shape {list(info.shape)}")
         if not info.dtype.is_floating_point:
             raise CheckpointError(f"{where}: {target!r} is {info.dtype}, not a float tensor a LoRA can update")
-        if update.magnitude is not None and self.adapter.shape(update.magnitude) != product[:1]:
+        magnitude = self.adapter.shape(update.magnitude) if update.magnitude is not None else None
+        # a convolution's magnitude is stored (1, out, 1, ...)
+        if magnitude is not None and (magnitude != product[:1] if not update.conv else math.prod(magnitude) != product[0]):
             # one magnitude per output: a row of B @ A (an embedding's output is its width, B's rows too)
             raise CheckpointError(f"{where}: module {update.module!r}: the DoRA magnitude has shape "
                                   f"{list(self.adapter.shape(update.magnitude))}, expected [{product[0]}]")
@@ -357,10 +367,11 @@ class AdaptedCheckpoint(Checkpoint):
         dtype = self.info(name).dtype
         base = self.adapter.tensor(self.replacements[name]).to(dtype) if name in self.replacements else super().tensor(name)
         update = self.updates.get(name)
-        if update is not None and update.conv:
-            return apply_conv_low_rank(base, self.adapter.tensor(update.down), self.adapter.tensor(update.up), update.scaling)
         if update is not None:
             magnitude = self.adapter.tensor(update.magnitude) if update.magnitude else None
+            if update.conv:
+                return apply_conv_low_rank(base, self.adapter.tensor(update.down), self.adapter.tensor(update.up),
+                                           update.scaling, magnitude)
             # peft rounds an embedding's product first, except under DoRA
             return apply_low_rank(base, self.adapter.tensor(update.down), self.adapter.tensor(update.up), update.scaling,
                                   update.transposed, magnitude, round_delta=update.embedding and magnitude is None)

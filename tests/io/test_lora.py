@@ -136,8 +136,9 @@ def test_fan_in_fan_out_and_lora_bias(tmp_path):
 def test_a_convolution_update_adds_the_scaled_kernel_product(tmp_path):
     """A conv LoRA: A convolves the layer's kernel into r channels, B maps them back 1 x 1, so
     the update of W[o, i, ...] is s * sum_r B[o, r] A[r, i, ...] (a 3 x 3 kernel, a 1 x 1 one and
-    a 1-d one here). Small integers and s = 2, so every value is exact in each dtype; a DoRA
-    magnitude or a B wider than 1 x 1 on a convolution is refused."""
+    a 1-d one here). Small integers and s = 2, so every value is exact in each dtype. DoRA
+    rescales each output channel over all its inputs and taps; a magnitude of another size and
+    a B wider than 1 x 1 are refused."""
     gen = torch.Generator().manual_seed(3)
     ints = lambda *shape: torch.randint(-3, 4, shape, generator=gen).float()  # noqa: E731
     model = {"stem.conv.weight": ints(6, 3, 3, 3), "head.conv.weight": ints(5, 6, 1, 1), "seq.conv.weight": ints(4, 6, 5),
@@ -153,9 +154,15 @@ def test_a_convolution_update_adds_the_scaled_kernel_product(tmp_path):
         expected = model[f"{module}.weight"] + 2.0 * torch.einsum("or,ri...->oi...", B.flatten(1), A)
         assert torch.equal(adapted.tensor(f"{module}.weight"), expected.to(torch.bfloat16)), module
     assert torch.equal(adapted.tensor("head.norm.weight"), model["head.norm.weight"].to(torch.bfloat16))
-    dora = tensors | {"head.conv.lora_magnitude_vector": torch.ones(5)}
-    with pytest.raises(CheckpointError, match="DoRA on a convolution"):
-        open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'dora', dora, use_dora=True)}")
+    magnitude = ints(1, 6, 1, 1).abs() + 1
+    dora = open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'dora', tensors | {'stem.conv.lora_magnitude_vector': magnitude}, use_dora=True)}")
+    combined = model["stem.conv.weight"].double() + 2.0 * torch.einsum("or,ri...->oi...", tensors["stem.conv.lora_B.weight"].flatten(1).double(),
+                                                                      tensors["stem.conv.lora_A.weight"].double())
+    expected = magnitude.reshape(6, 1, 1, 1).double() * combined / combined.flatten(1).norm(dim=1).reshape(6, 1, 1, 1)
+    torch.testing.assert_close(dora.tensor("stem.conv.weight").double(), expected, rtol=2 ** -8, atol=0)
+    wrong = tensors | {"stem.conv.lora_magnitude_vector": torch.ones(1, 5, 1, 1)}
+    with pytest.raises(CheckpointError, match="the DoRA magnitude has shape"):
+        open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'wrong', wrong, use_dora=True)}")
     wide = tensors | {"head.conv.lora_B.weight": ints(5, 4, 3, 3)}
     with pytest.raises(CheckpointError, match="neither matrices nor a convolution's LoRA"):
         open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'wide', wide)}")
@@ -283,10 +290,12 @@ def test_the_same_bytes_as_peft_on_gpt2_fan_in_fan_out(tmp_path, settings):
     assert [name for name in adapted.names if not torch.equal(adapted.tensor(name), expected[name])] == []
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_same_bytes_as_peft_on_resnet_convolutions(tmp_path, dtype):
-    """A ResNet's convolutions (7 x 7, 3 x 3 and 1 x 1) with LoRA, as for `fastmerge pytorch`'s
-    vision models: byte for byte what peft's merge_and_unload gives."""
+def test_the_same_bytes_as_peft_on_resnet_convolutions(tmp_path, dtype, dora):
+    """A ResNet's convolutions (7 x 7, 3 x 3 and 1 x 1) with LoRA and with DoRA, as for
+    `fastmerge pytorch`'s vision models: byte for byte what peft's merge_and_unload gives (in
+    fp32 the DoRA norm's summation order shows in the last bit)."""
     pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
@@ -294,11 +303,12 @@ def test_the_same_bytes_as_peft_on_resnet_convolutions(tmp_path, dtype):
     torch.manual_seed(2)
     model_dir = tmp_path / "resnet"
     transformers.ResNetModel(config).to(dtype).save_pretrained(str(model_dir))
-    adapter = peft_adapter(tmp_path / "adapter", model_dir, "ResNetModel", dtype, target_modules=["convolution"])
+    adapter = peft_adapter(tmp_path / "adapter", model_dir, "ResNetModel", dtype, target_modules=["convolution"], use_dora=dora)
     expected = peft_merged(model_dir, adapter, "ResNetModel", dtype)
     adapted = open_model(f"{model_dir}+{adapter}")
     kernels = {tuple(adapted.info(name).shape[2:]) for name in adapted.updates}
-    assert all(u.conv for u in adapted.updates.values()) and kernels == {(7, 7), (3, 3), (1, 1)}
+    assert all(u.conv and (u.magnitude is not None) == dora for u in adapted.updates.values())
+    assert kernels == {(7, 7), (3, 3), (1, 1)}
     assert [name for name in adapted.names if not torch.equal(adapted.tensor(name), expected[name])] == []
 
 
