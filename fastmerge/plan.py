@@ -254,10 +254,11 @@ class _PlanBuilder:
             if base is not None and self.method.uses_base and not self.checkpoints[self.index[base]].has(name):
                 raise PlanError(f"tensor {name} is missing from the base model {base}, which merge_method "
                                 f"{spec.merge_method} needs for it; leave it out with --tensor-intersection (-i)")
-            if not self._merge_sources(replace(out_slice, sources=present)):
+            here = replace(out_slice, sources=present)
+            if not self._merge_sources(here):
                 raise PlanError(f"tensor {name}: only the base model has it, so there is nothing to merge into it; "
                                 "leave it out with --tensor-intersection (-i)")
-            self._plan_tensor(name, replace(out_slice, sources=present), {s.model: name for s in present}, None, 0.0, name)
+            self._plan_tensor(name, here, {s.model: name for s in present}, None, 0.0, name)
         if left_out:
             self.notes.append(f"{len(left_out)} tensor(s) not in every model left out (--tensor-intersection): "
                               + ", ".join(left_out[:5]) + (", ..." if len(left_out) > 5 else ""))

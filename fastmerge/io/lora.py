@@ -193,8 +193,8 @@ class LoraAdapter:
             raise CheckpointError(f"{where}: lora_A {list(down)} and lora_B {list(up)} are neither matrices nor a "
                                   "convolution's LoRA (A over the kernel, B 1 x 1)")
         rank = down[0]
-        if self.shape(update.up)[1] != rank:
-            raise CheckpointError(f"{where}: lora_A has {rank} rows but lora_B has {self.shape(update.up)[1]} columns")
+        if up[1] != rank:
+            raise CheckpointError(f"{where}: lora_A has {rank} rows but lora_B has {up[1]} columns")
         expected = self.options.rank(update.module)
         if rank != expected:
             raise CheckpointError(f"{where}: lora_A has rank {rank} where the adapter config gives {expected}")
@@ -351,7 +351,7 @@ class AdaptedCheckpoint(Checkpoint):
         if magnitude is not None and (magnitude != product[:1] if not update.conv else math.prod(magnitude) != product[0]):
             # one magnitude per output: a row of B @ A (an embedding's output is its width, B's rows too)
             raise CheckpointError(f"{where}: module {update.module!r}: the DoRA magnitude has shape "
-                                  f"{list(self.adapter.shape(update.magnitude))}, expected [{product[0]}]")
+                                  f"{list(magnitude)}, expected [{product[0]}]")
         if update.up_bias is not None:
             bias = update.module + ".bias"
             self._require(bias, where, update.up_bias)
