@@ -10,7 +10,7 @@ import torch
 from .errors import ConfigError, PlanError
 from .methods import get_method
 from .methods.base import MergeMethod, TensorTask
-from .plan import FLAT_MISSING, REQUIRED, check_parameter_value, layer_index
+from .plan import REQUIRED, check_parameter_value, layer_index, tensors_by_name
 
 
 def merge_tensors(
@@ -51,19 +51,13 @@ def merge_state_dicts(
     the first state dict that has them."""
     if not state_dicts:
         raise ConfigError("merge_state_dicts needs at least one state dict")
-    if missing not in FLAT_MISSING:
-        raise ConfigError(f"missing={missing!r}: use one of {', '.join(FLAT_MISSING)}")
     merger = get_method(method)
     merged = {}
-    for key in dict.fromkeys(k for state in state_dicts for k in state):
-        present = [i for i, state in enumerate(state_dicts) if key in state]
-        if len(present) < len(state_dicts):
-            if missing == "intersection":
-                continue
-            if missing == "error":
-                lacking = ", ".join(str(i) for i in range(len(state_dicts)) if i not in present)
-                raise PlanError(f"tensor {key} is missing from state dict(s) {lacking}; pass missing='union' to merge "
-                                "it from the others or missing='intersection' to leave it out")
+    kept, _ = tensors_by_name(
+        dict.fromkeys(k for state in state_dicts for k in state), list(range(len(state_dicts))),
+        lambda i, key: key in state_dicts[i], missing, lambda lacking: "state dict(s) " + ", ".join(map(str, lacking)),
+        "pass missing='union' to merge it from the others or missing='intersection' to leave it out")
+    for key, present in kept:
         if base is not None and merger.uses_base and key not in base:
             raise PlanError(f"tensor {key} is missing from the base state dict, which {merger.name} needs for it")
         inputs = [state_dicts[i][key] for i in present]

@@ -36,6 +36,26 @@ _PRE_LAYER_HINTS = ("embed", "wte", "wpe", "tok_embeddings", "word_embeddings")
 FLAT_MISSING = ("error", "union", "intersection")
 
 
+def tensors_by_name(names: Iterable[str], sources: list, has, missing: str, what: str, hint: str) -> tuple[list, list[str]]:
+    """Apply a flat merge's rule for missing tensors (FLAT_MISSING) once, for files and for state
+    dicts alike: (name, the sources that have it) for each tensor to merge, and the names left
+    out. `has(source, name)` says whether a source holds a tensor; `what(sources)` names sources
+    for the error, whose `hint` says how to get past it."""
+    if missing not in FLAT_MISSING:
+        raise ConfigError(f"missing={missing!r} is no rule for tensors some models lack; use one of {', '.join(FLAT_MISSING)}")
+    kept, left_out = [], []
+    for name in names:
+        present = [s for s in sources if has(s, name)]
+        if len(present) < len(sources):
+            if missing == "intersection":
+                left_out.append(name)
+                continue
+            if missing == "error":
+                raise PlanError(f"tensor {name} is missing from {what([s for s in sources if s not in present])}; {hint}")
+        kept.append((name, present))
+    return kept, left_out
+
+
 def layer_index(name: str) -> int | None:
     """The decoder layer a tensor belongs to, parsed from its name (no per-architecture table)."""
     match = _LAYER_NAME.match(name)
@@ -152,8 +172,6 @@ def build_plan(spec: MergeSpec, method: MergeMethod, checkpoints: dict[str, Chec
     builder = _PlanBuilder(spec, method, checkpoints, _output_vocabulary(spec, checkpoints), truncate_embeddings)
     if flat is None:
         return builder.build()
-    if flat not in FLAT_MISSING:
-        raise ConfigError(f"unknown rule for missing tensors {flat!r}; use one of {', '.join(FLAT_MISSING)}")
     return builder.build_flat(flat)
 
 
@@ -239,17 +257,12 @@ class _PlanBuilder:
         self._check_base()
         out_slice = self._models_slice()
         names = dict.fromkeys(n for s in spec.models or [] for n in self.checkpoints[self.index[s.model]].names)
-        left_out = []
-        for name in names:
-            present = [s for s in out_slice.sources if self.checkpoints[self.index[s.model]].has(name)]
-            if len(present) < len(out_slice.sources):
-                if missing == "intersection":
-                    left_out.append(name)
-                    continue
-                if missing == "error":
-                    lacking = ", ".join(s.model for s in out_slice.sources if s not in present)
-                    raise PlanError(f"tensor {name} is missing from {lacking}; merge only the tensors every model has "
-                                    "(--tensor-intersection, -i) or each from the models that have it (--tensor-union, -u)")
+        kept, left_out = tensors_by_name(
+            names, out_slice.sources, lambda s, name: self.checkpoints[self.index[s.model]].has(name), missing,
+            lambda lacking: ", ".join(s.model for s in lacking),
+            "merge only the tensors every model has (--tensor-intersection, -i) or each from the models that have it "
+            "(--tensor-union, -u)")
+        for name, present in kept:
             base = spec.base_model
             if base is not None and self.method.uses_base and not self.checkpoints[self.index[base]].has(name):
                 raise PlanError(f"tensor {name} is missing from the base model {base}, which merge_method "

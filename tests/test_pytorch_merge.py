@@ -216,7 +216,7 @@ def test_merge_state_dicts_follows_the_same_rule_for_missing_keys(models):
     """The Python API's merge_state_dicts: the same three rules as the command, per-model
     parameter lists narrowed to the state dicts that have a key."""
     import fastmerge
-    from fastmerge.errors import PlanError
+    from fastmerge.errors import ConfigError, PlanError
 
     states = [_load(models[k]) for k in ("m0", "m1", "m2")]
     with pytest.raises(PlanError, match=r"adapter.scale is missing from state dict\(s\) 0, 1"):
@@ -231,3 +231,5 @@ def test_merge_state_dicts_follows_the_same_rule_for_missing_keys(models):
     base = _load(models["base"])
     with pytest.raises(PlanError, match="adapter.scale is missing from the base state dict"):
         fastmerge.merge_state_dicts("task_arithmetic", states, base=base, weight=0.5, missing="union")
+    with pytest.raises(ConfigError, match=r"missing='both' is no rule .* use one of error, union, intersection"):
+        fastmerge.merge_state_dicts("linear", states, weight=list(WEIGHTS), missing="both")
