@@ -124,6 +124,7 @@ def _resolve_names(document: dict[str, Any], names: set[str], intermediate: Path
 
     for holder, key in _model_reference_slots(config):
         holder[key] = resolve(holder[key])
+
     def resolve_tokenizer_source(source: Any) -> Any:
         """`base`, `union`, `model:PATH` or a bare PATH (parse_tokenizer_source's forms)."""
         if not isinstance(source, str) or source in ("base", "union"):
