@@ -1,5 +1,5 @@
 """The `fastmerge` command and the mergekit-compatible `fastmerge-yaml`, `fastmerge-multi`,
-`fastmerge-pytorch` and `fastmerge-extract-lora` drop-ins.
+`fastmerge-pytorch`, `fastmerge-legacy` and `fastmerge-extract-lora` drop-ins.
 
 Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
 -v), since a config or input problem is the user's to fix and a traceback hides the message.
@@ -64,6 +64,22 @@ def _add_extraction_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--svd", choices=("exact", "randomized"), default="exact", help="full SVD, or randomized subspace iteration (faster) [default: exact]")
 
 
+def _add_legacy_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit-legacy's own flags (fastmerge legacy and the fastmerge-legacy drop-in; the rules
+    that make them a config are fastmerge/legacy.py's)."""
+    parser.add_argument("out", type=Path, help="output model directory")
+    parser.add_argument("--merge", action="append", default=[], help="a model to merge (repeatable, in order)")
+    parser.add_argument("--base-model", default=None, help="the base model (added to the models when not one of them)")
+    parser.add_argument("--method", default="ties", help="merge method [default: ties]")
+    parser.add_argument("--weight", type=float, action="append", default=[], help="weight: once for all models or once per model in order (slerp: its t)")
+    parser.add_argument("--density", type=float, action="append", default=[], help="density: once for all models or once per model in order")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="divide by the sum of the weights [default: on]")
+    parser.add_argument("--int8-mask", action=argparse.BooleanOptionalAction, default=False, help="mergekit's memory option (no effect on the result)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="write bfloat16 (dtype: bfloat16)")
+    parser.add_argument("--naive-count", action=argparse.BooleanOptionalAction, default=False, help="accepted and ignored, as mergekit 0.1.5 does")
+    parser.add_argument("--print-yaml", action=argparse.BooleanOptionalAction, default=False, help="print the merge config it builds")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmerge", description="Fast, bounded-memory merging of model checkpoints.")
     parser.add_argument("--version", action="version", version=f"fastmerge {__version__}")
@@ -110,6 +126,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_merge_options(continual)
     continual.set_defaults(handler=_cmd_continual)
 
+    legacy = commands.add_parser("legacy", help="merge from mergekit-legacy's flags (--merge, --weight, --density, --method)")
+    _add_legacy_options(legacy)
+    _add_merge_options(legacy)
+    legacy.set_defaults(handler=_cmd_legacy)
+
     multi = commands.add_parser("multi", help="run the merges of a multi-document YAML (mergekit-multi's format) in dependency order")
     multi.add_argument("config", type=Path, help="YAML documents, each a merge config with an optional `name`")
     multi.add_argument("--out-path", type=Path, default=None, help="where the unnamed (final) merge goes")
@@ -129,7 +150,7 @@ def _build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(handler=_cmd_extract_lora)
 
     for arg in ("-v", "--verbose"):
-        for sub in (run, pytorch, plan, demo, prune, continual, multi, extract):
+        for sub in (run, pytorch, plan, demo, prune, continual, legacy, multi, extract):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -165,6 +186,22 @@ def _cmd_pytorch(args: argparse.Namespace) -> None:
     from .engine import run
 
     print(run(args.config, args.out, flat=args.missing, **_merge_options(args)))
+
+
+def _cmd_legacy(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .engine import run
+    from .legacy import legacy_config
+
+    built = legacy_config(args.merge, base_model=args.base_model, method=args.method, weights=args.weight,
+                          densities=args.density, normalize=args.normalize, int8_mask=args.int8_mask, bf16=args.bf16,
+                          naive_count=args.naive_count)
+    for note in built.notes:
+        print(f"fastmerge: note: {note}", file=sys.stderr)
+    if args.print_yaml:
+        print(yaml.safe_dump(built.config, sort_keys=False))
+    print(run(built.config, args.out, **_merge_options(args)))
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -369,6 +406,14 @@ def mergekit_pytorch_main(argv: Sequence[str] | None = None) -> int:
     parser = _build_mergekit_parser("fastmerge-pytorch", "Drop-in for mergekit-pytorch: arbitrary checkpoints merged "
                                     "tensor by tensor, by name.", flat=True)
     return _mergekit_main("fastmerge-pytorch", parser.parse_args(argv), _cmd_pytorch)
+
+
+def mergekit_legacy_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastmerge-legacy", description="Drop-in for mergekit-legacy: a merge "
+                                     "from the old scripts' flags (--merge, --weight, --density, --method).")
+    _add_legacy_options(parser)
+    _add_mergekit_options(parser)
+    return _mergekit_main("fastmerge-legacy", parser.parse_args(argv), _cmd_legacy)
 
 
 def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:

@@ -53,5 +53,9 @@ def fastmerge_pytorch() -> None:
     _run("mergekit_pytorch_main")
 
 
+def fastmerge_legacy() -> None:
+    _run("mergekit_legacy_main")
+
+
 def fastmerge_extract_lora() -> None:
     _run("mergekit_extract_lora_main")
