@@ -1,5 +1,6 @@
 """The `fastmerge` command and the mergekit-compatible `fastmerge-yaml`, `fastmerge-multi`,
-`fastmerge-pytorch`, `fastmerge-legacy` and `fastmerge-extract-lora` drop-ins.
+`fastmerge-pytorch`, `fastmerge-legacy`, `fastmerge-layershuffle` and `fastmerge-extract-lora`
+drop-ins.
 
 Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
 -v), since a config or input problem is the user's to fix and a traceback hides the message.
@@ -80,6 +81,19 @@ def _add_legacy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-yaml", action=argparse.BooleanOptionalAction, default=False, help="print the merge config it builds")
 
 
+def _add_layershuffle_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit-layershuffle's own flags (fastmerge layershuffle and the fastmerge-layershuffle
+    drop-in; what they build is fastmerge/layershuffle.py's)."""
+    parser.add_argument("out", type=Path, help="output model directory")
+    parser.add_argument("-m", "--model", action="append", default=[], help="a model to draw layers from (repeatable)")
+    parser.add_argument("-w", "--weight", type=float, action="append", default=[], help="one per model: its odds per layer, or with --full-random the fraction of its layers it gives")
+    parser.add_argument("--full-random", action=argparse.BooleanOptionalAction, default=False, help="draw the layer index too, and shuffle the layers")
+    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=False, help="write float16 (dtype: float16)")
+    parser.add_argument("--print-yaml", action=argparse.BooleanOptionalAction, default=False, help="print the merge config it builds")
+    parser.add_argument("--write-yaml", type=Path, default=None, help="also write the merge config to this file")
+    parser.add_argument("--dry-run", action="store_true", help="build the config, merge nothing")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmerge", description="Fast, bounded-memory merging of model checkpoints.")
     parser.add_argument("--version", action="version", version=f"fastmerge {__version__}")
@@ -131,6 +145,11 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_merge_options(legacy)
     legacy.set_defaults(handler=_cmd_legacy)
 
+    shuffle = commands.add_parser("layershuffle", help="a model stacked from randomly drawn layers of others (mergekit-layershuffle's flags)")
+    _add_layershuffle_options(shuffle)
+    _add_merge_options(shuffle)
+    shuffle.set_defaults(handler=_cmd_layershuffle)
+
     multi = commands.add_parser("multi", help="run the merges of a multi-document YAML (mergekit-multi's format) in dependency order")
     multi.add_argument("config", type=Path, help="YAML documents, each a merge config with an optional `name`")
     multi.add_argument("--out-path", type=Path, default=None, help="where the unnamed (final) merge goes")
@@ -150,7 +169,7 @@ def _build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(handler=_cmd_extract_lora)
 
     for arg in ("-v", "--verbose"):
-        for sub in (run, pytorch, plan, demo, prune, continual, legacy, multi, extract):
+        for sub in (run, pytorch, plan, demo, prune, continual, legacy, shuffle, multi, extract):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -202,6 +221,31 @@ def _cmd_legacy(args: argparse.Namespace) -> None:
     if args.print_yaml:
         print(yaml.safe_dump(built.config, sort_keys=False))
     print(run(built.config, args.out, **_merge_options(args)))
+
+
+def _cmd_layershuffle(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .engine import run
+    from .io.lora import open_model
+    from .layershuffle import shuffle_config
+    from .plan import layer_count
+
+    counts = []
+    for model in args.model:
+        checkpoint = open_model(model, allow_pickle=args.allow_pickle)
+        try:
+            counts.append(layer_count(checkpoint))
+        finally:
+            checkpoint.close()
+    config = shuffle_config(args.model, counts, args.weight, full_random=args.full_random, seed=args.seed, fp16=args.fp16)
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.print_yaml:
+        print(text)
+    if args.write_yaml is not None:
+        args.write_yaml.write_text(text, encoding="utf-8")
+    if not args.dry_run:
+        print(run(config, args.out, **_merge_options(args)))
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -414,6 +458,14 @@ def mergekit_legacy_main(argv: Sequence[str] | None = None) -> int:
     _add_legacy_options(parser)
     _add_mergekit_options(parser)
     return _mergekit_main("fastmerge-legacy", parser.parse_args(argv), _cmd_legacy)
+
+
+def mergekit_layershuffle_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastmerge-layershuffle", description="Drop-in for mergekit-layershuffle: "
+                                     "a model stacked from randomly drawn layers of others, seeded by --random-seed.")
+    _add_layershuffle_options(parser)
+    _add_mergekit_options(parser)
+    return _mergekit_main("fastmerge-layershuffle", parser.parse_args(argv), _cmd_layershuffle)
 
 
 def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:

@@ -57,5 +57,9 @@ def fastmerge_legacy() -> None:
     _run("mergekit_legacy_main")
 
 
+def fastmerge_layershuffle() -> None:
+    _run("mergekit_layershuffle_main")
+
+
 def fastmerge_extract_lora() -> None:
     _run("mergekit_extract_lora_main")

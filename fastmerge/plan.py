@@ -56,6 +56,14 @@ def tensors_by_name(names: Iterable[str], sources: list, has, missing: str, what
     return kept, left_out
 
 
+def layer_count(checkpoint: Checkpoint) -> int:
+    """A model's number of layers: config.json's num_hidden_layers, else one past the highest
+    layer index in its tensor names."""
+    config_layers = (checkpoint.config or {}).get("num_hidden_layers")
+    indices = [i for i in map(layer_index, checkpoint.names) if i is not None]
+    return int(config_layers) if isinstance(config_layers, int) else (max(indices) + 1 if indices else 0)
+
+
 def layer_index(name: str) -> int | None:
     """The decoder layer a tensor belongs to, parsed from its name (no per-architecture table)."""
     match = _LAYER_NAME.match(name)
@@ -231,19 +239,19 @@ class _PlanBuilder:
         self._check_base()
         slices = spec.slices or [self._models_slice()]
         template = self._template(slices[0])
-        layer_count = self._layer_count(template)
+        template_layers = layer_count(template)
 
         pre, post, layer_names = self._split_names(template)
         post += self._untied_output_embeddings(slices[0], template)
         self._plan_non_layer(pre, slices[0])
         out_layers = 0
         for out_slice in slices:
-            out_layers = self._plan_slice(out_slice, layer_names, layer_count, out_layers)
+            out_layers = self._plan_slice(out_slice, layer_names, template_layers, out_layers)
         self._plan_non_layer(post, slices[-1])
 
         if not self.tensors:
             raise PlanError(f"nothing to merge: {template.path} has no tensors")
-        return self._plan(slices[0], template, out_layers if layer_names else None, layer_count)
+        return self._plan(slices[0], template, out_layers if layer_names else None, template_layers)
 
     def build_flat(self, missing: str) -> Plan:
         """mergekit-pytorch's merge of arbitrary checkpoints: every tensor name of the `models:`
@@ -310,12 +318,6 @@ class _PlanBuilder:
         return self.checkpoints[self.index[name]]
 
     @staticmethod
-    def _layer_count(checkpoint: Checkpoint) -> int:
-        config_layers = (checkpoint.config or {}).get("num_hidden_layers")
-        indices = [i for i in map(layer_index, checkpoint.names) if i is not None]
-        return int(config_layers) if isinstance(config_layers, int) else (max(indices) + 1 if indices else 0)
-
-    @staticmethod
     def _split_names(template: Checkpoint) -> tuple[list[str], list[str], dict[int, list[str]]]:
         pre, post, layers = [], [], {}
         for name in template.names:
@@ -368,17 +370,17 @@ class _PlanBuilder:
         for name in names:
             self._plan_tensor(name, out_slice, {s.model: name for s in out_slice.sources}, None, 0.0, name)
 
-    def _plan_slice(self, out_slice: SliceSpec, layer_names: dict[int, list[str]], layer_count: int, out_offset: int) -> int:
+    def _plan_slice(self, out_slice: SliceSpec, layer_names: dict[int, list[str]], template_layers: int, out_offset: int) -> int:
         """Plan the slice's layers; returns the next free output layer index."""
         if self.spec.slices is None:
-            ranges = {s.model: (0, layer_count) for s in out_slice.sources}
-            length = layer_count
+            ranges = {s.model: (0, template_layers) for s in out_slice.sources}
+            length = template_layers
         else:
             ranges = {s.model: s.layer_range for s in out_slice.sources}
             length = out_slice.layer_count
         for source in out_slice.sources:
             start, end = ranges[source.model]
-            available = self._layer_count(self.checkpoints[self.index[source.model]])
+            available = layer_count(self.checkpoints[self.index[source.model]])
             if end > available:
                 raise PlanError(f"layer_range [{start}, {end}) of {source.model} exceeds its {available} layers")
         first = out_slice.sources[0]
