@@ -101,15 +101,12 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="merge the models a mergekit-style YAML config describes")
-    run.add_argument("config", type=Path, help="merge config (YAML)")
-    run.add_argument("out", type=Path, help="output model directory")
+    _add_config_and_out(run)
     _add_merge_options(run)
     run.set_defaults(handler=_cmd_run)
 
     pytorch = commands.add_parser("pytorch", help="merge arbitrary checkpoints tensor by tensor, by name (mergekit-pytorch's format)")
-    pytorch.add_argument("config", type=Path, help="merge config (YAML) with `models:`, each a checkpoint file or directory")
-    pytorch.add_argument("out", type=Path, help="output directory")
-    _add_missing_tensor_options(pytorch)
+    _add_flat_config_and_out(pytorch)
     _add_merge_options(pytorch)
     pytorch.set_defaults(handler=_cmd_pytorch)
 
@@ -151,10 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
     shuffle.set_defaults(handler=_cmd_layershuffle)
 
     multi = commands.add_parser("multi", help="run the merges of a multi-document YAML (mergekit-multi's format) in dependency order")
-    multi.add_argument("config", type=Path, help="YAML documents, each a merge config with an optional `name`")
-    multi.add_argument("--out-path", type=Path, default=None, help="where the unnamed (final) merge goes")
-    multi.add_argument("-I", "--intermediate-dir", type=Path, required=True, help="where each named merge goes (DIR/NAME)")
-    multi.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True, help="skip merges whose output exists [default: on]")
+    _add_multi_options(multi)
     _add_merge_options(multi)
     multi.set_defaults(handler=_cmd_multi)
 
@@ -380,30 +374,25 @@ def _add_mergekit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
 
 
-def _build_mergekit_parser(prog: str = "fastmerge-yaml",
-                           description: str = "Drop-in for mergekit-yaml: same config, same flags, the fastmerge engine.",
-                           flat: bool = False) -> argparse.ArgumentParser:
-    """CONFIG OUT and mergekit's merge flags; with `flat`, mergekit-pytorch's -i / -u too."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("config", type=Path)
-    parser.add_argument("out", type=Path)
-    if flat:
-        _add_missing_tensor_options(parser)
-    _add_mergekit_options(parser)
-    return parser
+def _add_config_and_out(parser: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's arguments (fastmerge run and the fastmerge-yaml drop-in)."""
+    parser.add_argument("config", type=Path, help="merge config (YAML)")
+    parser.add_argument("out", type=Path, help="output model directory")
 
 
-def _build_mergekit_multi_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastmerge-multi",
-        description="Drop-in for mergekit-multi: merges that build on each other, from one multi-document YAML.",
-    )
-    parser.add_argument("config", type=Path)
+def _add_flat_config_and_out(parser: argparse.ArgumentParser) -> None:
+    """mergekit-pytorch's arguments: CONFIG OUT and its -i / -u (fastmerge pytorch and the drop-in)."""
+    parser.add_argument("config", type=Path, help="merge config (YAML) with `models:`, each a checkpoint file or directory")
+    parser.add_argument("out", type=Path, help="output directory")
+    _add_missing_tensor_options(parser)
+
+
+def _add_multi_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit-multi's arguments (fastmerge multi and the fastmerge-multi drop-in)."""
+    parser.add_argument("config", type=Path, help="YAML documents, each a merge config with an optional `name`")
     parser.add_argument("--out-path", type=Path, default=None, help="where the unnamed (final) merge goes")
     parser.add_argument("-I", "--intermediate-dir", type=Path, required=True, help="where each named merge goes (DIR/NAME)")
     parser.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True, help="skip merges whose output exists [default: on]")
-    _add_mergekit_options(parser)
-    return parser
 
 
 def _mergekit_main(prog: str, args: argparse.Namespace, command: Callable[[argparse.Namespace], None]) -> int:
@@ -428,48 +417,43 @@ def _mergekit_main(prog: str, args: argparse.Namespace, command: Callable[[argpa
     return _guarded(handler, args)
 
 
-def _build_mergekit_extract_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastmerge-extract-lora",
-        description="Drop-in for mergekit-extract-lora: a PEFT LoRA adapter approximating a fine-tune's task vector.",
-    )
-    _add_extraction_options(parser)
+def _drop_in(prog: str, description: str, own_options: Callable[[argparse.ArgumentParser], None],
+             command: Callable[[argparse.Namespace], None], argv: Sequence[str] | None) -> int:
+    """A mergekit script's drop-in: its own arguments, then mergekit's merge flags, run by `command`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    own_options(parser)
     _add_mergekit_options(parser)
-    return parser
+    return _mergekit_main(prog, parser.parse_args(argv), command)
 
 
 def mergekit_yaml_main(argv: Sequence[str] | None = None) -> int:
-    return _mergekit_main("fastmerge-yaml", _build_mergekit_parser().parse_args(argv), _cmd_run)
+    return _drop_in("fastmerge-yaml", "Drop-in for mergekit-yaml: same config, same flags, the fastmerge engine.",
+                    _add_config_and_out, _cmd_run, argv)
 
 
 def mergekit_multi_main(argv: Sequence[str] | None = None) -> int:
-    return _mergekit_main("fastmerge-multi", _build_mergekit_multi_parser().parse_args(argv), _cmd_multi)
+    return _drop_in("fastmerge-multi", "Drop-in for mergekit-multi: merges that build on each other, from one "
+                    "multi-document YAML.", _add_multi_options, _cmd_multi, argv)
 
 
 def mergekit_pytorch_main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_mergekit_parser("fastmerge-pytorch", "Drop-in for mergekit-pytorch: arbitrary checkpoints merged "
-                                    "tensor by tensor, by name.", flat=True)
-    return _mergekit_main("fastmerge-pytorch", parser.parse_args(argv), _cmd_pytorch)
+    return _drop_in("fastmerge-pytorch", "Drop-in for mergekit-pytorch: arbitrary checkpoints merged tensor by "
+                    "tensor, by name.", _add_flat_config_and_out, _cmd_pytorch, argv)
 
 
 def mergekit_legacy_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastmerge-legacy", description="Drop-in for mergekit-legacy: a merge "
-                                     "from the old scripts' flags (--merge, --weight, --density, --method).")
-    _add_legacy_options(parser)
-    _add_mergekit_options(parser)
-    return _mergekit_main("fastmerge-legacy", parser.parse_args(argv), _cmd_legacy)
+    return _drop_in("fastmerge-legacy", "Drop-in for mergekit-legacy: a merge from the old scripts' flags (--merge, "
+                    "--weight, --density, --method).", _add_legacy_options, _cmd_legacy, argv)
 
 
 def mergekit_layershuffle_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastmerge-layershuffle", description="Drop-in for mergekit-layershuffle: "
-                                     "a model stacked from randomly drawn layers of others, seeded by --random-seed.")
-    _add_layershuffle_options(parser)
-    _add_mergekit_options(parser)
-    return _mergekit_main("fastmerge-layershuffle", parser.parse_args(argv), _cmd_layershuffle)
+    return _drop_in("fastmerge-layershuffle", "Drop-in for mergekit-layershuffle: a model stacked from randomly "
+                    "drawn layers of others, seeded by --random-seed.", _add_layershuffle_options, _cmd_layershuffle, argv)
 
 
 def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:
-    return _mergekit_main("fastmerge-extract-lora", _build_mergekit_extract_parser().parse_args(argv), _cmd_extract_lora)
+    return _drop_in("fastmerge-extract-lora", "Drop-in for mergekit-extract-lora: a PEFT LoRA adapter approximating "
+                    "a fine-tune's task vector.", _add_extraction_options, _cmd_extract_lora, argv)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -64,3 +66,21 @@ def write_adapter(directory: Path, tensors: dict[str, torch.Tensor], **config) -
                 "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
     (directory / "adapter_config.json").write_text(json.dumps({**settings, **config}))
     return directory
+
+
+def mergekit_script(name: str) -> str | None:
+    """mergekit's console script `name` (e.g. "mergekit-legacy"): beside FASTMERGE_MERGEKIT_YAML
+    (mergekit in a venv of its own), else on PATH; None where mergekit is not installed."""
+    yaml_script = os.environ.get("FASTMERGE_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+    script = Path(yaml_script).with_name(name) if yaml_script else None
+    return str(script) if script and script.exists() else shutil.which(name)
+
+
+def assert_matches_mergekit(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """The same tensors as mergekit's output, in the same dtypes, each within 1e-6 of its largest
+    |value| (issue 4's bound)."""
+    assert sorted(ours) == sorted(theirs)
+    for name, expected in theirs.items():
+        assert ours[name].dtype == expected.dtype, name
+        scale = expected.double().abs().max().item() if expected.numel() else 0.0
+        assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name

@@ -7,16 +7,13 @@ mergekit-legacy itself where it is installed (next to FASTMERGE_MERGEKIT_YAML, o
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from _support import load_dir, write_config
+from _support import assert_matches_mergekit, load_dir, mergekit_script, write_config
 from fastmerge import run
 from fastmerge.cli import main, mergekit_legacy_main
 from fastmerge.demo import LlamaShape, fine_tune_of, make_state, write_checkpoint
@@ -113,13 +110,7 @@ def test_the_drop_in_takes_mergekits_flags_and_exits_2_on_bad_ones(models, tmp_p
     assert not (tmp_path / "bad").exists()
 
 
-def _mergekit_legacy() -> str | None:
-    yaml_script = os.environ.get("FASTMERGE_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
-    script = Path(yaml_script).with_name("mergekit-legacy") if yaml_script else None
-    return str(script) if script and script.exists() else shutil.which("mergekit-legacy")
-
-
-MERGEKIT_LEGACY = _mergekit_legacy()
+MERGEKIT_LEGACY = mergekit_script("mergekit-legacy")
 
 
 @pytest.mark.skipif(MERGEKIT_LEGACY is None, reason="mergekit-legacy not installed")
@@ -138,9 +129,4 @@ def test_matches_mergekit_legacy(models, tmp_path, flags):
     subprocess.run([MERGEKIT_LEGACY, str(tmp_path / "mk"), *common, "--no-write-model-card", "--quiet"],
                    check=True, capture_output=True)
     assert mergekit_legacy_main([str(tmp_path / "fm"), *common, "--quiet"]) == 0
-    theirs, ours = load_dir(tmp_path / "mk"), load_dir(tmp_path / "fm")
-    assert ours.keys() == theirs.keys()
-    for name, expected in theirs.items():
-        assert ours[name].dtype == expected.dtype, name
-        scale = max(expected.double().abs().max().item(), 1e-30)
-        assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+    assert_matches_mergekit(load_dir(tmp_path / "fm"), load_dir(tmp_path / "mk"))

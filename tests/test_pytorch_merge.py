@@ -7,8 +7,6 @@ in fp32 whatever the order of the additions."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _support import load_dir, write_config
+from _support import assert_matches_mergekit, load_dir, mergekit_script, write_config
 from fastmerge.cli import main, mergekit_pytorch_main
 
 WEIGHTS = (0.5, 0.25, 0.25)
@@ -174,13 +172,7 @@ def test_every_mergekit_pytorch_flag_is_accepted(models, tmp_path, capsys):
     assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
-def _mergekit_pytorch() -> str | None:
-    yaml_script = os.environ.get("FASTMERGE_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
-    script = Path(yaml_script).with_name("mergekit-pytorch") if yaml_script else None
-    return str(script) if script and script.exists() else shutil.which("mergekit-pytorch")
-
-
-MERGEKIT_PYTORCH = _mergekit_pytorch()
+MERGEKIT_PYTORCH = mergekit_script("mergekit-pytorch")
 
 
 @pytest.mark.skipif(MERGEKIT_PYTORCH is None, reason="mergekit-pytorch not installed")
@@ -205,11 +197,7 @@ def test_matches_mergekit_pytorch(models, tmp_path, method, flag, params):
                          parameters={**params, **({"normalize": True} if method == "ties" else {})})
     subprocess.run([MERGEKIT_PYTORCH, str(config), str(tmp_path / "mk"), flag], check=True, capture_output=True)
     assert main(["pytorch", flag, str(config), str(tmp_path / "fm"), "--quiet"]) == 0
-    ours, theirs = load_dir(tmp_path / "fm"), load_dir(tmp_path / "mk")
-    assert sorted(ours) == sorted(theirs)
-    for name, expected in theirs.items():
-        scale = max(expected.double().abs().max().item(), 1e-30)
-        assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+    assert_matches_mergekit(load_dir(tmp_path / "fm"), load_dir(tmp_path / "mk"))
 
 
 def test_merge_state_dicts_follows_the_same_rule_for_missing_keys(models):

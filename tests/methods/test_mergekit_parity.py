@@ -9,7 +9,6 @@ The bound is issue 4's: max |difference| <= 1e-6 x the tensor's largest |value|.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -18,11 +17,11 @@ import pytest
 import torch
 import yaml
 
-from _support import load_dir, write_config
+from _support import assert_matches_mergekit, load_dir, mergekit_script, write_config
 from fastmerge import run
 from fastmerge.demo import LlamaShape, fine_tune_of, make_state, write_checkpoint
 
-MERGEKIT_YAML = os.environ.get("FASTMERGE_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+MERGEKIT_YAML = mergekit_script("mergekit-yaml")
 pytestmark = pytest.mark.skipif(MERGEKIT_YAML is None, reason="mergekit-yaml not installed")
 
 SHAPE = LlamaShape(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
@@ -81,10 +80,7 @@ def test_matches_mergekit(case, checkpoints):
     subprocess.run([MERGEKIT_YAML, str(config), str(root / f"mk_{case}"), "--no-write-model-card", "--allow-crimes"], check=True, capture_output=True)
     ours = load_dir(run(config, root / f"fm_{case}", quiet=True).output_dir)
     theirs = load_dir(root / f"mk_{case}")
-    assert sorted(ours) == sorted(theirs)
-    for name, expected in theirs.items():
-        scale = expected.abs().max().item()
-        assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+    assert_matches_mergekit(ours, theirs)
 
 
 def test_unsafe_truncated_embeddings_match_mergekit(checkpoints):
@@ -127,11 +123,8 @@ def test_a_lora_reference_matches_mergekit(checkpoints):
     ours = load_dir(run(config, root / "fm_lora", quiet=True).output_dir)
     theirs = load_dir(root / "mk_lora")
     plain = load_dir(run(linear(paths[1]), root / "fm_plain", quiet=True).output_dir)
-    assert sorted(ours) == sorted(theirs)
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], plain["model.layers.0.self_attn.q_proj.weight"])
-    for name, expected in theirs.items():
-        scale = expected.abs().max().item()
-        assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+    assert_matches_mergekit(ours, theirs)
 
 
 def test_a_multi_merge_file_matches_mergekit_multi(checkpoints):
@@ -153,10 +146,7 @@ def test_a_multi_merge_file_matches_mergekit_multi(checkpoints):
     run_multi(config, root / "fm_multi", root / "fm_multi_final", quiet=True)
     for ours_dir, theirs_dir in ((root / "fm_multi" / "soup", root / "mk_multi" / "soup"), (root / "fm_multi_final", root / "mk_multi_final")):
         ours, theirs = load_dir(ours_dir), load_dir(theirs_dir)
-        assert sorted(ours) == sorted(theirs)
-        for name, expected in theirs.items():
-            scale = expected.abs().max().item()
-            assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+        assert_matches_mergekit(ours, theirs)
 
 
 def test_an_extracted_lora_matches_mergekit_extract_lora(checkpoints):
