@@ -100,15 +100,18 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="merge the models a mergekit-style YAML config describes")
-    _add_config_and_out(run)
-    _add_merge_options(run)
-    run.set_defaults(handler=_cmd_run)
+    def merge_command(name: str, help_text: str, own_options: Callable[[argparse.ArgumentParser], None],
+                      handler: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
+        """A subcommand that merges: its own arguments, then the run flags."""
+        sub = commands.add_parser(name, help=help_text)
+        own_options(sub)
+        _add_merge_options(sub)
+        sub.set_defaults(handler=handler)
+        return sub
 
-    pytorch = commands.add_parser("pytorch", help="merge arbitrary checkpoints tensor by tensor, by name (mergekit-pytorch's format)")
-    _add_flat_config_and_out(pytorch)
-    _add_merge_options(pytorch)
-    pytorch.set_defaults(handler=_cmd_pytorch)
+    run = merge_command("run", "merge the models a mergekit-style YAML config describes", _add_config_and_out, _cmd_run)
+    pytorch = merge_command("pytorch", "merge arbitrary checkpoints tensor by tensor, by name (mergekit-pytorch's format)",
+                            _add_flat_config_and_out, _cmd_pytorch)
 
     plan = commands.add_parser("plan", help="show what a config would merge, without writing anything")
     plan.add_argument("config", type=Path)
@@ -137,20 +140,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_merge_options(continual)
     continual.set_defaults(handler=_cmd_continual)
 
-    legacy = commands.add_parser("legacy", help="merge from mergekit-legacy's flags (--merge, --weight, --density, --method)")
-    _add_legacy_options(legacy)
-    _add_merge_options(legacy)
-    legacy.set_defaults(handler=_cmd_legacy)
-
-    shuffle = commands.add_parser("layershuffle", help="a model stacked from randomly drawn layers of others (mergekit-layershuffle's flags)")
-    _add_layershuffle_options(shuffle)
-    _add_merge_options(shuffle)
-    shuffle.set_defaults(handler=_cmd_layershuffle)
-
-    multi = commands.add_parser("multi", help="run the merges of a multi-document YAML (mergekit-multi's format) in dependency order")
-    _add_multi_options(multi)
-    _add_merge_options(multi)
-    multi.set_defaults(handler=_cmd_multi)
+    legacy = merge_command("legacy", "merge from mergekit-legacy's flags (--merge, --weight, --density, --method)",
+                           _add_legacy_options, _cmd_legacy)
+    shuffle = merge_command("layershuffle", "a model stacked from randomly drawn layers of others (mergekit-layershuffle's "
+                            "flags)", _add_layershuffle_options, _cmd_layershuffle)
+    multi = merge_command("multi", "run the merges of a multi-document YAML (mergekit-multi's format) in dependency order",
+                          _add_multi_options, _cmd_multi)
 
     extract = commands.add_parser("extract-lora", help="a LoRA adapter approximating a fine-tune's task vector (mergekit-extract-lora's flags)")
     _add_extraction_options(extract)
