@@ -216,6 +216,7 @@ def _cmd_layershuffle(args: argparse.Namespace) -> None:
     import yaml
 
     from .engine import run
+    from .errors import ConfigError
     from .io.lora import open_model
     from .layershuffle import shuffle_config
     from .plan import layer_count
@@ -232,7 +233,10 @@ def _cmd_layershuffle(args: argparse.Namespace) -> None:
     if args.print_yaml:
         print(text)
     if args.write_yaml is not None:
-        args.write_yaml.write_text(text, encoding="utf-8")
+        try:
+            args.write_yaml.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"--write-yaml {args.write_yaml}: cannot write the config there ({exc.strerror})") from exc
     if not args.dry_run:
         print(run(config, args.out, **_merge_options(args)))
 

@@ -105,6 +105,8 @@ def test_the_command_stacks_the_drawn_layers(models, tmp_path, capsys):
     assert main(["layershuffle", str(tmp_path / "dry"), "-m", models[0], "--print-yaml", "--dry-run"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["merge_method"] == "passthrough"
     assert not (tmp_path / "dry").exists()
+    assert main(["layershuffle", str(tmp_path / "o2"), "-m", models[0], "--write-yaml", str(tmp_path / "no" / "s.yml")]) == 2
+    assert "--write-yaml" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
 def test_the_drop_in_seeds_with_random_seed_and_exits_2_on_bad_flags(models, tmp_path, capsys):
