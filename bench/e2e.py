@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -212,9 +213,17 @@ def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
     The child is started through /usr/bin/time, whose %M is the peak RSS of the command it
     forks. Asking the kernel directly (wait4 on our own child) would not do: a child's maximum
     includes the memory of the process it was forked from before exec, i.e. this benchmark.
+    Where GNU time is missing (container images often lack it, e.g. the GPU machines'),
+    fastmerge's own report gives the figure (its peak RSS line); other tools need GNU time.
     """
     if not TIME.exists():
-        raise FileNotFoundError(f"{TIME} (GNU time) is needed to measure a merge's peak RSS")
+        if tool != "fastmerge":
+            raise FileNotFoundError(f"{TIME} (GNU time) is needed to measure {tool}'s peak RSS")
+        started = time.perf_counter()
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - started
+        output = done.stdout.decode(errors="replace")
+        return MergeRun(tool, method, wall, reported_peak_rss(output), done.returncode, output[-2000:])
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
         started = time.perf_counter()
         done = subprocess.run([str(TIME), "-f", "%M", "-o", stats.name, *command],
@@ -224,6 +233,16 @@ def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
         peak_kib = int(stats.read().split()[-1])
     tail = done.stdout.decode(errors="replace")[-2000:]
     return MergeRun(tool, method, wall, peak_kib * 1024, done.returncode, tail)
+
+
+_BINARY_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def reported_peak_rss(output: str) -> int:
+    """The peak RSS in a fastmerge run's summary ("... peak RSS 923.07 MiB, ..."), in bytes;
+    0 when the run printed none (it failed)."""
+    match = re.search(r"peak RSS ([0-9.]+) (B|KiB|MiB|GiB|TiB)", output)
+    return round(float(match.group(1)) * _BINARY_UNITS[match.group(2)]) if match else 0
 
 
 def median_run(runs: list[MergeRun]) -> MergeRun:

@@ -57,6 +57,22 @@ def test_child_runs_report_their_own_peak_rss():
     assert e2e.run_child("python", "fail", [sys.executable, "-c", "raise SystemExit(3)"]).returncode == 3
 
 
+def test_without_gnu_time_fastmerge_runs_report_their_own_peak_rss(models, tmp_path, monkeypatch):
+    """Where /usr/bin/time is missing, fastmerge's summary line gives the figure; GNU time's
+    measure of the same merge is the check (within 5%: both are the child's own peak)."""
+    config = tmp_path / "linear.yml"
+    config.write_text(json.dumps(e2e.METHODS["linear"](models)))
+    timed = e2e.run_child("fastmerge", "linear", e2e.fastmerge_command(config, tmp_path / "a"))
+    monkeypatch.setattr(e2e, "TIME", tmp_path / "no-time")
+    reported = e2e.run_child("fastmerge", "linear", e2e.fastmerge_command(config, tmp_path / "b"))
+    assert timed.returncode == reported.returncode == 0
+    assert abs(reported.peak_rss_bytes - timed.peak_rss_bytes) <= 0.05 * timed.peak_rss_bytes
+    with pytest.raises(FileNotFoundError, match="GNU time"):
+        e2e.run_child("mergekit", "linear", [sys.executable, "-c", "pass"])
+    assert e2e.reported_peak_rss("merged 3 tensors ... peak RSS 1.50 GiB, device cpu") == 1.5 * 2**30
+    assert e2e.reported_peak_rss("fastmerge: error: no such file") == 0
+
+
 def test_repeated_runs_report_the_median_wall_and_the_highest_rss():
     run = lambda wall, rss, rc=0: e2e.MergeRun("fastmerge", "ties", wall, rss, rc)  # noqa: E731
     assert e2e.median_run([run(3.0, 10), run(1.0, 30), run(2.0, 20)]) == run(2.0, 30)
