@@ -9,7 +9,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops import blend
 from fastmerge.ops.blend import blend_reference
 
-from conftest import BIG_SIZE, FLOAT_DTYPES, native_threads
+from op_support import BIG_SIZE, FLOAT_DTYPES, native_threads
 
 # (base?, lam): plain weighted sum, scaled sum, task-vector form.
 FORMS = ((False, 1.0), (False, 0.37), (True, 1.0), (True, 0.61))

@@ -11,7 +11,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops.dare import dare_mask, dare_merge
 from fastmerge.ops.random import derive_key, philox_uint32, philox_uniform, uniform_draws
 
-from conftest import ACCELERATED, BIG_SIZE, native_threads
+from op_support import ACCELERATED, BIG_SIZE, native_threads
 
 KEYS = [0, 12345, (1 << 63) + 77, (1 << 64) - 1]
 

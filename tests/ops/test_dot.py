@@ -12,7 +12,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops import dot
 from fastmerge.ops._dispatch import available_backends
 
-from conftest import native_threads
+from op_support import native_threads
 
 BACKENDS = tuple(b for b in dot.SUPPORTED_BACKENDS if b in available_backends())
 # (shape, dim): whole tensors, rows, columns, a middle dimension, vectors past one native block

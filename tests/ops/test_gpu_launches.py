@@ -31,7 +31,7 @@ import torch
 from fastmerge.ops import apply_mask, blend, pack_mask, rbf_similarity, ties_merge
 from fastmerge.ops.random import uniform_draws
 
-from conftest import TRITON_UNTESTABLE
+from op_support import TRITON_UNTESTABLE
 
 pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,

@@ -9,7 +9,7 @@ import torch
 from fastmerge.ops import ties as T
 from fastmerge.ops.threshold import magnitude_threshold, tie_cutoff
 
-from conftest import ACCELERATED, TRITON_UNTESTABLE
+from op_support import ACCELERATED, TRITON_UNTESTABLE
 
 pytestmark = pytest.mark.skipif("triton" not in ACCELERATED, reason=TRITON_UNTESTABLE or "triton not usable here")
 

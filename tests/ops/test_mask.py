@@ -10,7 +10,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops import apply_mask, pack_mask, semi_structured_mask, unpack_mask
 from fastmerge.ops.mask import apply_mask_reference, pack_mask_reference, unpack_mask_reference
 
-from conftest import BIG_SIZE
+from op_support import BIG_SIZE
 
 
 def _x_and_mask(shape, dtype, gen):

@@ -13,7 +13,7 @@ from fastmerge.ops import threshold as threshold_module
 from fastmerge.ops.threshold import (BACKENDS, MagnitudeHistogram, density_to_k, keep_mask, magnitude_threshold,
                                     magnitude_thresholds, tie_cutoff)
 
-from conftest import ACCELERATED, BIG_SIZE
+from op_support import ACCELERATED, BIG_SIZE
 
 THRESHOLD_BACKENDS = ["reference", *(b for b in ACCELERATED if b in BACKENDS)]
 

@@ -10,7 +10,7 @@ from fastmerge.errors import KernelError
 from fastmerge.ops import MagnitudeHistogram, ties_merge
 from fastmerge.ops._fma import fma_f32
 
-from conftest import ACCELERATED, BIG_SIZE, native_threads
+from op_support import ACCELERATED, BIG_SIZE, native_threads
 
 VARIANTS = {
     "ties": dict(sparsify="magnitude", consensus=True, normalize=True),

@@ -1,0 +1,63 @@
+"""Constants and helpers of the op tests, imported by name (`from op_support import ...`).
+
+They live here, not in conftest.py, because every test folder's conftest is a module called
+`conftest`: when one pytest run collects tests/ops with another folder that has a conftest
+(tests/io), `from conftest import ...` can get the other one.
+tests/ops/conftest.py sets TRITON_INTERPRET before this module is first imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+from _support import old_triton_interpreter
+from fastmerge.ops._dispatch import available_backends
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Empty, scalar-like, odd, one past a power of two; the big size only for CPU backends since
+# the Triton interpreter runs in Python.
+SIZES = (0, 1, 7, 4097)
+BIG_SIZE = (1 << 20) + 3
+
+
+def _why_triton_is_untestable() -> str:
+    """Why the Triton kernels cannot be checked byte for byte here, or "" when they can (a GPU
+    compiles them; only an old interpreter cannot)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" or "triton" not in available_backends():
+        return ""
+    return old_triton_interpreter()
+
+
+TRITON_UNTESTABLE = _why_triton_is_untestable()
+# Backends every op has. `cuda` exists only for some ops (the histogram threshold), whose
+# tests parametrize over their own BACKENDS. An untestable triton is listed as skipped, so the
+# run says why.
+ACCELERATED = tuple(b for b in available_backends() if b in ("native", "triton") and not (b == "triton" and TRITON_UNTESTABLE))
+BACKEND_PARAMS = [*ACCELERATED, *([pytest.param("triton", marks=pytest.mark.skip(reason=TRITON_UNTESTABLE))]
+                                  if TRITON_UNTESTABLE else [])]
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when both tensors have equal dtype, shape and bytes (stricter than torch.equal,
+    which calls -0 == +0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8))
+
+
+@contextlib.contextmanager
+def native_threads(n: int):
+    """Run the native kernels on n OpenMP threads inside the block, then restore the count (tests
+    that results do not depend on it)."""
+    from fastmerge import _native
+
+    before = _native.max_threads()
+    _native.set_num_threads(n)
+    try:
+        yield
+    finally:
+        _native.set_num_threads(before)
