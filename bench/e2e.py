@@ -216,23 +216,18 @@ def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
     Where GNU time is missing (container images often lack it, e.g. the GPU machines'),
     fastmerge's own report gives the figure (its peak RSS line); other tools need GNU time.
     """
-    if not TIME.exists():
-        if tool != "fastmerge":
-            raise FileNotFoundError(f"{TIME} (GNU time) is needed to measure {tool}'s peak RSS")
-        started = time.perf_counter()
-        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - started
-        output = done.stdout.decode(errors="replace")
-        return MergeRun(tool, method, wall, reported_peak_rss(output), done.returncode, output[-2000:])
+    timed = TIME.exists()
+    if not timed and tool != "fastmerge":
+        raise FileNotFoundError(f"{TIME} (GNU time) is needed to measure {tool}'s peak RSS")
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
         started = time.perf_counter()
-        done = subprocess.run([str(TIME), "-f", "%M", "-o", stats.name, *command],
+        done = subprocess.run([str(TIME), "-f", "%M", "-o", stats.name, *command] if timed else command,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - started
+        output = done.stdout.decode(errors="replace")
         # On failure GNU time writes "Command exited with non-zero status N" before the figure.
-        peak_kib = int(stats.read().split()[-1])
-    tail = done.stdout.decode(errors="replace")[-2000:]
-    return MergeRun(tool, method, wall, peak_kib * 1024, done.returncode, tail)
+        peak = int(stats.read().split()[-1]) * 1024 if timed else reported_peak_rss(output)
+    return MergeRun(tool, method, wall, peak, done.returncode, output[-2000:])
 
 
 _BINARY_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -36,7 +36,8 @@ _PRE_LAYER_HINTS = ("embed", "wte", "wpe", "tok_embeddings", "word_embeddings")
 FLAT_MISSING = ("error", "union", "intersection")
 
 
-def tensors_by_name(names: Iterable[str], sources: list, has, missing: str, what: str, hint: str) -> tuple[list, list[str]]:
+def tensors_by_name(names: Iterable[str], sources: list, has: Callable[[Any, str], bool], missing: str,
+                    what: Callable[[list], str], hint: str) -> tuple[list[tuple[str, list]], list[str]]:
     """Apply a flat merge's rule for missing tensors (FLAT_MISSING) once, for files and for state
     dicts alike: (name, the sources that have it) for each tensor to merge, and the names left
     out. `has(source, name)` says whether a source holds a tensor; `what(sources)` names sources
