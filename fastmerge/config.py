@@ -111,8 +111,14 @@ _UNSUPPORTED_TOP_KEYS = {
 
 def load_config(config: str | Path | Mapping[str, Any]) -> MergeSpec:
     """Parse a config given as a dict, a path to a YAML file, or YAML text."""
+    return parse_config(read_mapping(config, "at least `merge_method`"))
+
+
+def read_mapping(config: str | Path | Mapping[str, Any], needs: str) -> dict[str, Any]:
+    """A config as a dict, given as one, as a path to a YAML file, or as YAML text; `needs`
+    says in the error what a config must hold at least."""
     if isinstance(config, Mapping):
-        return parse_config(dict(config))
+        return dict(config)
     if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config and config.endswith((".yml", ".yaml"))):
         path = Path(config)
         if not path.is_file():
@@ -126,8 +132,8 @@ def load_config(config: str | Path | Mapping[str, Any]) -> MergeSpec:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{origin} must be a YAML mapping with at least `merge_method`")
-    return parse_config(data)
+        raise ConfigError(f"{origin} must be a YAML mapping with {needs}")
+    return data
 
 
 def parse_config(data: dict[str, Any]) -> MergeSpec:
@@ -150,7 +156,7 @@ def parse_config(data: dict[str, Any]) -> MergeSpec:
     models = [_parse_source(m, f"models[{i}]", with_range=False) for i, m in enumerate(_as_list(data, "models"))] if has_models else None
     slices = [_parse_slice(s, f"slices[{i}]") for i, s in enumerate(_as_list(data, "slices"))] if has_slices else None
 
-    base_model = _optional_model_name(data.get("base_model"), "base_model")
+    base_model = model_reference(data.get("base_model"), "base_model")
     tokenizer_source = data.get("tokenizer_source")
     block = TokenizerBlock("union")
     if data.get("tokenizer") is not None:
@@ -194,7 +200,9 @@ def _as_list(data: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
-def _optional_model_name(value: Any, where: str) -> str | None:
+def model_reference(value: Any, where: str) -> str | None:
+    """A model reference (a path, `model+lora`, or mergekit's {model, lora} form) checked and
+    in its short form; None where the key is absent. `where` names the key in errors."""
     if value is None:
         return None
     if isinstance(value, dict) and set(value) in ({"model"}, {"model", "lora"}):
@@ -215,7 +223,8 @@ def _lora_reference(value: dict[str, Any], where: str) -> str:
     return f"{value['model']}+{value['lora']}"
 
 
-def _check_keys(entry: dict[str, Any], allowed: set[str], where: str) -> None:
+def check_keys(entry: dict[str, Any], allowed: set[str], where: str) -> None:
+    """Unknown keys are errors: a misspelt key would otherwise be silently ignored."""
     for key in entry:
         if key not in allowed:
             raise ConfigError(f"unknown key `{where}.{key}`; allowed: {', '.join(sorted(allowed))}")
@@ -226,8 +235,8 @@ def _parse_source(entry: Any, where: str, with_range: bool) -> SourceSpec:
         entry = {"model": entry}
     if not isinstance(entry, dict):
         raise ConfigError(f"`{where}` must be a mapping with a `model` key")
-    _check_keys(entry, {"model", "parameters", "layer_range"} if with_range else {"model", "parameters"}, where)
-    model = _optional_model_name(entry.get("model"), f"{where}.model")
+    check_keys(entry, {"model", "parameters", "layer_range"} if with_range else {"model", "parameters"}, where)
+    model = model_reference(entry.get("model"), f"{where}.model")
     if model is None:
         raise ConfigError(f"`{where}.model` is required")
     layer_range = None
@@ -247,7 +256,7 @@ def _parse_source(entry: Any, where: str, with_range: bool) -> SourceSpec:
 def _parse_slice(entry: Any, where: str) -> SliceSpec:
     if not isinstance(entry, dict):
         raise ConfigError(f"`{where}` must be a mapping with `sources`")
-    _check_keys(entry, {"sources", "base_model", "parameters", "residual_weight"}, where)
+    check_keys(entry, {"sources", "base_model", "parameters", "residual_weight"}, where)
     if entry.get("residual_weight") is not None:
         raise ConfigError(f"`{where}.residual_weight` is not supported")
     sources = entry.get("sources")
@@ -259,7 +268,7 @@ def _parse_slice(entry: Any, where: str) -> SliceSpec:
         raise ConfigError(f"`{where}`: every source must cover the same number of layers, got lengths {sorted(lengths)}")
     return SliceSpec(
         sources=parsed,
-        base_model=_optional_model_name(entry.get("base_model"), f"{where}.base_model"),
+        base_model=model_reference(entry.get("base_model"), f"{where}.base_model"),
         parameters=_parse_parameters(entry.get("parameters"), f"{where}.parameters"),
     )
 
@@ -288,7 +297,7 @@ def _parse_setting(value: Any, where: str) -> ParameterSetting:
         if all(isinstance(v, dict) for v in value):
             conditions = []
             for i, cond in enumerate(value):
-                _check_keys(cond, {"filter", "value"}, f"{where}[{i}]")
+                check_keys(cond, {"filter", "value"}, f"{where}[{i}]")
                 if "value" not in cond:
                     raise ConfigError(f"`{where}[{i}]` needs a `value`")
                 filt = cond.get("filter")

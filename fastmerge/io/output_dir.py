@@ -131,6 +131,12 @@ def _write_config(source: Path, destination: Path, torch_dtype: torch.dtype | No
         raise CheckpointError(f"{source}: cannot read the model config ({exc})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{source}: the model config must be a JSON object")
+    write_model_config(config, destination, torch_dtype)
+
+
+def write_model_config(config: dict, destination: Path, torch_dtype: torch.dtype | None) -> None:
+    """Write a config.json that names `torch_dtype` (None: as the config says)."""
+    config = dict(config)
     if torch_dtype is not None:
         config["torch_dtype"] = config_name(torch_dtype)
         if "dtype" in config:  # newer transformers write `dtype` instead
