@@ -1,6 +1,6 @@
 """The `fastmerge` command and the mergekit-compatible `fastmerge-yaml`, `fastmerge-multi`,
-`fastmerge-pytorch`, `fastmerge-legacy`, `fastmerge-layershuffle` and `fastmerge-extract-lora`
-drop-ins.
+`fastmerge-pytorch`, `fastmerge-legacy`, `fastmerge-layershuffle`, `fastmerge-moe` and
+`fastmerge-extract-lora` drop-ins.
 
 Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
 -v), since a config or input problem is the user's to fix and a traceback hides the message.
@@ -22,16 +22,22 @@ EXIT_USER_ERROR = 2
 
 
 def _add_merge_options(parser: argparse.ArgumentParser) -> None:
+    _add_output_options(parser, "seed for randomized methods (DARE, DELLA) [default: 0]")
+    parser.add_argument("--backend", choices=("reference", "native", "triton", "cuda"), default=None, help="force one kernel backend")
+    _add_truncation_option(parser)
+
+
+def _add_output_options(parser: argparse.ArgumentParser, seed_help: str) -> None:
+    """The flags of every command that reads models and writes one: where it runs, how the output
+    is written, what may be read."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda [default: auto]")
     parser.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 500M, 2GB, 5B (bytes) [default: 5GB]")
-    parser.add_argument("--seed", type=int, default=0, help="seed for randomized methods (DARE, DELLA) [default: 0]")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels [default: all cores]")
-    parser.add_argument("--backend", choices=("reference", "native", "triton", "cuda"), default=None, help="force one kernel backend")
     parser.add_argument("--allow-pickle", action="store_true", help="also read pickled weights: pytorch_model*.bin, bare .bin/.pt/.pth (loaded with weights_only=True)")
     parser.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_truncation_option(parser)
 
 
 def _add_truncation_option(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +100,17 @@ def _add_layershuffle_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="build the config, merge nothing")
 
 
+def _add_moe_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit-moe's own arguments (fastmerge moe and the fastmerge-moe drop-in; the build is
+    fastmerge/moe's)."""
+    parser.add_argument("config", type=Path, help="MoE config (YAML): base_model, experts, gate_mode, ...")
+    parser.add_argument("out", type=Path, help="output model directory")
+    parser.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_all_same", action="store_true",
+                        help="allow every expert to be the same model")
+    parser.add_argument("--load-in-4bit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--load-in-8bit", action="store_true", help=argparse.SUPPRESS)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmerge", description="Fast, bounded-memory merging of model checkpoints.")
     parser.add_argument("--version", action="version", version=f"fastmerge {__version__}")
@@ -144,6 +161,10 @@ def _build_parser() -> argparse.ArgumentParser:
                            _add_legacy_options, _cmd_legacy)
     shuffle = merge_command("layershuffle", "a model stacked from randomly drawn layers of others (mergekit-layershuffle's "
                             "flags)", _add_layershuffle_options, _cmd_layershuffle)
+    moe = commands.add_parser("moe", help="a Mixtral mixture of experts built from dense models (mergekit-moe's config)")
+    _add_moe_options(moe)
+    _add_output_options(moe, "seed for the random gate modes and noise_scale [default: 0]")
+    moe.set_defaults(handler=_cmd_moe)
     multi = merge_command("multi", "run the merges of a multi-document YAML (mergekit-multi's format) in dependency order",
                           _add_multi_options, _cmd_multi)
 
@@ -158,7 +179,7 @@ def _build_parser() -> argparse.ArgumentParser:
     extract.set_defaults(handler=_cmd_extract_lora)
 
     for arg in ("-v", "--verbose"):
-        for sub in (run, pytorch, plan, demo, prune, continual, legacy, shuffle, multi, extract):
+        for sub in (run, pytorch, plan, demo, prune, continual, legacy, shuffle, moe, multi, extract):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -239,6 +260,21 @@ def _cmd_layershuffle(args: argparse.Namespace) -> None:
             raise ConfigError(f"--write-yaml {args.write_yaml}: cannot write the config there ({exc.strerror})") from exc
     if not args.dry_run:
         print(run(config, args.out, **_merge_options(args)))
+
+
+def _cmd_moe(args: argparse.Namespace) -> None:
+    from .engine import set_threads
+    from .errors import ConfigError
+    from .moe import build_moe
+
+    if args.load_in_4bit or args.load_in_8bit:
+        raise ConfigError("--load-in-4bit / --load-in-8bit are not supported: the hidden-state gate modes run the base "
+                          "model in bfloat16, as mergekit-moe does without them")
+    if args.threads is not None:
+        set_threads(args.threads)
+    print(build_moe(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size, seed=args.seed,
+                    allow_pickle=args.allow_pickle, copy_tokenizer=args.copy_tokenizer, overwrite=args.overwrite,
+                    quiet=args.quiet, allow_all_same=args.allow_all_same))
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -448,6 +484,11 @@ def mergekit_legacy_main(argv: Sequence[str] | None = None) -> int:
 def mergekit_layershuffle_main(argv: Sequence[str] | None = None) -> int:
     return _drop_in("fastmerge-layershuffle", "Drop-in for mergekit-layershuffle: a model stacked from randomly "
                     "drawn layers of others, seeded by --random-seed.", _add_layershuffle_options, _cmd_layershuffle, argv)
+
+
+def mergekit_moe_main(argv: Sequence[str] | None = None) -> int:
+    return _drop_in("fastmerge-moe", "Drop-in for mergekit-moe: a Mixtral mixture of experts from dense Llama/Mistral "
+                    "models, routers from prompts or seeded by --random-seed.", _add_moe_options, _cmd_moe, argv)
 
 
 def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:

@@ -61,5 +61,9 @@ def fastmerge_layershuffle() -> None:
     _run("mergekit_layershuffle_main")
 
 
+def fastmerge_moe() -> None:
+    _run("mergekit_moe_main")
+
+
 def fastmerge_extract_lora() -> None:
     _run("mergekit_extract_lora_main")

@@ -1,0 +1,136 @@
+"""Router initialisation for a MoE built from dense models: one vector per layer and expert.
+
+A token goes to the experts whose router vectors best match its hidden state, so each expert's
+vector is made to point where the hidden states of its prompts point (mergekit-moe's gate modes,
+computed the same way, so a config gives the same routers as mergekit's):
+
+  hidden, hidden_last  the base model's hidden state before each layer at each prompt's last
+                       token, averaged over the prompts (bf16, as mergekit runs the model);
+  hidden_avg           the same averaged over each prompt's tokens first;
+  cheap_embed          the sum of the prompts' token embeddings, the same vector for every layer;
+  random               standard normal; uniform_random: U(-1/sqrt(hidden), 1/sqrt(hidden)), what
+                       torch.nn.Linear starts from. Drawn from torch's generator seeded with
+                       `seed`, which draws what mergekit draws under --random-seed.
+
+Negative prompts' vector is subtracted from the positive one, and each vector is scaled to unit
+length. Prompt modes tokenize `bos_token + prompt`, padded on the left.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import Checkpoint
+from ..io.lora import AdaptedCheckpoint
+from ..representations.models import require_transformers
+from .config import MoESpec
+
+EMBED_NAME = "model.embed_tokens.weight"
+# mergekit warns where a layer's router matrix is this ill-conditioned.
+DEGENERATE_CONDITION = 5.0
+
+
+def router_vectors(spec: MoESpec, base: Checkpoint, layers: int, hidden_size: int, generator: torch.Generator,
+                   device: torch.device) -> torch.Tensor:
+    """(layers, experts, hidden_size) router vectors for `spec.gate_mode`."""
+    shape = (layers, len(spec.experts), hidden_size)
+    if spec.gate_mode == "random":
+        return torch.randn(shape, generator=generator)
+    if spec.gate_mode == "uniform_random":
+        bound = math.sqrt(1.0 / hidden_size)
+        return torch.rand(shape, generator=generator) * 2 * bound - bound
+    tokenizer = _tokenizer(base)
+    if spec.gate_mode == "cheap_embed":
+        embed = _embeddings(base)
+
+        def vector(prompts: tuple[str, ...]) -> torch.Tensor:
+            return _embedding_sum(embed, _tokenize(tokenizer, prompts)).repeat(layers, 1)
+    else:
+        model = _model(base, device)
+
+        def vector(prompts: tuple[str, ...]) -> torch.Tensor:
+            return _hidden_states(model, _tokenize(tokenizer, prompts).to(device), spec.gate_mode == "hidden_avg")
+    return torch.stack([_expert_vector(vector, e.positive_prompts, e.negative_prompts) for e in spec.experts]).permute(1, 0, 2).cpu()
+
+
+def degenerate_layers(routers: torch.Tensor) -> list[int]:
+    """Layers whose router matrix is ill-conditioned: some experts' vectors nearly coincide (or
+    are combinations of others), so the router can barely tell those experts apart."""
+    return [i for i in range(routers.shape[0]) if torch.linalg.cond(routers[i].float()) > DEGENERATE_CONDITION]
+
+
+def _expert_vector(vector: Callable[[tuple[str, ...]], torch.Tensor], positive: tuple[str, ...],
+                   negative: tuple[str, ...]) -> torch.Tensor:
+    v = vector(positive)
+    if negative:
+        v -= vector(negative)
+    v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
+    return v
+
+
+def _tokenizer(base: Checkpoint) -> Any:
+    transformers = require_transformers("MoE gate modes that read prompts")
+    if base.directory is None:
+        raise CheckpointError(f"{base.path}: the prompt gate modes need the base model as a directory with its tokenizer")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(base.directory))
+    except Exception as exc:  # transformers raises many unrelated types for a missing tokenizer
+        raise CheckpointError(f"{base.directory}: cannot load the base model's tokenizer, which the prompt gate modes "
+                              f"need ({type(exc).__name__}: {exc})") from None
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token_id = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _tokenize(tokenizer: Any, prompts: tuple[str, ...]) -> Any:
+    return tokenizer([(tokenizer.bos_token or "") + p for p in prompts], return_tensors="pt", padding=True,
+                     add_special_tokens=False)
+
+
+def _embeddings(base: Checkpoint) -> torch.Tensor:
+    if not base.has(EMBED_NAME):
+        raise CheckpointError(f"{base.path}: no tensor {EMBED_NAME!r}, which gate_mode cheap_embed reads")
+    return base.tensor(EMBED_NAME).float()
+
+
+def _embedding_sum(embed: torch.Tensor, tokenized: Any) -> torch.Tensor:
+    """(1, hidden) unit vector along the sum of the prompts' token embeddings (padding masked)."""
+    ids = tokenized["input_ids"]
+    if ids.numel() and int(ids.max()) >= embed.shape[0]:
+        raise CheckpointError(f"the tokenizer gives token id {int(ids.max())}, beyond the {embed.shape[0]} rows of "
+                              f"{EMBED_NAME}")
+    h = embed[ids]  # the rows a one-hot product picks, exactly
+    summed = (h * tokenized["attention_mask"].unsqueeze(-1)).sum(dim=1).sum(dim=0, keepdim=True)
+    return summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def _model(base: Checkpoint, device: torch.device) -> Any:
+    transformers = require_transformers("MoE gate modes hidden, hidden_avg and hidden_last")
+    if isinstance(base, AdaptedCheckpoint):
+        raise ConfigError(f"`base_model`: gate modes hidden, hidden_avg and hidden_last run the base model with "
+                          f"transformers, which cannot apply the LoRA adapter {base.adapter.path}; merge it first")
+    path = Path(base.directory or base.path)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16,
+                                                                  low_cpu_mem_usage=True)
+    except Exception as exc:  # from_pretrained raises many unrelated types for an unreadable model
+        raise CheckpointError(f"{path}: transformers cannot load the base model to compute hidden states "
+                              f"({type(exc).__name__}: {exc})") from None
+    return model.to(device).eval()
+
+
+def _hidden_states(model: Any, tokenized: Any, average: bool) -> torch.Tensor:
+    """(layers, hidden): each layer's input hidden state at the last token (or averaged over the
+    tokens, padding included as mergekit does), averaged over the prompts."""
+    with torch.no_grad():
+        output = model(**tokenized, output_hidden_states=True, return_dict=True)
+    states = torch.stack(output.hidden_states[:-1])  # (layers, prompts, tokens, hidden)
+    states = states.sum(dim=2) / states.shape[2] if average else states[:, :, -1, :]
+    return states.sum(dim=1) / states.shape[1]

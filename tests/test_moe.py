@@ -1,0 +1,270 @@
+"""`fastmerge moe` / `fastmerge-moe`: Mixtral MoEs built from dense toy Llamas.
+
+The expected tensors are re-derived here from the layout in fastmerge/moe/mixtral.py's docstring
+and the gate formulas in fastmerge/moe/gates.py's (token embeddings summed prompt by prompt, the
+hidden states of unpadded prompts), and the built model is run with transformers: with every
+expert a copy of the base MLP and every expert used, Mixtral must compute what the base does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from _support import assert_matches_mergekit, load_dir, mergekit_script
+from fastmerge.cli import main, mergekit_moe_main
+from fastmerge.errors import CheckpointError, ConfigError
+from fastmerge.moe import build_moe, load_moe_config
+
+transformers = pytest.importorskip("transformers")
+from fastmerge.representations.toy import save_toy_llama  # noqa: E402  (needs transformers)
+
+PROMPTS = {"e1": (["math 12", "sums 3"], ["poems"]), "e2": (["a poem", "rhyme"], [])}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    return {name: save_toy_llama(root / name, seed=i, num_layers=3) for i, name in enumerate(("base", "e1", "e2"))}
+
+
+def _config(models: dict[str, Path], gate_mode: str = "cheap_embed", **top) -> dict:
+    experts = [{"source_model": str(models[name]), "positive_prompts": pos, **({"negative_prompts": neg} if neg else {})}
+               for name, (pos, neg) in PROMPTS.items()]
+    return {"base_model": str(models["base"]), "gate_mode": gate_mode, "experts": experts, **top}
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "moe.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp(min=1e-8)
+
+
+def test_layout_keeps_the_base_and_stacks_each_experts_mlp(models, tmp_path):
+    build_moe(_config(models, dtype="bfloat16"), tmp_path / "out", quiet=True)
+    out, base = load_dir(tmp_path / "out"), load_dir(models["base"])
+    experts = [load_dir(models["e1"]), load_dir(models["e2"])]
+    for name, tensor in base.items():
+        if ".mlp." not in name:
+            assert torch.equal(out[name], tensor.to(torch.bfloat16)), name
+    for layer in range(3):
+        mlp = f"model.layers.{layer}.mlp."
+        for e, expert in enumerate(experts):
+            gate_up = out[mlp + "experts.gate_up_proj"][e]
+            assert torch.equal(gate_up[:64], expert[mlp + "gate_proj.weight"].to(torch.bfloat16))
+            assert torch.equal(gate_up[64:], expert[mlp + "up_proj.weight"].to(torch.bfloat16))
+            assert torch.equal(out[mlp + "experts.down_proj"][e], expert[mlp + "down_proj.weight"].to(torch.bfloat16))
+        assert out[mlp + "gate.weight"].shape == (2, 32) and out[mlp + "gate.weight"].dtype == torch.bfloat16
+    assert not any(".mlp.gate_proj" in name or ".mlp.up_proj" in name for name in out)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["model_type"] == "mixtral"
+    assert (config["num_local_experts"], config["num_experts_per_tok"], config["sliding_window"]) == (2, 2, None)
+    assert config["dtype"] == "bfloat16" and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_cheap_embed_routers_are_the_prompts_embedding_sums(models, tmp_path):
+    build_moe(_config(models), tmp_path / "out", quiet=True)
+    out = load_dir(tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(models["base"]))
+    embed = load_dir(models["base"])["model.embed_tokens.weight"].double()
+
+    def embedding_sum(prompts):
+        ids = [i for p in prompts for i in tokenizer(tokenizer.bos_token + p, add_special_tokens=False)["input_ids"]]
+        return _unit(embed[ids].sum(dim=0))
+
+    expected = [_unit(embedding_sum(pos) - (embedding_sum(neg) if neg else 0)) for pos, neg in PROMPTS.values()]
+    for layer in range(3):
+        torch.testing.assert_close(out[f"model.layers.{layer}.mlp.gate.weight"].double(), torch.stack(expected),
+                                   rtol=0, atol=1e-6)
+
+
+def test_hidden_routers_are_the_last_tokens_hidden_states(models, tmp_path):
+    prompts = {"e1": (["abcd", "wxyz"], []), "e2": (["1234", "5678"], ["9999"])}  # one length: no padding
+    config = _config(models, "hidden")
+    for expert, (pos, neg) in zip(config["experts"], prompts.values()):
+        expert["positive_prompts"], expert["negative_prompts"] = pos, neg
+    build_moe(config, tmp_path / "out", quiet=True, device="cpu")
+    out = load_dir(tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(models["base"]))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(models["base"]), dtype=torch.float32)
+
+    def last_hidden(texts):
+        states = []
+        for text in texts:
+            ids = tokenizer(tokenizer.bos_token + text, add_special_tokens=False, return_tensors="pt")
+            with torch.no_grad():
+                hidden = model(**ids, output_hidden_states=True).hidden_states[:-1]
+            states.append(torch.stack([h[0, -1] for h in hidden]))
+        return torch.stack(states).mean(dim=0)  # (layers, hidden)
+
+    for e, (pos, neg) in enumerate(prompts.values()):
+        expected = _unit(last_hidden(pos) - (last_hidden(neg) if neg else 0))
+        for layer in range(3):
+            got = out[f"model.layers.{layer}.mlp.gate.weight"][e].float()
+            assert torch.nn.functional.cosine_similarity(got, expected[layer], dim=0) > 0.99, (e, layer)
+
+
+def test_random_modes_are_seeded_and_scaled(models, tmp_path):
+    def routers(mode, seed, name):
+        build_moe(_config(models, mode), tmp_path / name, seed=seed, quiet=True)
+        return torch.stack([load_dir(tmp_path / name)[f"model.layers.{i}.mlp.gate.weight"] for i in range(3)])
+
+    first, again, other = routers("random", 1, "a"), routers("random", 1, "b"), routers("random", 2, "c")
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.dtype == torch.float32 and 0.7 < first.std().item() < 1.3
+    uniform = routers("uniform_random", 1, "d")
+    bound = math.sqrt(1 / 32)
+    assert uniform.abs().max().item() <= bound and uniform.abs().max().item() > 0.8 * bound
+
+
+def test_noise_and_residual_scale_change_only_their_expert(models, tmp_path):
+    config = _config(models)
+    config["experts"][0]["noise_scale"] = 0.01
+    config["experts"][1]["residual_scale"] = 0.5
+    build_moe(config, tmp_path / "out", quiet=True)
+    out, e1, e2 = load_dir(tmp_path / "out"), load_dir(models["e1"]), load_dir(models["e2"])
+    mlp = "model.layers.1.mlp."
+    noise = out[mlp + "experts.gate_up_proj"][0][:64] - e1[mlp + "gate_proj.weight"]
+    assert 0.008 < noise.std().item() < 0.012
+    assert torch.equal(out[mlp + "experts.down_proj"][1], e2[mlp + "down_proj.weight"] * 0.5)
+    assert torch.equal(out[mlp + "experts.gate_up_proj"][1][64:], e2[mlp + "up_proj.weight"])
+
+
+def test_identical_experts_compute_what_the_base_computes(models, tmp_path):
+    config = {"base_model": str(models["base"]), "gate_mode": "random", "experts_per_token": 4,
+              "experts": [{"source_model": str(models["base"])}] * 4}
+    with pytest.raises(ConfigError, match="same model"):
+        build_moe(config, tmp_path / "refused", quiet=True)
+    assert not (tmp_path / "refused").exists()
+    build_moe(config, tmp_path / "out", quiet=True, allow_all_same=True)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(models["base"]), dtype=torch.float32)
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    ids = torch.tensor([[2, 7, 9, 11, 30, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def _with_config(models: dict[str, Path], **changes) -> dict:
+    config = _config(models)
+    config.update(changes)
+    return config
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"shared_experts": [{"source_model": "x"}]}, "shared_experts"),
+    ({"architecture": "qwen"}, "Mixtral MoEs only"),
+    ({"gate_mode": "smart"}, "gate_mode: 'smart'"),
+    ({"experts_per_token": 3}, "experts_per_token"),
+    ({"dtpye": "bfloat16"}, "unknown key `config.dtpye`"),
+    ({"dtype": "float64"}, "`dtype: 'float64'`"),
+    ({"experts": []}, "`experts` must be a non-empty list"),
+])
+def test_bad_configs_are_named(models, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        build_moe(_with_config(models, **change), tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_modes_need_different_prompts_for_every_expert(models):
+    config = _config(models)
+    config["experts"][1]["positive_prompts"] = []
+    with pytest.raises(ConfigError, match=r"experts\[1\].positive_prompts` is empty"):
+        load_moe_config(config)
+    for expert in config["experts"]:
+        expert["positive_prompts"], expert["negative_prompts"] = ["same"], []
+    with pytest.raises(ConfigError, match="same positive and negative prompts"):
+        load_moe_config(config)
+    config["gate_mode"] = "uniform_random"  # prompts are not read: mergekit requires them anyway
+    assert load_moe_config(config).gate_mode == "uniform_random"
+
+
+def _copy_model(source: Path, target: Path, edit) -> Path:
+    """A copy of a toy model with its tensors (and config) edited."""
+    from safetensors.torch import save_file
+
+    target.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (target / name).write_bytes((source / name).read_bytes())
+    tensors = load_dir(source)
+    edit(tensors, target)
+    save_file(tensors, str(target / "model.safetensors"))
+    return target
+
+
+def test_bad_models_are_named_and_leave_no_output(models, tmp_path):
+    def biased(tensors, _):
+        tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+
+    def narrower(tensors, _):
+        tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(48, 32)
+
+    def qwen(_, target):
+        config = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+
+    cases = [("base_model", biased, "q_proj.bias' has no place in a Mixtral model"),
+             ("experts", narrower, r"up_proj.weight has shape \[48, 32\], but the base model's is \[64, 32\]"),
+             ("base_model", qwen, "model_type 'qwen2'")]
+    for i, (slot, edit, message) in enumerate(cases):
+        bad = _copy_model(models["base"] if slot == "base_model" else models["e2"], tmp_path / f"bad{i}", edit)
+        config = _config(models)
+        if slot == "base_model":
+            config["base_model"] = str(bad)
+        else:
+            config["experts"][1]["source_model"] = str(bad)
+        with pytest.raises((CheckpointError, ConfigError), match=message):
+            build_moe(config, tmp_path / f"out{i}", quiet=True)
+        assert not (tmp_path / f"out{i}").exists()
+        assert not list(tmp_path.glob(f".out{i}.fastmerge-tmp-*"))
+
+
+def test_cli_and_drop_in(models, tmp_path, capsys):
+    config = _write(tmp_path, _config(models, "random", dtype="float16"))
+    assert main(["moe", str(config), str(tmp_path / "a"), "--seed", "4", "--quiet"]) == 0
+    assert mergekit_moe_main([str(config), str(tmp_path / "b"), "--random-seed", "4", "--quiet"]) == 0
+    assert "built a Mixtral MoE of 2 experts" in capsys.readouterr().out
+    a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float16 for k in a)
+    assert mergekit_moe_main([str(config), str(tmp_path / "c"), "--load-in-8bit"]) == 2
+    assert "--load-in-8bit are not supported" in capsys.readouterr().err
+    assert main(["moe", str(config), str(tmp_path / "a")]) == 2, "the output exists"
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(mergekit_script("mergekit-moe") is None, reason="mergekit-moe not installed")
+@pytest.mark.parametrize("gate_mode", ["cheap_embed", "hidden", "hidden_avg", "random", "uniform_random"])
+def test_matches_mergekit_moe(models, tmp_path, gate_mode):
+    config = _config(models, gate_mode, dtype="bfloat16")
+    config["experts"][0]["noise_scale"] = 0.02
+    config["experts"][1]["residual_scale"] = 0.7
+    path = _write(tmp_path, config)
+    subprocess.run([mergekit_script("mergekit-moe"), str(path), str(tmp_path / "mk"), "--random-seed", "9",
+                    "--no-write-model-card"], check=True, capture_output=True)
+    assert mergekit_moe_main([str(path), str(tmp_path / "ours"), "--random-seed", "9", "--quiet"]) == 0
+    assert_matches_mergekit(load_dir(tmp_path / "ours"), load_dir(tmp_path / "mk"))
+    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "mk"))
+    assert {k: v for k, v in ours.items() if k not in ("torch_dtype", "transformers_version")} == \
+        {k: v for k, v in theirs.items() if k != "transformers_version"}
+
+
+def test_console_script_exits_2_naming_the_missing_model(models, tmp_path):
+    config = _config(models)
+    config["experts"][1]["source_model"] = str(tmp_path / "missing")
+    path = _write(tmp_path, config)
+    command = [sys.executable, "-c", "import sys; from fastmerge.console import fastmerge_moe; "
+               "sys.argv[0] = 'fastmerge-moe'; fastmerge_moe()", str(path), str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and "missing" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
