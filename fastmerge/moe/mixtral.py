@@ -182,6 +182,8 @@ class _Layout:
 
 def _write_tensors(spec: MoESpec, layout: _Layout, checkpoints: dict[str, Checkpoint], routers: torch.Tensor,
                    generator: torch.Generator, writer: ShardedWriter, quiet: bool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     base = layout.base
@@ -189,26 +191,39 @@ def _write_tensors(spec: MoESpec, layout: _Layout, checkpoints: dict[str, Checkp
         writer.write(name, _cast(base.tensor(name), layout.out_dtype))
         base.release(name)
     mlp_dtype = layout.out_dtype or layout.mlp_dtype
-    for layer in tqdm(range(layout.layers), desc="experts", disable=quiet, leave=False):
-        gate_up, down = [], []
-        # mergekit's noise order: per expert gate_proj, down_proj, up_proj (one generator stream).
-        for expert in spec.experts:
-            checkpoint = checkpoints[expert.source_model]
-            w = {}
-            for projection in ("gate_proj", "down_proj", "up_proj"):
-                name = _mlp_name(layer, projection)
-                w[projection] = _noised(checkpoint.tensor(name), expert.noise_scale, generator)
-                checkpoint.release(name)
-            if expert.residual_scale is not None:
-                w["down_proj"] = w["down_proj"] * expert.residual_scale
-            gate_up.append(torch.cat([w["gate_proj"], w["up_proj"]]).to(mlp_dtype))
-            down.append(w["down_proj"].to(mlp_dtype))
-        writer.write(f"model.layers.{layer}.mlp.experts.gate_up_proj", torch.stack(gate_up))
-        del gate_up
-        writer.write(f"model.layers.{layer}.mlp.experts.down_proj", torch.stack(down))
-        del down
+    intermediate, hidden = layout.gate_shape
+    used = list({id(c): c for c in (checkpoints[e.source_model] for e in spec.experts)}.values())
+    # One layer is written on a second thread while the next is assembled (two layers in memory).
+    with ThreadPoolExecutor(max_workers=1) as writing:
+        pending = None
+        for layer in tqdm(range(layout.layers), desc="experts", disable=quiet, leave=False):
+            gate_up = torch.empty((layout.experts, 2 * intermediate, hidden), dtype=mlp_dtype)
+            down = torch.empty((layout.experts, hidden, intermediate), dtype=mlp_dtype)
+            # mergekit's noise order: per expert gate_proj, down_proj, up_proj (one generator stream).
+            for e, expert in enumerate(spec.experts):
+                checkpoint = checkpoints[expert.source_model]
+                w = {p: _noised(checkpoint.tensor(_mlp_name(layer, p)), expert.noise_scale, generator)
+                     for p in ("gate_proj", "down_proj", "up_proj")}
+                if expert.residual_scale is not None:
+                    w["down_proj"] = w["down_proj"] * expert.residual_scale
+                gate_up[e, :intermediate].copy_(w["gate_proj"])
+                gate_up[e, intermediate:].copy_(w["up_proj"])
+                down[e].copy_(w["down_proj"])
+            for checkpoint in used:  # every read is copied by now
+                for projection in _PROJECTIONS:
+                    checkpoint.release(_mlp_name(layer, projection))
+            if pending is not None:
+                pending.result()
+            pending = writing.submit(_write_layer, writer, layer, gate_up, down)
+        if pending is not None:
+            pending.result()
     for layer in range(layout.layers):
         writer.write(_router_name(layer), _cast(routers[layer], layout.out_dtype).contiguous())
+
+
+def _write_layer(writer: ShardedWriter, layer: int, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    writer.write(f"model.layers.{layer}.mlp.experts.gate_up_proj", gate_up)
+    writer.write(f"model.layers.{layer}.mlp.experts.down_proj", down)
 
 
 def _noised(tensor: torch.Tensor, scale: float | None, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""MoE build benchmark: `fastmerge moe` against mergekit-moe on the same config, in one run.
+
+On a generated checkpoint set (bench.checkpoints) it builds a Mixtral MoE whose experts are the
+base and every fine-tune (gate_mode random, both seeded with 0), each build in a fresh process
+(peak RSS from GNU time, as in bench.e2e), then checks that the two outputs hold the same bytes.
+mergekit-moe loads the base model's tokenizer even for random gates, and the generated sets have
+none, so a character tokenizer is saved beside the base first (fastmerge.representations.toy).
+The page cache is warmed by an untimed read of the inputs before the runs.
+
+Run: `python -m bench.moe --preset 1b --work /tmp/fm-bench --repeat 3` (`--no-mergekit` to skip it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench.checkpoints import add_generator_args, generate, model_files, spec_from_args
+from bench.e2e import MERGEKIT_YAML, output_bytes, read_files, run_child
+from fastmerge.io.checkpoint import Checkpoint
+
+MERGEKIT_MOE = MERGEKIT_YAML.with_name("mergekit-moe")
+
+
+def moe_config(base: Path, experts: list[Path]) -> dict:
+    return {"base_model": str(base), "gate_mode": "random", "dtype": "bfloat16", "experts_per_token": 2,
+            "experts": [{"source_model": str(e)} for e in experts]}
+
+
+def same_bytes(ours: Path, theirs: Path) -> bool:
+    """Every tensor of both outputs has the same name, dtype, shape and bytes."""
+    a, b = Checkpoint(ours), Checkpoint(theirs)
+    try:
+        if sorted(a.names) != sorted(b.names):
+            return False
+        for name in b.names:
+            x, y = a.tensor(name), b.tensor(name)
+            equal = x.dtype == y.dtype and x.shape == y.shape and torch.equal(
+                x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+            a.release(name)
+            b.release(name)
+            if not equal:
+                return False
+        return True
+    finally:
+        a.close()
+        b.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_generator_args(parser)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"), help="where models and outputs go (not the repo)")
+    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit-moe even if installed")
+    parser.add_argument("--repeat", type=int, default=1, help="fastmerge builds to take the median of [1]")
+    args = parser.parse_args(argv)
+    label = "custom" if args.custom else args.preset
+    models = generate(args.work / label, spec_from_args(args))
+    if not (models.base / "tokenizer.json").is_file():
+        from fastmerge.representations.toy import save_char_tokenizer
+
+        save_char_tokenizer(models.base)
+    config = args.work / f"moe-{label}.yml"
+    config.write_text(yaml.safe_dump(moe_config(models.base, models.all_models)))
+    read_files(model_files(models.all_models))  # warm the page cache, untimed
+    ours, theirs = args.work / f"moe-{label}-fastmerge", args.work / f"moe-{label}-mergekit"
+    runs = [run_child("fastmerge", "moe", [sys.executable, "-m", "fastmerge", "moe", str(config), str(ours),
+                                            "--quiet", "--overwrite"]) for _ in range(args.repeat)]
+    failed = [r for r in runs if r.returncode]
+    if failed:
+        sys.exit(f"fastmerge moe failed:\n{failed[0].log_tail}")
+    wall = statistics.median(r.wall_s for r in runs)
+    rss = max(r.peak_rss_bytes for r in runs)
+    size = output_bytes(ours)
+    print(f"{len(models.all_models)} experts, {size / 1e9:.2f} GB written: fastmerge {wall:.1f} s "
+          f"({', '.join(f'{r.wall_s:.1f}' for r in runs)}), peak RSS {rss / 1e9:.2f} GB")
+    if args.mergekit and MERGEKIT_MOE.exists():
+        shutil.rmtree(theirs, ignore_errors=True)
+        mk = run_child("mergekit", "moe", [str(MERGEKIT_MOE), str(config), str(theirs), "--random-seed", "0",
+                                           "--no-write-model-card", "--quiet"])
+        if mk.returncode:
+            sys.exit(f"mergekit-moe failed:\n{mk.log_tail}")
+        print(f"mergekit-moe {mk.wall_s:.1f} s, peak RSS {mk.peak_rss_bytes / 1e9:.2f} GB: fastmerge "
+              f"{mk.wall_s / wall:.1f}x faster, {mk.peak_rss_bytes / rss:.1f}x less memory; "
+              f"same bytes: {'yes' if same_bytes(ours, theirs) else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
