@@ -34,7 +34,7 @@ from .io.writer import ShardedWriter
 from .methods import get_method
 from .methods.base import TensorTask
 from .plan import Plan, PlannedTensor, build_plan, open_checkpoints
-from .units import format_size, parse_size
+from .units import format_size, parse_size, shards_summary
 from .vocab.chat_templates import write_chat_template
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -61,7 +61,7 @@ class MergeReport:
         rate = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else float("inf")
         return (
             f"merged {self.tensors} tensors with {self.method} into {self.output_dir} "
-            f"({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''}, {format_size(self.bytes_written)}) "
+            f"({shards_summary(len(self.shards), self.bytes_written)}) "
             f"in {self.seconds:.2f} s: read {format_size(self.bytes_read)} ({rate:.2f} GB/s), "
             f"peak RSS {format_size(self.peak_rss_bytes)}, device {self.device}"
         ) + "".join(f"\nnote: {note}" for note in self.notes)

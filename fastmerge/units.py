@@ -53,3 +53,8 @@ def format_size(n: int) -> str:
         if value < 1024 or unit == "PiB":
             break
     return f"{value:.2f} {unit}".replace(".00 ", " ")
+
+
+def shards_summary(shards: int, nbytes: int) -> str:
+    """"2 shards, 6.30 GiB": what a report says of a written checkpoint."""
+    return f"{shards} shard{'s' if shards != 1 else ''}, {format_size(nbytes)}"

@@ -31,7 +31,7 @@ from ..io.checkpoint import Checkpoint
 from ..io.lora import open_model, split_reference
 from ..io.output_dir import StagedOutput, copy_model_files, write_model_config
 from ..io.writer import ShardedWriter
-from ..units import format_size, parse_size
+from ..units import format_size, parse_size, shards_summary
 from .config import MoESpec, load_moe_config
 from .gates import degenerate_layers, router_vectors
 
@@ -65,8 +65,8 @@ class MoEReport:
     def __str__(self) -> str:
         return (
             f"built a Mixtral MoE of {self.experts} experts ({self.experts_per_token} per token, {self.layers} layers, "
-            f"gate_mode {self.gate_mode}) into {self.output_dir} ({len(self.shards)} shard"
-            f"{'s' if len(self.shards) != 1 else ''}, {format_size(self.bytes_written)}) in {self.seconds:.2f} s, "
+            f"gate_mode {self.gate_mode}) into {self.output_dir} ({shards_summary(len(self.shards), self.bytes_written)}) "
+            f"in {self.seconds:.2f} s, "
             f"peak RSS {format_size(self.peak_rss_bytes)}"
         ) + "".join(f"\nnote: {note}" for note in self.notes)
 
