@@ -91,11 +91,12 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
                 checkpoints[reference] = open_model(reference, allow_pickle=allow_pickle)
         base = checkpoints[spec.base_model]
         layout = _Layout.of(spec, base, [checkpoints[e.source_model] for e in spec.experts])
-        generator = torch.Generator().manual_seed(seed)
-        routers = router_vectors(spec, base, layout.layers, layout.hidden_size, generator, resolve_device(device))
-        notes = _notes(spec, routers)
         inputs = [Path(split_reference(r)[0]) for r in checkpoints]
+        # The output is checked before the routers are made: the hidden-state modes run a model.
         with StagedOutput(out_dir, inputs, overwrite=overwrite) as staged:
+            generator = torch.Generator().manual_seed(seed)
+            routers = router_vectors(spec, base, layout.layers, layout.hidden_size, generator, resolve_device(device))
+            notes = _notes(spec, routers)
             writer = ShardedWriter(staged.path, layout.specs(routers.dtype), max_shard)
             try:
                 _write_tensors(spec, layout, checkpoints, routers, generator, writer, quiet)
