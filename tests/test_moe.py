@@ -1,9 +1,10 @@
-"""`fastmerge moe` / `fastmerge-moe`: Mixtral MoEs built from dense toy Llamas.
+"""`fastmerge moe` / `fastmerge-moe`: Mixtral MoEs built from dense toy Llamas, Qwen3 MoEs from
+toy Qwen3s.
 
 The expected tensors are re-derived here from the layout in fastmerge/moe/mixtral.py's docstring
 and the gate formulas in fastmerge/moe/gates.py's (token embeddings summed prompt by prompt, the
 hidden states of unpadded prompts), and the built model is run with transformers: with every
-expert a copy of the base MLP and every expert used, Mixtral must compute what the base does.
+expert a copy of the base MLP and every expert used, the MoE must compute what the base does.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastmerge.errors import CheckpointError, ConfigError
 from fastmerge.moe import build_moe, load_moe_config
 
 transformers = pytest.importorskip("transformers")
-from fastmerge.representations.toy import save_toy_llama  # noqa: E402  (needs transformers)
+from fastmerge.representations.toy import save_char_tokenizer, save_toy_llama  # noqa: E402  (needs transformers)
 
 PROMPTS = {"e1": (["math 12", "sums 3"], ["poems"]), "e2": (["a poem", "rhyme"], [])}
 
@@ -33,6 +34,22 @@ PROMPTS = {"e1": (["math 12", "sums 3"], ["poems"]), "e2": (["a poem", "rhyme"],
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("moe")
     return {name: save_toy_llama(root / name, seed=i, num_layers=3) for i, name in enumerate(("base", "e1", "e2"))}
+
+
+@pytest.fixture(scope="module")
+def qwen3_models(tmp_path_factory) -> dict[str, Path]:
+    """Toy Qwen3s (q_norm and k_norm in every layer, which Qwen3 MoE keeps) with the char tokenizer."""
+    root = tmp_path_factory.mktemp("qwen3")
+    models = {}
+    for i, name in enumerate(("base", "e1", "e2")):
+        models[name] = root / name
+        vocab = save_char_tokenizer(models[name])
+        config = transformers.Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          tie_word_embeddings=False, bos_token_id=2, eos_token_id=3)
+        torch.manual_seed(10 + i)
+        transformers.Qwen3ForCausalLM(config).save_pretrained(str(models[name]))
+    return models
 
 
 def _config(models: dict[str, Path], gate_mode: str = "cheap_embed", **top) -> dict:
@@ -156,6 +173,32 @@ def test_identical_experts_compute_what_the_base_computes(models, tmp_path):
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_qwen3_moe_from_qwen3_models(qwen3_models, tmp_path):
+    config = _config(qwen3_models, "random")
+    report = build_moe(config, tmp_path / "out", quiet=True)
+    assert report.architecture == "Qwen3 MoE"
+    out, base, e2 = load_dir(tmp_path / "out"), load_dir(qwen3_models["base"]), load_dir(qwen3_models["e2"])
+    assert torch.equal(out["model.layers.1.self_attn.q_norm.weight"], base["model.layers.1.self_attn.q_norm.weight"])
+    gate_up = out["model.layers.1.mlp.experts.gate_up_proj"]
+    assert gate_up.shape == (2, 96, 32) and torch.equal(gate_up[1][48:], e2["model.layers.1.mlp.up_proj.weight"])
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["model_type"], written["num_experts"], written["moe_intermediate_size"]) == ("qwen3_moe", 2, 48)
+    with pytest.raises(ConfigError, match="fastmerge builds Mixtral from llama or mistral models"):
+        build_moe({**config, "architecture": "mixtral"}, tmp_path / "refused", quiet=True)
+
+
+def test_identical_qwen3_experts_compute_what_the_base_computes(qwen3_models, tmp_path):
+    config = {"base_model": str(qwen3_models["base"]), "gate_mode": "uniform_random", "experts_per_token": 2,
+              "experts": [{"source_model": str(qwen3_models["base"])}] * 2}
+    build_moe(config, tmp_path / "out", quiet=True, allow_all_same=True)
+    moe = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(qwen3_models["base"]), dtype=torch.float32)
+    assert type(moe).__name__ == "Qwen3MoeForCausalLM"
+    ids = torch.tensor([[2, 7, 9, 11, 30, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def _with_config(models: dict[str, Path], **changes) -> dict:
     config = _config(models)
     config.update(changes)
@@ -164,7 +207,8 @@ def _with_config(models: dict[str, Path], **changes) -> dict:
 
 @pytest.mark.parametrize("change, message", [
     ({"shared_experts": [{"source_model": "x"}]}, "shared_experts"),
-    ({"architecture": "qwen"}, "Mixtral MoEs only"),
+    ({"architecture": "qwen"}, "fastmerge builds Qwen3 MoE from qwen3 models"),
+    ({"architecture": "deepseek"}, "not mergekit-moe's Qwen2-MoE or DeepSeek"),
     ({"gate_mode": "smart"}, "gate_mode: 'smart'"),
     ({"experts_per_token": 3}, "experts_per_token"),
     ({"dtpye": "bfloat16"}, "unknown key `config.dtpye`"),
@@ -234,7 +278,7 @@ def test_cli_and_drop_in(models, tmp_path, capsys):
     config = _write(tmp_path, _config(models, "random", dtype="float16"))
     assert main(["moe", str(config), str(tmp_path / "a"), "--seed", "4", "--quiet"]) == 0
     assert mergekit_moe_main([str(config), str(tmp_path / "b"), "--random-seed", "4", "--quiet"]) == 0
-    assert "built a Mixtral MoE of 2 experts" in capsys.readouterr().out
+    assert "built a Mixtral model of 2 experts" in capsys.readouterr().out
     a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.float16 for k in a)
     assert mergekit_moe_main([str(config), str(tmp_path / "c"), "--load-in-8bit"]) == 2
@@ -244,9 +288,12 @@ def test_cli_and_drop_in(models, tmp_path, capsys):
 
 
 @pytest.mark.skipif(mergekit_script("mergekit-moe") is None, reason="mergekit-moe not installed")
-@pytest.mark.parametrize("gate_mode", ["cheap_embed", "hidden", "hidden_avg", "random", "uniform_random"])
-def test_matches_mergekit_moe(models, tmp_path, gate_mode):
-    config = _config(models, gate_mode, dtype="bfloat16")
+@pytest.mark.parametrize("family, gate_mode", [("llama", m) for m in ("cheap_embed", "hidden", "hidden_avg", "random",
+                                                                      "uniform_random")]
+                         + [("qwen3", "hidden"), ("qwen3", "random")])
+def test_matches_mergekit_moe(request, tmp_path, family, gate_mode):
+    config = _config(request.getfixturevalue("models" if family == "llama" else "qwen3_models"), gate_mode,
+                     dtype="bfloat16")
     config["experts"][0]["noise_scale"] = 0.02
     config["experts"][1]["residual_scale"] = 0.7
     path = _write(tmp_path, config)
@@ -255,8 +302,8 @@ def test_matches_mergekit_moe(models, tmp_path, gate_mode):
     assert mergekit_moe_main([str(path), str(tmp_path / "ours"), "--random-seed", "9", "--quiet"]) == 0
     assert_matches_mergekit(load_dir(tmp_path / "ours"), load_dir(tmp_path / "mk"))
     ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "mk"))
-    assert {k: v for k, v in ours.items() if k not in ("torch_dtype", "transformers_version")} == \
-        {k: v for k, v in theirs.items() if k != "transformers_version"}
+    theirs.pop("transformers_version")
+    assert {k: ours.get(k) for k in theirs} == theirs, "every key of mergekit's config.json, with its value"
 
 
 def test_console_script_exits_2_naming_the_missing_model(models, tmp_path):

@@ -1,17 +1,20 @@
-"""Build a Mixtral mixture of experts from dense Llama/Mistral models (mergekit-moe's output).
+"""Build a mixture of experts from dense models (mergekit-moe's output; the outputs and how one
+is chosen: architectures.py).
 
 The base model gives everything outside the MLPs (embeddings, attention, norms, LM head); each
-expert gives its MLP, layer by layer. Tensors are written in transformers' Mixtral layout, as
-mergekit-moe 0.1.5 writes them: per layer `mlp.experts.gate_up_proj` [experts, 2 x intermediate,
-hidden] (each expert's gate_proj rows, then its up_proj rows), `mlp.experts.down_proj` [experts,
-hidden, intermediate] and the router `mlp.gate.weight` [experts, hidden] (gates.py).
+expert gives its MLP, layer by layer. Tensors are written in transformers' fused expert layout,
+as mergekit-moe 0.1.5 writes them: per layer `mlp.experts.gate_up_proj` [experts, 2 x
+intermediate, hidden] (each expert's gate_proj rows, then its up_proj rows),
+`mlp.experts.down_proj` [experts, hidden, intermediate] and the router `mlp.gate.weight`
+[experts, hidden] (gates.py).
 
 Memory: one layer's expert MLPs at a time, streamed into the sharded writer, so peak RSS is a
 small multiple of the largest output tensor (a layer's gate_up_proj), not of the model. The
 hidden-state gate modes are the exception: they load the base model whole, as mergekit does.
 
-A base tensor with no place in Mixtral (an attention or MLP bias, say) is an error naming it,
-where mergekit-moe drops it silently and writes a model that computes something else.
+A base tensor with no place in the output (a Llama's attention or MLP bias in Mixtral, say) is
+an error naming it, where mergekit-moe drops it silently and writes a model that computes
+something else.
 """
 
 from __future__ import annotations
@@ -26,25 +29,18 @@ import torch
 
 from ..dtypes import CONFIG_NAMES
 from ..engine import DEFAULT_SHARD_SIZE, _reset_peak_rss, peak_rss_bytes, resolve_device
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import open_model, split_reference
 from ..io.output_dir import StagedOutput, copy_model_files, write_model_config
 from ..io.writer import ShardedWriter
 from ..units import format_size, parse_size, shards_summary
+from .architectures import MoEArchitecture, select_architecture
 from .config import MoESpec, load_moe_config
 from .gates import degenerate_layers, router_vectors
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
-_KEPT = re.compile(
-    r"model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight"
-    r"|model\.layers\.\d+\.(input_layernorm|post_attention_layernorm)\.weight"
-    r"|model\.layers\.\d+\.self_attn\.[qkvo]_proj\.weight"
-)
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# Mixtral's router settings that a Llama or Mistral config lacks (transformers' defaults).
-_ROUTER_DEFAULTS = {"output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0}
 
 
 @dataclass
@@ -52,6 +48,7 @@ class MoEReport:
     """What a MoE build wrote; `str(report)` is the CLI's summary."""
 
     output_dir: Path
+    architecture: str
     experts: int
     experts_per_token: int
     layers: int
@@ -64,7 +61,7 @@ class MoEReport:
 
     def __str__(self) -> str:
         return (
-            f"built a Mixtral MoE of {self.experts} experts ({self.experts_per_token} per token, {self.layers} layers, "
+            f"built a {self.architecture} model of {self.experts} experts ({self.experts_per_token} per token, {self.layers} layers, "
             f"gate_mode {self.gate_mode}) into {self.output_dir} ({shards_summary(len(self.shards), self.bytes_written)}) "
             f"in {self.seconds:.2f} s, "
             f"peak RSS {format_size(self.peak_rss_bytes)}"
@@ -75,7 +72,7 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
               out_shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0, allow_pickle: bool = False,
               copy_tokenizer: bool = True, overwrite: bool = False, quiet: bool = False,
               allow_all_same: bool = False) -> MoEReport:
-    """Build the Mixtral MoE a mergekit-moe config describes into `out_dir`.
+    """Build the MoE a mergekit-moe config describes into `out_dir`.
 
     `seed` seeds the random gate modes and the experts' noise_scale (mergekit's --random-seed);
     `device` is where the hidden-state gate modes run the base model.
@@ -104,13 +101,14 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
             finally:
                 writer.close()
             copy_model_files(base.directory, staged.path, layout.out_dtype, copy_tokenizer=copy_tokenizer)
-            # The base's config.json, copied above with the tokenizer, becomes the Mixtral one.
-            write_model_config(layout.mixtral_config(spec), staged.path / "config.json", layout.out_dtype)
+            # The base's config.json, copied above with the tokenizer, becomes the MoE's.
+            write_model_config(layout.architecture.config(layout.base_config, len(spec.experts), spec.experts_per_token),
+                               staged.path / "config.json", layout.out_dtype)
             final = staged.commit()
     finally:
         for checkpoint in checkpoints.values():
             checkpoint.close()
-    return MoEReport(final, len(spec.experts), spec.experts_per_token, layout.layers, spec.gate_mode,
+    return MoEReport(final, layout.architecture.name, len(spec.experts), spec.experts_per_token, layout.layers, spec.gate_mode,
                      writer.shard_names, writer.total_bytes, time.perf_counter() - started, peak_rss_bytes(), notes)
 
 
@@ -119,6 +117,7 @@ class _Layout:
     """The output's tensors: the base's non-MLP ones (`kept`), and per layer the experts' fused
     MLP and the router."""
 
+    architecture: MoEArchitecture
     base_config: dict
     layers: int
     hidden_size: int
@@ -131,12 +130,13 @@ class _Layout:
 
     @classmethod
     def of(cls, spec: MoESpec, base: Checkpoint, experts: list[Checkpoint]) -> _Layout:
-        config = _model_config(base, spec.base_model)
+        config = _model_config(base)
+        architecture = select_architecture(spec.architecture, config.get("model_type"), spec.base_model)
         for checkpoint in experts:
             expert_type = (checkpoint.config or {}).get("model_type", config["model_type"])
             if expert_type != config["model_type"]:
                 raise CheckpointError(f"{checkpoint.path}: model_type {expert_type!r}, but the base model's is "
-                                      f"{config['model_type']!r}; a Mixtral MoE needs experts of the base's architecture")
+                                      f"{config['model_type']!r}; a MoE's experts have the base's architecture")
         layers, hidden = _int_key(config, "num_hidden_layers", base), _int_key(config, "hidden_size", base)
         kept = []
         for name in base.names:
@@ -144,24 +144,24 @@ class _Layout:
             if mlp and mlp.group(2) in {f"{p}.weight" for p in _PROJECTIONS}:
                 continue
             if mlp:
-                raise CheckpointError(f"{base.path}: tensor {name!r} has no place in a Mixtral MoE, whose experts "
-                                      "have gate, up and down projection weights only")
+                raise CheckpointError(f"{base.path}: tensor {name!r} has no place in a {architecture.name} model, "
+                                      "whose experts have gate, up and down projection weights only")
             if name.endswith("rotary_emb.inv_freq"):
                 continue  # a buffer older checkpoints saved; transformers recomputes it
-            if not _KEPT.fullmatch(name):
-                raise CheckpointError(f"{base.path}: tensor {name!r} has no place in a Mixtral model (mergekit-moe "
-                                      "would drop it and write a model that computes something else)")
+            if not architecture.kept.fullmatch(name):
+                raise CheckpointError(f"{base.path}: tensor {name!r} has no place in a {architecture.name} model "
+                                      "(mergekit-moe would drop it and write a model that computes something else)")
             kept.append(name)
         gate = _mlp_name(0, "gate_proj")
         if not base.has(gate):
-            raise CheckpointError(f"{base.path}: no tensor {gate!r}; the base model must be a dense Llama/Mistral model")
+            raise CheckpointError(f"{base.path}: no tensor {gate!r}; the base model must be a dense model")
         shape = tuple(base.info(gate).shape)
         if len(shape) != 2 or shape[1] != hidden:
             raise CheckpointError(f"{base.path}: {gate} has shape {list(shape)}, not [intermediate, {hidden}]")
         for checkpoint in experts:
             _check_expert_mlps(checkpoint, layers, shape)
         out_dtype = spec.dtype or _config_dtype(config)
-        return cls(config, layers, hidden, len(spec.experts), kept, base.info(gate).dtype, shape, out_dtype, base)
+        return cls(architecture, config, layers, hidden, len(spec.experts), kept, base.info(gate).dtype, shape, out_dtype, base)
 
     def specs(self, router_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         out = [(name, self.out_dtype or self.base.info(name).dtype, tuple(self.base.info(name).shape)) for name in self.kept]
@@ -173,12 +173,6 @@ class _Layout:
         for layer in range(self.layers):
             out.append((_router_name(layer), self.out_dtype or router_dtype, (self.experts, hidden)))
         return out
-
-    def mixtral_config(self, spec: MoESpec) -> dict:
-        config = {**self.base_config, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-                  "num_local_experts": len(spec.experts), "num_experts_per_tok": spec.experts_per_token,
-                  "sliding_window": None}
-        return {**_ROUTER_DEFAULTS, **config}
 
 
 def _write_tensors(spec: MoESpec, layout: _Layout, checkpoints: dict[str, Checkpoint], routers: torch.Tensor,
@@ -200,11 +194,11 @@ def _write_tensors(spec: MoESpec, layout: _Layout, checkpoints: dict[str, Checkp
         for layer in tqdm(range(layout.layers), desc="experts", disable=quiet, leave=False):
             gate_up = torch.empty((layout.experts, 2 * intermediate, hidden), dtype=mlp_dtype)
             down = torch.empty((layout.experts, hidden, intermediate), dtype=mlp_dtype)
-            # mergekit's noise order: per expert gate_proj, down_proj, up_proj (one generator stream).
+            # Noise is drawn from one stream, in mergekit's order (the architecture's).
             for e, expert in enumerate(spec.experts):
                 checkpoint = checkpoints[expert.source_model]
                 w = {p: _noised(checkpoint.tensor(_mlp_name(layer, p)), expert.noise_scale, generator)
-                     for p in ("gate_proj", "down_proj", "up_proj")}
+                     for p in layout.architecture.noise_order}
                 if expert.residual_scale is not None:
                     w["down_proj"] = w["down_proj"] * expert.residual_scale
                 gate_up[e, :intermediate].copy_(w["gate_proj"])
@@ -246,13 +240,9 @@ def _router_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.gate.weight"
 
 
-def _model_config(base: Checkpoint, reference: str) -> dict:
+def _model_config(base: Checkpoint) -> dict:
     if base.config is None:
         raise CheckpointError(f"{base.path}: no config.json; the base model's config is the MoE's starting point")
-    model_type = base.config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"`base_model` {reference}: model_type {model_type!r}; a Mixtral MoE is built from "
-                          f"{' or '.join(SUPPORTED_MODEL_TYPES)} models")
     return base.config
 
 
@@ -280,7 +270,7 @@ def _check_expert_mlps(checkpoint: Checkpoint, layers: int, gate_shape: tuple[in
                                       f"{layers} layers of MLP weights")
             if list(checkpoint.info(name).shape) != shape:
                 raise CheckpointError(f"{checkpoint.path}: {name} has shape {list(checkpoint.info(name).shape)}, but "
-                                      f"the base model's is {shape}; Mixtral's experts share one shape")
+                                      f"the base model's is {shape}; a MoE's experts share one shape")
 
 
 def _notes(spec: MoESpec, routers: torch.Tensor) -> list[str]:
