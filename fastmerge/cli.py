@@ -161,7 +161,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            _add_legacy_options, _cmd_legacy)
     shuffle = merge_command("layershuffle", "a model stacked from randomly drawn layers of others (mergekit-layershuffle's "
                             "flags)", _add_layershuffle_options, _cmd_layershuffle)
-    moe = commands.add_parser("moe", help="a mixture of experts (Mixtral, Qwen3 MoE) built from dense models (mergekit-moe's config)")
+    moe = commands.add_parser("moe", help="a mixture of experts (Mixtral, DeepSeek, Qwen2 or Qwen3 MoE) built from dense models (mergekit-moe's config)")
     _add_moe_options(moe)
     _add_output_options(moe, "seed for the random gate modes and noise_scale [default: 0]")
     moe.set_defaults(handler=_cmd_moe)
@@ -487,8 +487,8 @@ def mergekit_layershuffle_main(argv: Sequence[str] | None = None) -> int:
 
 
 def mergekit_moe_main(argv: Sequence[str] | None = None) -> int:
-    return _drop_in("fastmerge-moe", "Drop-in for mergekit-moe: a Mixtral or Qwen3 MoE from dense Llama/Mistral or "
-                    "Qwen3 models, routers from prompts or seeded by --random-seed.", _add_moe_options, _cmd_moe, argv)
+    return _drop_in("fastmerge-moe", "Drop-in for mergekit-moe: a Mixtral, DeepSeek, Qwen2 or Qwen3 MoE from dense "
+                    "models, routers from prompts or seeded by --random-seed.", _add_moe_options, _cmd_moe, argv)
 
 
 def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:

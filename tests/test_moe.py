@@ -183,7 +183,7 @@ def test_qwen3_moe_from_qwen3_models(qwen3_models, tmp_path):
     assert gate_up.shape == (2, 96, 32) and torch.equal(gate_up[1][48:], e2["model.layers.1.mlp.up_proj.weight"])
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (written["model_type"], written["num_experts"], written["moe_intermediate_size"]) == ("qwen3_moe", 2, 48)
-    with pytest.raises(ConfigError, match="fastmerge builds Mixtral from llama or mistral models"):
+    with pytest.raises(ConfigError, match="not Mixtral: it is built from llama or mistral models"):
         build_moe({**config, "architecture": "mixtral"}, tmp_path / "refused", quiet=True)
 
 
@@ -206,9 +206,9 @@ def _with_config(models: dict[str, Path], **changes) -> dict:
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"shared_experts": [{"source_model": "x"}]}, "shared_experts"),
-    ({"architecture": "qwen"}, "fastmerge builds Qwen3 MoE from qwen3 models"),
-    ({"architecture": "deepseek"}, "not mergekit-moe's Qwen2-MoE or DeepSeek"),
+    ({"shared_experts": "x"}, "`shared_experts` must be a non-empty list"),
+    ({"architecture": "qwen"}, "not Qwen MoE: it takes exactly one shared expert; not Qwen3 MoE: it is built from qwen3"),
+    ({"architecture": "gpt"}, "names none of the outputs: Mixtral, DeepSeek MoE, Qwen MoE, Qwen3 MoE"),
     ({"gate_mode": "smart"}, "gate_mode: 'smart'"),
     ({"experts_per_token": 3}, "experts_per_token"),
     ({"dtpye": "bfloat16"}, "unknown key `config.dtpye`"),
@@ -287,23 +287,77 @@ def test_cli_and_drop_in(models, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+SHARED = {"source_model": "e2", "noise_scale": 0.03, "residual_scale": 0.9}
+SHARED_PROMPTED = {**SHARED, "positive_prompts": ["anything at all"]}
+PARITY_CASES = [("llama", mode, None, None) for mode in ("cheap_embed", "hidden", "hidden_avg", "random", "uniform_random")] + [
+    ("qwen3", "hidden", None, None), ("qwen3", "random", None, None),
+    ("llama", "random", SHARED, None),  # DeepSeek MoE: a shared expert without prompts
+    ("llama", "hidden", SHARED, None),
+    ("llama", "cheap_embed", SHARED_PROMPTED, None),  # Qwen MoE: DeepSeek takes no prompts for it
+    ("llama", "random", SHARED, "qwen"),
+]
+
+
 @pytest.mark.skipif(mergekit_script("mergekit-moe") is None, reason="mergekit-moe not installed")
-@pytest.mark.parametrize("family, gate_mode", [("llama", m) for m in ("cheap_embed", "hidden", "hidden_avg", "random",
-                                                                      "uniform_random")]
-                         + [("qwen3", "hidden"), ("qwen3", "random")])
-def test_matches_mergekit_moe(request, tmp_path, family, gate_mode):
-    config = _config(request.getfixturevalue("models" if family == "llama" else "qwen3_models"), gate_mode,
-                     dtype="bfloat16")
+@pytest.mark.parametrize("family, gate_mode, shared, architecture", PARITY_CASES)
+def test_matches_mergekit_moe(request, tmp_path, family, gate_mode, shared, architecture):
+    models = request.getfixturevalue("models" if family == "llama" else "qwen3_models")
+    config = _config(models, gate_mode, dtype="bfloat16")
     config["experts"][0]["noise_scale"] = 0.02
     config["experts"][1]["residual_scale"] = 0.7
+    if shared:
+        config["shared_experts"] = [{**shared, "source_model": str(models[shared["source_model"]])}]
+    if architecture:
+        config["architecture"] = architecture
     path = _write(tmp_path, config)
     subprocess.run([mergekit_script("mergekit-moe"), str(path), str(tmp_path / "mk"), "--random-seed", "9",
                     "--no-write-model-card"], check=True, capture_output=True)
     assert mergekit_moe_main([str(path), str(tmp_path / "ours"), "--random-seed", "9", "--quiet"]) == 0
     assert_matches_mergekit(load_dir(tmp_path / "ours"), load_dir(tmp_path / "mk"))
     ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("ours", "mk"))
-    theirs.pop("transformers_version")
-    assert {k: ours.get(k) for k in theirs} == theirs, "every key of mergekit's config.json, with its value"
+    if ours["model_type"] == "deepseek":
+        # mergekit dumps the whole base PretrainedConfig (transformers' generic defaults too);
+        # DeepSeek's config class is remote code, so only what both files say can be compared.
+        # mergekit keeps the base's `dtype` beside its new `torch_dtype`; fastmerge sets both.
+        assert all(ours[k] == theirs[k] for k in ours.keys() & theirs.keys() - {"transformers_version", "dtype"})
+        assert ours["dtype"] == ours["torch_dtype"] == theirs["torch_dtype"] == "bfloat16"
+        assert ours.keys() >= {"n_routed_experts", "n_shared_experts", "auto_map", "moe_intermediate_size"}
+    else:  # what transformers reads from each (its defaults fill what either leaves out)
+        ours, theirs = ({k: v for k, v in transformers.AutoConfig.from_pretrained(str(tmp_path / d)).to_dict().items()
+                         if k != "_name_or_path"} for d in ("ours", "mk"))
+        assert ours == theirs
+
+
+def test_qwen_moe_with_a_shared_expert_loads_and_runs(models, tmp_path):
+    config = _config(models, "random", shared_experts=[{"source_model": str(models["e2"])}], architecture="qwen")
+    report = build_moe(config, tmp_path / "out", quiet=True)
+    assert report.architecture == "Qwen MoE"
+    out, e1, e2 = load_dir(tmp_path / "out"), load_dir(models["e1"]), load_dir(models["e2"])
+    assert torch.equal(out["model.layers.2.mlp.experts.0.down_proj.weight"], e1["model.layers.2.mlp.down_proj.weight"])
+    assert torch.equal(out["model.layers.2.mlp.shared_expert.up_proj.weight"], e2["model.layers.2.mlp.up_proj.weight"])
+    assert out["model.layers.2.mlp.gate.weight"].shape == (2, 32)
+    assert out["model.layers.2.mlp.shared_expert_gate.weight"].shape == (1, 32)
+    # Qwen2 attention has q/k/v biases, which a Llama lacks: zeros of the projections' widths.
+    assert torch.equal(out["model.layers.0.self_attn.k_proj.bias"], torch.zeros(16))
+    assert "model.layers.0.self_attn.o_proj.bias" not in out
+    moe = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM"
+    with torch.no_grad():
+        assert torch.isfinite(moe(torch.tensor([[2, 7, 9, 11]])).logits).all()
+
+
+def test_deepseek_moe_is_chosen_for_an_ungated_shared_expert(models, tmp_path):
+    config = _config(models, "cheap_embed", shared_experts=[{"source_model": str(models["e1"])}])
+    report = build_moe(config, tmp_path / "out", quiet=True)
+    assert report.architecture == "DeepSeek MoE"
+    out, e1 = load_dir(tmp_path / "out"), load_dir(models["e1"])
+    assert torch.equal(out["model.layers.1.mlp.shared_experts.gate_proj.weight"], e1["model.layers.1.mlp.gate_proj.weight"])
+    assert "model.layers.1.mlp.shared_expert_gate.weight" not in out
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["model_type"], written["n_routed_experts"], written["n_shared_experts"]) == ("deepseek", 2, 1)
+    two = {**config, "shared_experts": config["shared_experts"] * 2}
+    with pytest.raises(ConfigError, match="not DeepSeek MoE: it takes at most one shared expert"):
+        build_moe(two, tmp_path / "refused", quiet=True)
 
 
 def test_console_script_exits_2_naming_the_missing_model(models, tmp_path):

@@ -49,10 +49,15 @@ class MoESpec:
     dtype: Any = None  # torch.dtype, or None: the base config's dtype
     experts_per_token: int = 2
     architecture: str | None = None
+    shared_experts: tuple[Expert, ...] = ()  # experts every token goes through (Qwen2-MoE, DeepSeek)
 
     def models(self) -> list[str]:
-        """The base model, then each expert's model, in config order (repeats kept)."""
-        return [self.base_model, *(e.source_model for e in self.experts)]
+        """The base model, then each expert's and shared expert's model, in config order (repeats kept)."""
+        return [self.base_model, *(e.source_model for e in self.members())]
+
+    def members(self) -> list[Expert]:
+        """The routed experts, then the shared ones: the order of their router vectors."""
+        return [*self.experts, *self.shared_experts]
 
 
 def load_moe_config(config: str | Path | Mapping[str, Any], allow_all_same: bool = False) -> MoESpec:
@@ -63,12 +68,13 @@ def load_moe_config(config: str | Path | Mapping[str, Any], allow_all_same: bool
     if base_model is None:
         raise ConfigError("`base_model` is required: the model whose attention, embeddings and norms the MoE keeps")
     experts = _experts(data.get("experts"), "experts")
-    if data.get("shared_experts"):
-        raise ConfigError("`shared_experts` needs a Qwen2-MoE or DeepSeek output, which fastmerge does not write yet; "
-                          "it writes Mixtral and Qwen3 MoE (no shared experts)")
+    shared = _experts(data["shared_experts"], "shared_experts") if data.get("shared_experts") else ()
+    if len({bool(e.positive_prompts) for e in shared}) > 1:
+        raise ConfigError("`shared_experts`: give every shared expert prompts, or none")
     architecture = data.get("architecture")
     if architecture is not None and not isinstance(architecture, str):
-        raise ConfigError(f"`architecture` must be an output's name (Mixtral, Qwen3 MoE), got {architecture!r}")
+        raise ConfigError(f"`architecture` must be an output's name (Mixtral, DeepSeek MoE, Qwen MoE, Qwen3 MoE), "
+                          f"got {architecture!r}")
     gate_mode = data.get("gate_mode", "hidden")
     if gate_mode not in GATE_MODES:
         raise ConfigError(f"`gate_mode: {gate_mode!r}` is not a gate mode; use one of {', '.join(GATE_MODES)}")
@@ -80,7 +86,7 @@ def load_moe_config(config: str | Path | Mapping[str, Any], allow_all_same: bool
                           "each token needs that many experts")
     dtype = data.get("dtype")
     spec = MoESpec(base_model, experts, gate_mode, None if dtype is None else parse_config_dtype(dtype, "dtype"),
-                   per_token, architecture)
+                   per_token, architecture, shared)
     _check_prompts(spec)
     if not allow_all_same and len(experts) > 1 and len({e.source_model for e in experts}) == 1:
         raise ConfigError("every expert is the same model, so the MoE would compute what that model does at "

@@ -28,24 +28,24 @@ from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import AdaptedCheckpoint
 from ..representations.models import require_transformers
-from .config import MoESpec
+from .config import Expert
 
 EMBED_NAME = "model.embed_tokens.weight"
 # mergekit warns where a layer's router matrix is this ill-conditioned.
 DEGENERATE_CONDITION = 5.0
 
 
-def router_vectors(spec: MoESpec, base: Checkpoint, layers: int, hidden_size: int, generator: torch.Generator,
-                   device: torch.device) -> torch.Tensor:
-    """(layers, experts, hidden_size) router vectors for `spec.gate_mode`."""
-    shape = (layers, len(spec.experts), hidden_size)
-    if spec.gate_mode == "random":
+def router_vectors(gate_mode: str, experts: list[Expert], base: Checkpoint, layers: int, hidden_size: int,
+                   generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """(layers, experts, hidden_size) router vectors for `gate_mode`, one per expert in order."""
+    shape = (layers, len(experts), hidden_size)
+    if gate_mode == "random":
         return torch.randn(shape, generator=generator)
-    if spec.gate_mode == "uniform_random":
+    if gate_mode == "uniform_random":
         bound = math.sqrt(1.0 / hidden_size)
         return torch.rand(shape, generator=generator) * 2 * bound - bound
     tokenizer = _tokenizer(base)
-    if spec.gate_mode == "cheap_embed":
+    if gate_mode == "cheap_embed":
         embed = _embeddings(base)
 
         def vector(prompts: tuple[str, ...]) -> torch.Tensor:
@@ -54,8 +54,8 @@ def router_vectors(spec: MoESpec, base: Checkpoint, layers: int, hidden_size: in
         model = _model(base, device)
 
         def vector(prompts: tuple[str, ...]) -> torch.Tensor:
-            return _hidden_states(model, _tokenize(tokenizer, prompts).to(device), spec.gate_mode == "hidden_avg")
-    return torch.stack([_expert_vector(vector, e.positive_prompts, e.negative_prompts) for e in spec.experts]).permute(1, 0, 2).cpu()
+            return _hidden_states(model, _tokenize(tokenizer, prompts).to(device), gate_mode == "hidden_avg")
+    return torch.stack([_expert_vector(vector, e.positive_prompts, e.negative_prompts) for e in experts]).permute(1, 0, 2).cpu()
 
 
 def degenerate_layers(routers: torch.Tensor) -> list[int]:
