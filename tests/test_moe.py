@@ -165,9 +165,14 @@ def test_identical_experts_compute_what_the_base_computes(models, tmp_path):
         build_moe(config, tmp_path / "refused", quiet=True)
     assert not (tmp_path / "refused").exists()
     build_moe(config, tmp_path / "out", quiet=True, allow_all_same=True)
-    moe = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
-    dense = transformers.AutoModelForCausalLM.from_pretrained(str(models["base"]), dtype=torch.float32)
-    assert type(moe).__name__ == "MixtralForCausalLM"
+    _assert_computes_like(tmp_path / "out", models["base"], "MixtralForCausalLM")
+
+
+def _assert_computes_like(moe_dir: Path, dense_dir: Path, moe_class: str) -> None:
+    """The MoE, loaded by transformers as `moe_class`, gives the dense model's logits."""
+    moe = transformers.AutoModelForCausalLM.from_pretrained(str(moe_dir), dtype=torch.float32)
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32)
+    assert type(moe).__name__ == moe_class
     ids = torch.tensor([[2, 7, 9, 11, 30, 4]])
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
@@ -191,12 +196,7 @@ def test_identical_qwen3_experts_compute_what_the_base_computes(qwen3_models, tm
     config = {"base_model": str(qwen3_models["base"]), "gate_mode": "uniform_random", "experts_per_token": 2,
               "experts": [{"source_model": str(qwen3_models["base"])}] * 2}
     build_moe(config, tmp_path / "out", quiet=True, allow_all_same=True)
-    moe = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
-    dense = transformers.AutoModelForCausalLM.from_pretrained(str(qwen3_models["base"]), dtype=torch.float32)
-    assert type(moe).__name__ == "Qwen3MoeForCausalLM"
-    ids = torch.tensor([[2, 7, 9, 11, 30, 4]])
-    with torch.no_grad():
-        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
+    _assert_computes_like(tmp_path / "out", qwen3_models["base"], "Qwen3MoeForCausalLM")
 
 
 def _with_config(models: dict[str, Path], **changes) -> dict:

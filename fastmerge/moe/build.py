@@ -63,9 +63,9 @@ class MoEReport:
 
     def __str__(self) -> str:
         return (
-            f"built a {self.architecture} model of {self.experts} experts ({self.experts_per_token} per token, {self.layers} layers, "
-            f"gate_mode {self.gate_mode}) into {self.output_dir} ({shards_summary(len(self.shards), self.bytes_written)}) "
-            f"in {self.seconds:.2f} s, "
+            f"built a {self.architecture} model of {self.experts} experts ({self.experts_per_token} per token, "
+            f"{self.layers} layers, gate_mode {self.gate_mode}) into {self.output_dir} "
+            f"({shards_summary(len(self.shards), self.bytes_written)}) in {self.seconds:.2f} s, "
             f"peak RSS {format_size(self.peak_rss_bytes)}"
         ) + "".join(f"\nnote: {note}" for note in self.notes)
 
@@ -98,7 +98,7 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
             notes = _notes(spec, routers[:, :len(spec.experts)])
             writer = ShardedWriter(staged.path, layout.specs(routers.dtype), max_shard)
             try:
-                _write_tensors(layout, checkpoints, routers, generator, writer, quiet)
+                _write_tensors(layout, routers, generator, writer, quiet)
                 writer.finalize()
             finally:
                 writer.close()
@@ -224,8 +224,8 @@ def _kept(name: str, architecture: MoEArchitecture, base: Checkpoint) -> bool:
     return True
 
 
-def _write_tensors(layout: _Layout, checkpoints: dict[str, Checkpoint], routers: torch.Tensor,
-                   generator: torch.Generator, writer: ShardedWriter, quiet: bool) -> None:
+def _write_tensors(layout: _Layout, routers: torch.Tensor, generator: torch.Generator, writer: ShardedWriter,
+                   quiet: bool) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
