@@ -369,3 +369,35 @@ def test_console_script_exits_2_naming_the_missing_model(models, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "missing" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("shared", [False, True], ids=["fused Mixtral", "per-expert DeepSeek"])
+def test_only_a_layer_of_inputs_stays_resident(tmp_path, monkeypatch, shared):
+    """Each layer's input pages are released once it is assembled: a page touched after its
+    release stays resident for good, and the build's memory would grow with the model."""
+    import fastmerge.moe.build as build
+
+    root = tmp_path / "wide"
+    models = {n: save_toy_llama(root / n, seed=i, hidden_size=64, intermediate_size=2048, num_layers=32)
+              for i, n in enumerate(("base", "e1", "e2"))}
+    layer_bytes = 2 * 3 * 64 * 2048 * 4  # two experts' three fp32 projections
+    samples = []
+
+    def rss_file() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssFile:"))
+
+    assemble = build._assemble
+
+    def sampled(layout, layer, generator):
+        parts = assemble(layout, layer, generator)
+        samples.append(rss_file())
+        return parts
+
+    monkeypatch.setattr(build, "_assemble", sampled)
+    config = _config(models, "random", **({"shared_experts": [{"source_model": str(models["e1"])}]} if shared else {}))
+    build_moe(config, tmp_path / "out", quiet=True)
+    assert len(samples) == 32
+    # Sampled after each layer's assembly, whose own inputs are still mapped then.
+    assert max(samples) - samples[0] < 4 * layer_bytes, "input pages of earlier layers stayed resident"
