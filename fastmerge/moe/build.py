@@ -94,7 +94,7 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
         with StagedOutput(out_dir, inputs, overwrite=overwrite) as staged:
             generator = torch.Generator().manual_seed(seed)
             routers = router_vectors(spec.gate_mode, _routed(spec), layout.base, layout.layers, layout.hidden_size,
-                                     generator, resolve_device(device))
+                                     generator, resolve_device(device), quiet)
             notes = _notes(spec, routers[:, :len(spec.experts)])
             writer = ShardedWriter(staged.path, layout.specs(routers.dtype), max_shard)
             try:

@@ -36,7 +36,7 @@ DEGENERATE_CONDITION = 5.0
 
 
 def router_vectors(gate_mode: str, experts: list[Expert], base: Checkpoint, layers: int, hidden_size: int,
-                   generator: torch.Generator, device: torch.device) -> torch.Tensor:
+                   generator: torch.Generator, device: torch.device, quiet: bool = False) -> torch.Tensor:
     """(layers, experts, hidden_size) router vectors for `gate_mode`, one per expert in order."""
     shape = (layers, len(experts), hidden_size)
     if gate_mode == "random":
@@ -51,7 +51,7 @@ def router_vectors(gate_mode: str, experts: list[Expert], base: Checkpoint, laye
         def vector(prompts: tuple[str, ...]) -> torch.Tensor:
             return _embedding_sum(embed, _tokenize(tokenizer, prompts)).repeat(layers, 1)
     else:
-        model = _model(base, device)
+        model = _model(base, device, quiet)
 
         def vector(prompts: tuple[str, ...]) -> torch.Tensor:
             return _hidden_states(model, _tokenize(tokenizer, prompts).to(device), gate_mode == "hidden_avg")
@@ -111,18 +111,26 @@ def _embedding_sum(embed: torch.Tensor, tokenized: Any) -> torch.Tensor:
     return summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def _model(base: Checkpoint, device: torch.device) -> Any:
+def _model(base: Checkpoint, device: torch.device, quiet: bool) -> Any:
+    """The base model in bf16 on `device` (loaded whole, as mergekit does; without a progress
+    bar when `quiet`)."""
     transformers = require_transformers("MoE gate modes hidden, hidden_avg and hidden_last")
     if isinstance(base, AdaptedCheckpoint):
         raise ConfigError(f"`base_model`: gate modes hidden, hidden_avg and hidden_last run the base model with "
                           f"transformers, which cannot apply the LoRA adapter {base.adapter.path}; merge it first")
     path = Path(base.directory or base.path)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16,
                                                                   low_cpu_mem_usage=True)
     except Exception as exc:  # from_pretrained raises many unrelated types for an unreadable model
         raise CheckpointError(f"{path}: transformers cannot load the base model to compute hidden states "
                               f"({type(exc).__name__}: {exc})") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return model.to(device).eval()
 
 
