@@ -401,3 +401,21 @@ def test_only_a_layer_of_inputs_stays_resident(tmp_path, monkeypatch, shared):
     assert len(samples) == 32
     # Sampled after each layer's assembly, whose own inputs are still mapped then.
     assert max(samples) - samples[0] < 4 * layer_bytes, "input pages of earlier layers stayed resident"
+
+
+def test_an_expert_may_be_a_lora_reference(models, tmp_path):
+    """`source_model: model+adapter` gives the adapted MLP (W + 2 B A with lora_alpha 8, r 4),
+    applied as it is read, as in merges."""
+    from _support import write_adapter
+
+    down = "model.layers.1.mlp.down_proj"
+    gen = torch.Generator().manual_seed(3)
+    A, B = torch.randn(4, 64, generator=gen), torch.randn(32, 4, generator=gen)
+    adapter = write_adapter(tmp_path / "adapter", {f"{down}.lora_A.weight": A, f"{down}.lora_B.weight": B})
+    config = _config(models)
+    config["experts"][1]["source_model"] = f"{models['e2']}+{adapter}"
+    build_moe(config, tmp_path / "out", quiet=True)
+    out, e2 = load_dir(tmp_path / "out"), load_dir(models["e2"])
+    expected = (e2[f"{down}.weight"] + (B @ A) * 2.0).to(torch.float32)
+    assert torch.equal(out["model.layers.1.mlp.experts.down_proj"][1], expected)
+    assert torch.equal(out["model.layers.0.mlp.experts.down_proj"][1], e2["model.layers.0.mlp.down_proj.weight"])
