@@ -7,7 +7,8 @@ computed the same way, so a config gives the same routers as mergekit's):
   hidden, hidden_last  the base model's hidden state before each layer at each prompt's last
                        token, averaged over the prompts (bf16, as mergekit runs the model);
   hidden_avg           the same averaged over each prompt's tokens first;
-  cheap_embed          the sum of the prompts' token embeddings, the same vector for every layer;
+  cheap_embed          the unit vector along the sum of the prompts' token embeddings, the same
+                       for every layer;
   random               standard normal; uniform_random: U(-1/sqrt(hidden), 1/sqrt(hidden)), what
                        torch.nn.Linear starts from. Drawn from torch's generator seeded with
                        `seed`, which draws what mergekit draws under --random-seed.
