@@ -130,7 +130,7 @@ def run(
     beside it and renamed into place, so a failed merge leaves nothing that looks finished.
     """
     started = time.perf_counter()
-    _reset_peak_rss()
+    reset_peak_rss()
     if threads is not None:
         set_threads(threads)
     torch_device = resolve_device(device)
@@ -498,7 +498,7 @@ def set_threads(threads: int) -> None:
         _native.set_num_threads(threads)
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> None:
     """Reset the kernel's high-water mark so the report shows this merge's peak, not the
     process's (Linux: writing 5 to clear_refs; elsewhere the process peak is reported)."""
     try:

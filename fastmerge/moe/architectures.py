@@ -88,9 +88,12 @@ def _deepseek_config(base: dict, experts: int, per_token: int, shared: int) -> d
                          "AutoModelForCausalLM": remote + "modeling_deepseek.DeepseekForCausalLM"}}
 
 
+# The Qwen MoE configs' router settings that a dense config lacks: transformers' defaults.
+_QWEN_MOE_DEFAULTS = {"output_router_logits": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": []}
+
+
 def _qwen_moe_config(base: dict, experts: int, per_token: int, shared: int) -> dict:
-    defaults = {"output_router_logits": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": []}
-    return {**defaults, **base, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+    return {**_QWEN_MOE_DEFAULTS, **base, "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
             "num_experts": experts, "num_experts_per_tok": per_token,
             "decoder_sparse_step": 1, "norm_topk_prob": True, "sliding_window": None, "use_sliding_window": False,
             "shared_expert_intermediate_size": base.get("intermediate_size"),
@@ -98,9 +101,8 @@ def _qwen_moe_config(base: dict, experts: int, per_token: int, shared: int) -> d
 
 
 def _qwen3_moe_config(base: dict, experts: int, per_token: int, shared: int) -> dict:
-    defaults = {"output_router_logits": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": []}
     # transformers 5 names Qwen3-MoE's expert count num_local_experts (what mergekit-moe writes), 4.x num_experts.
-    return {**defaults, **base, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+    return {**_QWEN_MOE_DEFAULTS, **base, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
             "num_local_experts": experts, "num_experts": experts, "num_experts_per_tok": per_token,
             "decoder_sparse_step": 1, "norm_topk_prob": True, "moe_intermediate_size": base.get("intermediate_size")}
 

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 
 from ..dtypes import CONFIG_NAMES
-from ..engine import DEFAULT_SHARD_SIZE, _reset_peak_rss, peak_rss_bytes, resolve_device
+from ..engine import DEFAULT_SHARD_SIZE, reset_peak_rss, peak_rss_bytes, resolve_device
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import open_model, split_reference
@@ -80,7 +80,7 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
     `device` is where the hidden-state gate modes run the base model.
     """
     started = time.perf_counter()
-    _reset_peak_rss()
+    reset_peak_rss()
     spec = config if isinstance(config, MoESpec) else load_moe_config(config, allow_all_same=allow_all_same)
     max_shard = parse_size(out_shard_size)
     checkpoints: dict[str, Checkpoint] = {}

@@ -28,7 +28,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import AdaptedCheckpoint
-from ..representations.models import require_transformers
+from ..representations.models import open_tokenizer, require_transformers
 from .config import Expert
 
 EMBED_NAME = "model.embed_tokens.weight"
@@ -75,14 +75,10 @@ def _expert_vector(vector: Callable[[tuple[str, ...]], torch.Tensor], positive: 
 
 
 def _tokenizer(base: Checkpoint) -> Any:
-    transformers = require_transformers("MoE gate modes that read prompts")
     if base.directory is None:
         raise CheckpointError(f"{base.path}: the prompt gate modes need the base model as a directory with its tokenizer")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(base.directory))
-    except Exception as exc:  # transformers raises many unrelated types for a missing tokenizer
-        raise CheckpointError(f"{base.directory}: cannot load the base model's tokenizer, which the prompt gate modes "
-                              f"need ({type(exc).__name__}: {exc})") from None
+    tokenizer = open_tokenizer(base.directory, "MoE gate modes that read prompts",
+                               "the prompt gate modes tokenize the prompts with the base model's tokenizer")
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:

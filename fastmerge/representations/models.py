@@ -28,16 +28,20 @@ def require_transformers(purpose: str = "RECALL") -> Any:
     return transformers
 
 
+def open_tokenizer(directory: Path, purpose: str, why: str) -> Any:
+    """The tokenizer saved in `directory`, or a CheckpointError saying what it is needed for
+    (`why`); `purpose` names the feature in a missing-transformers error."""
+    transformers = require_transformers(purpose)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:  # transformers raises many unrelated types for a missing tokenizer
+        raise CheckpointError(f"cannot load a tokenizer from {directory} ({type(exc).__name__}: {exc}); {why}") from None
+
+
 def load_tokenizer(directory: Path) -> Any:
     """The tokenizer saved beside a checkpoint, with a padding token (padding is masked out)."""
-    transformers = require_transformers()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
-    except Exception as exc:  # transformers raises many unrelated types for a missing tokenizer
-        raise CheckpointError(
-            f"cannot load a tokenizer from {directory} ({type(exc).__name__}: {exc}); "
-            "RECALL tokenizes the samples with the new model's tokenizer, save it beside the weights"
-        ) from None
+    tokenizer = open_tokenizer(directory, "RECALL", "RECALL tokenizes the samples with the new model's tokenizer, "
+                               "save it beside the weights")
     if tokenizer.pad_token_id is None:
         # Any id works: padded positions are excluded by the attention mask and the pooling.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
