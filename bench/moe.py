@@ -1,13 +1,15 @@
 """MoE build benchmark: `fastmerge moe` against mergekit-moe on the same config, in one run.
 
 On a generated checkpoint set (bench.checkpoints) it builds a Mixtral MoE whose experts are the
-base and every fine-tune (gate_mode random, both seeded with 0), each build in a fresh process
+base and every fine-tune (gate_mode random, both seeded with 0, or `--gate-mode hidden` and the
+other prompt modes, which run the base model on two prompts per expert), each build in a fresh process
 (peak RSS from GNU time, as in bench.e2e), then checks that the two outputs hold the same bytes.
 mergekit-moe loads the base model's tokenizer even for random gates, and the generated sets have
 none, so a character tokenizer is saved beside the base first (fastmerge.representations.toy).
 The page cache is warmed by an untimed read of the inputs before the runs.
 
-Run: `python -m bench.moe --preset 1b --work /tmp/fm-bench --repeat 3` (`--no-mergekit` to skip it).
+Run: `python -m bench.moe --preset 1b --work /tmp/fm-bench --repeat 3` (`--no-mergekit` to skip it;
+`--gate-mode hidden` for routers from the base model's hidden states).
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ from fastmerge.io.checkpoint import Checkpoint
 MERGEKIT_MOE = MERGEKIT_YAML.with_name("mergekit-moe")
 
 
-def moe_config(base: Path, experts: list[Path]) -> dict:
-    return {"base_model": str(base), "gate_mode": "random", "dtype": "bfloat16", "experts_per_token": 2,
-            "experts": [{"source_model": str(e)} for e in experts]}
+PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
+
+
+def moe_config(base: Path, experts: list[Path], gate_mode: str = "random") -> dict:
+    prompts = gate_mode in PROMPT_MODES
+    return {"base_model": str(base), "gate_mode": gate_mode, "dtype": "bfloat16", "experts_per_token": 2,
+            "experts": [{"source_model": str(e), **({"positive_prompts": [f"expert {i} prompt", f"a longer prompt for {i}"]}
+                                                     if prompts else {})} for i, e in enumerate(experts)]}
 
 
 def same_bytes(ours: Path, theirs: Path) -> bool:
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"), help="where models and outputs go (not the repo)")
     parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit-moe even if installed")
     parser.add_argument("--repeat", type=int, default=1, help="fastmerge builds to take the median of [1]")
+    parser.add_argument("--gate-mode", default="random", choices=("random", *PROMPT_MODES), help="router initialisation [random]")
     args = parser.parse_args(argv)
     label = "custom" if args.custom else args.preset
     models = generate(args.work / label, spec_from_args(args))
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
         save_char_tokenizer(models.base)
     config = args.work / f"moe-{label}.yml"
-    config.write_text(yaml.safe_dump(moe_config(models.base, models.all_models)))
+    config.write_text(yaml.safe_dump(moe_config(models.base, models.all_models, args.gate_mode)))
     read_files(model_files(models.all_models))  # warm the page cache, untimed
     ours, theirs = args.work / f"moe-{label}-fastmerge", args.work / f"moe-{label}-mergekit"
     runs = [run_child("fastmerge", "moe", [sys.executable, "-m", "fastmerge", "moe", str(config), str(ours),

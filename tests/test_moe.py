@@ -419,3 +419,32 @@ def test_an_expert_may_be_a_lora_reference(models, tmp_path):
     expected = (e2[f"{down}.weight"] + (B @ A) * 2.0).to(torch.float32)
     assert torch.equal(out["model.layers.1.mlp.experts.down_proj"][1], expected)
     assert torch.equal(out["model.layers.0.mlp.experts.down_proj"][1], e2["model.layers.0.mlp.down_proj.weight"])
+
+
+def test_hidden_routers_of_a_lora_base_are_those_of_the_merged_base(models, tmp_path):
+    """The hidden-state modes read the base through fastmerge's checkpoint reader, so a
+    `model+adapter` base runs adapted: its routers are those of the adapter merged in first."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from _support import write_adapter
+
+    q = "model.layers.0.self_attn.q_proj"
+    gen = torch.Generator().manual_seed(4)
+    A, B = torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen)
+    adapter = write_adapter(tmp_path / "adapter", {f"{q}.lora_A.weight": A, f"{q}.lora_B.weight": B})
+    merged = tmp_path / "merged"
+    shutil.copytree(models["base"], merged)
+    tensors = load_file(merged / "model.safetensors")
+    tensors[f"{q}.weight"] = tensors[f"{q}.weight"] + (B @ A) * 2.0
+    save_file(tensors, merged / "model.safetensors", metadata={"format": "pt"})
+
+    routers = {}
+    for name, base in (("adapted", f"{models['base']}+{adapter}"), ("merged", str(merged)), ("plain", str(models["base"]))):
+        config = _config(models, "hidden")
+        config["base_model"] = base
+        build_moe(config, tmp_path / f"moe-{name}", quiet=True)
+        routers[name] = load_dir(tmp_path / f"moe-{name}")["model.layers.1.mlp.gate.weight"]
+    assert torch.equal(routers["adapted"], routers["merged"])
+    assert not torch.equal(routers["adapted"], routers["plain"])

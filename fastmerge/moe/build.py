@@ -11,8 +11,9 @@ expert's beside them. Every output gets the router `mlp.gate.weight` [experts, h
 
 Memory: two layers' expert MLPs at a time (one assembled while the other is written), streamed
 into the sharded writer, so peak RSS is a small multiple of the largest output tensor, not of
-the model. The hidden-state gate modes are the exception: they load the base model whole, as
-mergekit does.
+the model. The hidden-state gate modes keep to that too: they run the base model with its
+weights read from the file one module at a time (representations.capture.streamed_forward),
+where mergekit loads it whole.
 
 A base tensor with no place in the output (a Llama's attention or MLP bias in Mixtral, say) is
 an error naming it, where mergekit-moe drops it silently and writes a model that computes
@@ -94,7 +95,7 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
         with StagedOutput(out_dir, inputs, overwrite=overwrite) as staged:
             generator = torch.Generator().manual_seed(seed)
             routers = router_vectors(spec.gate_mode, _routed(spec), layout.base, layout.layers, layout.hidden_size,
-                                     generator, resolve_device(device), quiet)
+                                     generator, resolve_device(device))
             notes = _notes(spec, routers[:, :len(spec.experts)])
             writer = ShardedWriter(staged.path, layout.specs(routers.dtype), max_shard)
             try:

@@ -15,20 +15,24 @@ computed the same way, so a config gives the same routers as mergekit's):
 
 Negative prompts' vector is subtracted from the positive one, and each vector is scaled to unit
 length. Prompt modes tokenize `bos_token + prompt`, padded on the left.
+
+The hidden-state modes run transformers' own forward of the base model, bit for bit what
+mergekit's whole-model forward computes, but with the weights attached from the mapped file one
+module at a time (representations.capture.streamed_forward): one weight matrix in memory
+instead of the whole model, and a `model+adapter` base runs with its LoRA applied.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
-from ..io.lora import AdaptedCheckpoint
-from ..representations.models import open_tokenizer, require_transformers
+from ..representations.capture import streamed_forward
+from ..representations.models import DecoderSkeleton, build_skeleton, open_tokenizer, require_transformers
 from .config import Expert
 
 EMBED_NAME = "model.embed_tokens.weight"
@@ -37,7 +41,7 @@ DEGENERATE_CONDITION = 5.0
 
 
 def router_vectors(gate_mode: str, experts: list[Expert], base: Checkpoint, layers: int, hidden_size: int,
-                   generator: torch.Generator, device: torch.device, quiet: bool = False) -> torch.Tensor:
+                   generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """(layers, experts, hidden_size) router vectors for `gate_mode`, one per expert in order."""
     shape = (layers, len(experts), hidden_size)
     if gate_mode == "random":
@@ -52,10 +56,10 @@ def router_vectors(gate_mode: str, experts: list[Expert], base: Checkpoint, laye
         def vector(prompts: tuple[str, ...]) -> torch.Tensor:
             return _embedding_sum(embed, _tokenize(tokenizer, prompts)).repeat(layers, 1)
     else:
-        model = _model(base, device, quiet)
+        skeleton = _skeleton(base)
 
         def vector(prompts: tuple[str, ...]) -> torch.Tensor:
-            return _hidden_states(model, _tokenize(tokenizer, prompts).to(device), gate_mode == "hidden_avg")
+            return _hidden_states(base, skeleton, _tokenize(tokenizer, prompts), gate_mode == "hidden_avg", device)
     return torch.stack([_expert_vector(vector, e.positive_prompts, e.negative_prompts) for e in experts]).permute(1, 0, 2).cpu()
 
 
@@ -108,34 +112,19 @@ def _embedding_sum(embed: torch.Tensor, tokenized: Any) -> torch.Tensor:
     return summed / summed.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def _model(base: Checkpoint, device: torch.device, quiet: bool) -> Any:
-    """The base model in bf16 on `device` (loaded whole, as mergekit does; without a progress
-    bar when `quiet`)."""
-    transformers = require_transformers("MoE gate modes hidden, hidden_avg and hidden_last")
-    if isinstance(base, AdaptedCheckpoint):
-        raise ConfigError(f"`base_model`: gate modes hidden, hidden_avg and hidden_last run the base model with "
-                          f"transformers, which cannot apply the LoRA adapter {base.adapter.path}; merge it first")
-    path = Path(base.directory or base.path)
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    if quiet:
-        transformers.utils.logging.disable_progress_bar()
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16,
-                                                                  low_cpu_mem_usage=True)
-    except Exception as exc:  # from_pretrained raises many unrelated types for an unreadable model
-        raise CheckpointError(f"{path}: transformers cannot load the base model to compute hidden states "
-                              f"({type(exc).__name__}: {exc})") from None
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-    return model.to(device).eval()
+def _skeleton(base: Checkpoint) -> DecoderSkeleton:
+    """The base model's bf16 skeleton (mergekit runs the model in bf16), weights left in the file."""
+    require_transformers("MoE gate modes hidden, hidden_avg and hidden_last")
+    if base.config is None:
+        raise CheckpointError(f"{base.path}: the hidden-state gate modes run the base model and need its config.json")
+    return build_skeleton(base.config, base.path, dtype=torch.bfloat16)
 
 
-def _hidden_states(model: Any, tokenized: Any, average: bool) -> torch.Tensor:
+def _hidden_states(base: Checkpoint, skeleton: DecoderSkeleton, tokenized: Any, average: bool,
+                   device: torch.device) -> torch.Tensor:
     """(layers, hidden): each layer's input hidden state at the last token (or averaged over the
     tokens, padding included as mergekit does), averaged over the prompts."""
-    with torch.no_grad():
-        output = model(**tokenized, output_hidden_states=True, return_dict=True)
-    states = torch.stack(output.hidden_states[:-1])  # (layers, prompts, tokens, hidden)
+    hidden = streamed_forward(base, skeleton, device, **tokenized)
+    states = torch.stack(hidden[:-1])  # (layers, prompts, tokens, hidden)
     states = states.sum(dim=2) / states.shape[2] if average else states[:, :, -1, :]
     return states.sum(dim=1) / states.shape[1]

@@ -105,18 +105,55 @@ def capture_representations(
         positions = [torch.arange(m.shape[1], device=device).expand(m.shape) for m in masks]
         biases = [attention_bias(m, torch.float32) for m in masks]
         for i, layer in enumerate(skeleton.layers):
-            _materialize(layer, checkpoint, skeleton.layer_prefixes[i], device)
+            layer_names = _materialize(layer, checkpoint, skeleton.layer_prefixes[i], device)
             last = i == skeleton.num_layers - 1
             if last:
-                _materialize(skeleton.norm, checkpoint, skeleton.norm_prefix, device)
+                norm_names = _materialize(skeleton.norm, checkpoint, skeleton.norm_prefix, device)
             for b, batch in enumerate(batches):
                 cos_sin = rotary(hidden[b], positions[b])
                 hidden[b] = layer(hidden[b], attention_mask=biases[b], position_ids=positions[b], position_embeddings=cos_sin)
                 pooled_input = skeleton.norm(hidden[b]) if last else hidden[b]
                 out[i + 1, batch.indices] = masked_mean(pooled_input, masks[b]).cpu()
-            _drop(layer)
-        _drop(skeleton.norm)
+            _drop(layer, checkpoint, layer_names)
+        _drop(skeleton.norm, checkpoint, norm_names)
     return out
+
+
+def streamed_forward(checkpoint: TensorSource, skeleton: DecoderSkeleton, device: torch.device | str = "cpu",
+                     **inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The hidden states of `skeleton.base(**inputs, output_hidden_states=True)`, with the weights
+    read from the checkpoint one module at a time: each module that holds weights gets them just
+    before it runs and gives them back right after.
+
+    Unlike `capture_representations`, this runs the model's own forward (its masks, rotary
+    embedding and attention kernel) in the skeleton's dtype, so the hidden states are, bit for bit,
+    those of the whole model loaded with transformers, while memory holds one weight matrix (a
+    zero-copy view of the mapped file where dtype and device match) and the activations.
+    """
+    device = torch.device(device)
+    skeleton.rotary.to(device)
+    hooks = []
+    for name, module in skeleton.base.named_modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        prefix = f"{skeleton.base_prefix}{name}." if name else skeleton.base_prefix
+        attached: list[str] = []
+
+        def attach(module: torch.nn.Module, _args: Any, prefix: str = prefix, attached: list[str] = attached) -> None:
+            attached[:] = _materialize(module, checkpoint, prefix, device, recurse=False)
+
+        def detach(module: torch.nn.Module, _args: Any, _out: Any, attached: list[str] = attached) -> None:
+            _drop(module, checkpoint, attached)
+
+        hooks += [module.register_forward_pre_hook(attach), module.register_forward_hook(detach)]
+    try:
+        with torch.inference_mode():
+            output = skeleton.base(**{k: v.to(device) for k, v in inputs.items()}, output_hidden_states=True,
+                                   use_cache=False, return_dict=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return output.hidden_states
 
 
 def _embed(checkpoint: TensorSource, skeleton: DecoderSkeleton, batches: Sequence[Batch], device: torch.device) -> list[torch.Tensor]:
@@ -135,20 +172,28 @@ def _embed(checkpoint: TensorSource, skeleton: DecoderSkeleton, batches: Sequenc
     return hidden
 
 
-def _materialize(module: torch.nn.Module, checkpoint: TensorSource, prefix: str, device: torch.device) -> None:
-    """Give a meta-device module real fp32 storage on `device` and fill it from the checkpoint."""
-    keys = list(module.state_dict())
-    names = [prefix + key for key in keys]
-    _require(checkpoint, names)
-    module.to_empty(device=device)
-    module.load_state_dict({key: checkpoint.tensor(name) for key, name in zip(keys, names)})
+def _materialize(module: torch.nn.Module, checkpoint: TensorSource, prefix: str, device: torch.device,
+                 recurse: bool = True) -> list[str]:
+    """Give a meta-device module (only its own weights unless `recurse`) real storage on `device`
+    from the checkpoint, in the module's dtype; returns the checkpoint names used.
+
+    A checkpoint tensor already in that dtype and on that device is used as it is: a zero-copy
+    view of the mapped file, whose pages `_drop` gives back.
+    """
+    slots = {key: t for key, t in module.state_dict(keep_vars=True).items() if recurse or "." not in key}
+    names = {key: prefix + key for key in slots}
+    _require(checkpoint, list(names.values()))
+    module.load_state_dict({key: checkpoint.tensor(name).to(device=device, dtype=slots[key].dtype)
+                            for key, name in names.items()}, strict=recurse, assign=True)
+    return list(names.values())
+
+
+def _drop(module: torch.nn.Module, checkpoint: TensorSource, names: Sequence[str]) -> None:
+    """Free a module's storage by moving it back to the meta device, and drop the checkpoint
+    pages it read from this process (they stay in the page cache)."""
+    module.to("meta")
     for name in names:
         checkpoint.release(name)
-
-
-def _drop(module: torch.nn.Module) -> None:
-    """Free a block's storage by moving it back to the meta device."""
-    module.to("meta")
 
 
 def _require(checkpoint: TensorSource, names: Sequence[str]) -> None:

@@ -55,10 +55,13 @@ class DecoderSkeleton:
 
     embed_name: the input-embedding weight; layer_prefixes[i]: the prefix of block i's tensors;
     norm_prefix: the final norm's prefix. `rotary` is a real (CPU) rotary-embedding module,
-    which holds no checkpoint weights.
+    which holds no checkpoint weights. `base` is the whole base model (lm_head excluded) with
+    `rotary` installed, and `base_prefix` the checkpoint prefix of its tensors.
     """
 
     config: Any
+    base: torch.nn.Module
+    base_prefix: str
     layers: torch.nn.ModuleList
     norm: torch.nn.Module
     rotary: torch.nn.Module
@@ -75,8 +78,8 @@ class DecoderSkeleton:
         return int(self.config.hidden_size)
 
 
-def build_skeleton(config_dict: dict, where: Path | str) -> DecoderSkeleton:
-    """Meta-device skeleton for the architecture in `config_dict` (a config.json), fp32.
+def build_skeleton(config_dict: dict, where: Path | str, dtype: torch.dtype = torch.float32) -> DecoderSkeleton:
+    """Meta-device skeleton for the architecture in `config_dict` (a config.json) in `dtype`.
 
     Supports decoder-only models laid out like Llama (embed_tokens, layers, norm, rotary_emb
     under the base model): Llama, Mistral, Qwen2 and relatives.
@@ -87,7 +90,7 @@ def build_skeleton(config_dict: dict, where: Path | str) -> DecoderSkeleton:
         config = transformers.AutoConfig.for_model(**config_dict)
         config._attn_implementation = "sdpa"
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as exc:
         raise CheckpointError(
             f"transformers cannot build the architecture of {where} (model_type {model_type!r}): "
@@ -105,8 +108,11 @@ def build_skeleton(config_dict: dict, where: Path | str) -> DecoderSkeleton:
     layers_name = qualified[id(parts["layers"])]
     with torch.device("cpu"):
         rotary = type(parts["rotary_emb"])(config=config)
+    base.rotary_emb = rotary
     return DecoderSkeleton(
         config=config,
+        base=base,
+        base_prefix=qualified[id(base)] + ".",
         layers=parts["layers"],
         norm=parts["norm"],
         rotary=rotary,
