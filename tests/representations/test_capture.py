@@ -53,15 +53,21 @@ def test_padding_does_not_change_the_pooled_states(toy):
     torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_missing_block_tensor_is_named(toy, tmp_path):
+def _without(toy, tmp_path, name: str):
+    """A copy of the toy checkpoint that lacks tensor `name`."""
     from safetensors.torch import load_file, save_file
     import shutil
 
     broken = tmp_path / "broken"
     shutil.copytree(toy, broken)
     tensors = load_file(broken / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    del tensors[name]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    return broken
+
+
+def test_missing_block_tensor_is_named(toy, tmp_path):
+    broken = _without(toy, tmp_path, "model.layers.1.mlp.up_proj.weight")
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
         _capture(broken, SAMPLES, batch_size=2)
 
@@ -107,14 +113,7 @@ def test_streamed_forward_gives_the_whole_models_hidden_states_bit_for_bit(reque
 
 
 def test_streamed_forward_names_a_missing_tensor_and_cleans_up(toy, tmp_path):
-    from safetensors.torch import load_file, save_file
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(toy, broken)
-    tensors = load_file(broken / "model.safetensors")
-    del tensors["model.layers.2.self_attn.o_proj.weight"]
-    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    broken = _without(toy, tmp_path, "model.layers.2.self_attn.o_proj.weight")
     skeleton = build_skeleton(Checkpoint(toy).config, toy)
     inputs = load_tokenizer(toy)(SAMPLES[:1], return_tensors="pt")
     first = streamed_forward(Checkpoint(toy), skeleton, **inputs)
