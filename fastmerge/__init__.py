@@ -2,7 +2,8 @@
 
 Python API: `run(config, out_dir, **options)` merges checkpoints on disk (mergekit-style config);
 `run_multi` runs a multi-document config; `extract_lora` factors a fine-tune into a LoRA
-adapter; `build_moe` builds a Mixtral MoE from dense models (mergekit-moe's config); `merge_tensors` / `merge_state_dicts` merge tensors already in memory; `fastmerge.ops`
+adapter; `build_moe` builds a Mixtral MoE from dense models (mergekit-moe's config); `tokensurgeon`
+gives a model another model's tokenizer (mergekit-tokensurgeon); `merge_tensors` / `merge_state_dicts` merge tensors already in memory; `fastmerge.ops`
 holds the kernels. The entry points load lazily so `import fastmerge.ops` stays light.
 """
 
@@ -28,6 +29,7 @@ _LAZY = {
     "run_multi": "multi",
     "extract_lora": "extraction",
     "build_moe": "moe",
+    "tokensurgeon": "surgery",
 }
 
 __all__ = ["FastmergeError", "__version__", *_LAZY]

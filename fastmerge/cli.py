@@ -1,6 +1,6 @@
 """The `fastmerge` command and the mergekit-compatible `fastmerge-yaml`, `fastmerge-multi`,
-`fastmerge-pytorch`, `fastmerge-legacy`, `fastmerge-layershuffle`, `fastmerge-moe` and
-`fastmerge-extract-lora` drop-ins.
+`fastmerge-pytorch`, `fastmerge-legacy`, `fastmerge-layershuffle`, `fastmerge-moe`,
+`fastmerge-extract-lora` and `fastmerge-tokensurgeon` drop-ins.
 
 Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
 -v), since a config or input problem is the user's to fix and a traceback hides the message.
@@ -111,6 +111,35 @@ def _add_moe_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-in-8bit", action="store_true", help=argparse.SUPPRESS)
 
 
+def _add_tokensurgeon_options(parser: argparse.ArgumentParser) -> None:
+    """mergekit-tokensurgeon's own arguments (fastmerge tokensurgeon and the fastmerge-tokensurgeon
+    drop-in; the surgery is fastmerge/surgery's). The method is checked by the surgery, so a
+    method fastmerge lacks gets an error that names the ones it has."""
+    from .surgery.approximate import METHODS, SUBWORD_METHODS, WEIGHT_SCHEMES
+    from .surgery.transplant import MATCH_CHOICES
+
+    parser.add_argument("model", type=Path, help="the model that gets the new tokenizer")
+    parser.add_argument("donor", type=Path, help="the model whose tokenizer (and embeddings, to approximate from) it gets")
+    parser.add_argument("out", type=Path, help="output model directory")
+    parser.add_argument("-k", "--k", type=int, default=64, help="shared tokens per approximated token (omp, common_interpolation) [default: 64]")
+    parser.add_argument("-c", "--cosine-similarity", dest="cosine_similarity", action="store_true", default=False,
+                        help="common_interpolation: nearest neighbours by cosine similarity instead of Euclidean distance")
+    parser.add_argument("-nc", "--no-cosine-similarity", dest="cosine_similarity", action="store_false", help=argparse.SUPPRESS)
+    parser.add_argument("-a", "--approximation-method", dest="method", default="omp",
+                        help=f"how rows the model lacks are made: {', '.join(METHODS)} [default: omp]")
+    parser.add_argument("-w", "--weight-scheme", default="distance_proportional",
+                        help=f"common_interpolation's weights: {', '.join(WEIGHT_SCHEMES)} [default: distance_proportional]")
+    parser.add_argument("-s", "--subword-method", default="mean", help=f"subword's combination: {', '.join(SUBWORD_METHODS)} [default: mean]")
+    parser.add_argument("--batch-size", type=int, default=512, help="tokens approximated at once; -1: all [default: 512]")
+    parser.add_argument("-pm", "--prefix-match", choices=MATCH_CHOICES, default="no",
+                        help="take the model's row of the longest prefix it has: no, yes, embed or lm_head (that tensor only) [default: no]")
+    parser.add_argument("-bm", "--byte-match", choices=MATCH_CHOICES, default="no",
+                        help="take the model's row of the other spelling of a byte (a <-> <0x61>): no, yes, embed or lm_head [default: no]")
+    parser.add_argument("--magikarp", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    parser.add_argument("-nvn", "--new-vocab-noise", type=float, default=None, help="add Gaussian noise of this std to the approximated rows")
+    parser.add_argument("-nvs", "--new-vocab-scale", type=float, default=None, help="scale the approximated rows by this")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmerge", description="Fast, bounded-memory merging of model checkpoints.")
     parser.add_argument("--version", action="version", version=f"fastmerge {__version__}")
@@ -178,8 +207,14 @@ def _build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--quiet", action="store_true")
     extract.set_defaults(handler=_cmd_extract_lora)
 
+    surgeon = commands.add_parser("tokensurgeon", help="give a model another model's tokenizer, rows the model lacks "
+                                  "approximated (mergekit-tokensurgeon's flags)")
+    _add_tokensurgeon_options(surgeon)
+    _add_output_options(surgeon, "seed for randn, john_hewitt and --new-vocab-noise [default: 0]")
+    surgeon.set_defaults(handler=_cmd_tokensurgeon)
+
     for arg in ("-v", "--verbose"):
-        for sub in (run, pytorch, plan, demo, prune, continual, legacy, shuffle, moe, multi, extract):
+        for sub in (run, pytorch, plan, demo, prune, continual, legacy, shuffle, moe, multi, extract, surgeon):
             sub.add_argument(arg, action="store_true", dest="verbose", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -275,6 +310,27 @@ def _cmd_moe(args: argparse.Namespace) -> None:
     print(build_moe(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size, seed=args.seed,
                     allow_pickle=args.allow_pickle, copy_tokenizer=args.copy_tokenizer, overwrite=args.overwrite,
                     quiet=args.quiet, allow_all_same=args.allow_all_same))
+
+
+def _cmd_tokensurgeon(args: argparse.Namespace) -> None:
+    from .engine import set_threads
+    from .errors import ConfigError
+    from .surgery import tokensurgeon
+
+    if args.magikarp:
+        raise ConfigError("--magikarp (keeping only well-trained tokens) is not implemented in fastmerge; run without it")
+    if not args.copy_tokenizer:
+        print("fastmerge: note: --no-copy-tokenizer ignored: the output's rows follow the donor's tokenizer, which is "
+              "always written (mergekit-tokensurgeon writes it too)", file=sys.stderr)
+    if args.threads is not None:
+        set_threads(args.threads)
+    print(tokensurgeon(
+        args.model, args.donor, args.out, method=args.method, k=args.k, cosine_similarity=args.cosine_similarity,
+        weight_scheme=args.weight_scheme, subword_method=args.subword_method, batch_size=args.batch_size,
+        prefix_match=args.prefix_match, byte_match=args.byte_match, new_vocab_noise=args.new_vocab_noise,
+        new_vocab_scale=args.new_vocab_scale, device=args.device, out_shard_size=args.out_shard_size, seed=args.seed,
+        allow_pickle=args.allow_pickle, overwrite=args.overwrite, quiet=args.quiet,
+    ))
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
@@ -494,6 +550,11 @@ def mergekit_moe_main(argv: Sequence[str] | None = None) -> int:
 def mergekit_extract_lora_main(argv: Sequence[str] | None = None) -> int:
     return _drop_in("fastmerge-extract-lora", "Drop-in for mergekit-extract-lora: a PEFT LoRA adapter approximating "
                     "a fine-tune's task vector.", _add_extraction_options, _cmd_extract_lora, argv)
+
+
+def mergekit_tokensurgeon_main(argv: Sequence[str] | None = None) -> int:
+    return _drop_in("fastmerge-tokensurgeon", "Drop-in for mergekit-tokensurgeon: a model given a donor's tokenizer, "
+                    "the rows it lacks approximated.", _add_tokensurgeon_options, _cmd_tokensurgeon, argv)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,7 @@ def fastmerge_moe() -> None:
 
 def fastmerge_extract_lora() -> None:
     _run("mergekit_extract_lora_main")
+
+
+def fastmerge_tokensurgeon() -> None:
+    _run("mergekit_tokensurgeon_main")

@@ -12,12 +12,14 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..dtypes import config_name
 from ..errors import CheckpointError, OutputError
+from ..units import format_size, shards_summary
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -172,3 +174,23 @@ def copy_model_files(
                 ) from None
             copied.append(name)
     return copied
+
+
+@dataclass(kw_only=True)
+class OutputReport:
+    """What a command that writes a model directory reports: where, how much, how long, its peak
+    memory and notes. Subclasses add what they did and say it in `__str__` through `summary`."""
+
+    output_dir: Path
+    shards: list[str]
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, did: str, details: Sequence[str] = ()) -> str:
+        """`did` (what the command made), where it went, its size, time and peak memory; then the
+        `details` lines and a line per note."""
+        headline = (f"{did} into {self.output_dir} ({shards_summary(len(self.shards), self.bytes_written)}) in "
+                    f"{self.seconds:.2f} s, peak RSS {format_size(self.peak_rss_bytes)}")
+        return "\n".join([headline, *details, *(f"note: {note}" for note in self.notes)])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,9 +35,9 @@ from ..engine import DEFAULT_SHARD_SIZE, reset_peak_rss, peak_rss_bytes, resolve
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import open_model, split_reference
-from ..io.output_dir import StagedOutput, copy_model_files, write_model_config
+from ..io.output_dir import OutputReport, StagedOutput, copy_model_files, write_model_config
 from ..io.writer import ShardedWriter
-from ..units import format_size, parse_size, shards_summary
+from ..units import parse_size
 from .architectures import MoEArchitecture, select_architecture
 from .config import RANDOM_MODES, Expert, MoESpec, load_moe_config
 from .gates import degenerate_layers, router_vectors
@@ -46,29 +46,19 @@ _MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
 _PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
-class MoEReport:
+@dataclass(kw_only=True)
+class MoEReport(OutputReport):
     """What a MoE build wrote; `str(report)` is the CLI's summary."""
 
-    output_dir: Path
     architecture: str
     experts: int
     experts_per_token: int
     layers: int
     gate_mode: str
-    shards: list[str]
-    bytes_written: int
-    seconds: float
-    peak_rss_bytes: int
-    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return (
-            f"built a {self.architecture} model of {self.experts} experts ({self.experts_per_token} per token, "
-            f"{self.layers} layers, gate_mode {self.gate_mode}) into {self.output_dir} "
-            f"({shards_summary(len(self.shards), self.bytes_written)}) in {self.seconds:.2f} s, "
-            f"peak RSS {format_size(self.peak_rss_bytes)}"
-        ) + "".join(f"\nnote: {note}" for note in self.notes)
+        return self.summary(f"built a {self.architecture} model of {self.experts} experts ({self.experts_per_token} "
+                            f"per token, {self.layers} layers, gate_mode {self.gate_mode})")
 
 
 def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | Path, *, device: str = "auto",
@@ -112,9 +102,10 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
     finally:
         for checkpoint in checkpoints.values():
             checkpoint.close()
-    return MoEReport(final, layout.architecture.name, len(spec.experts), spec.experts_per_token, layout.layers,
-                     spec.gate_mode, writer.shard_names, writer.total_bytes, time.perf_counter() - started,
-                     peak_rss_bytes(), notes)
+    return MoEReport(output_dir=final, architecture=layout.architecture.name, experts=len(spec.experts),
+                     experts_per_token=spec.experts_per_token, layers=layout.layers, gate_mode=spec.gate_mode,
+                     shards=writer.shard_names, bytes_written=writer.total_bytes,
+                     seconds=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes(), notes=notes)
 
 
 def _routed(spec: MoESpec) -> list[Expert]:
