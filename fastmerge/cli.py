@@ -121,7 +121,8 @@ def _add_tokensurgeon_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the model that gets the new tokenizer")
     parser.add_argument("donor", type=Path, help="the model whose tokenizer (and embeddings, to approximate from) it gets")
     parser.add_argument("out", type=Path, help="output model directory")
-    parser.add_argument("-k", "--k", type=int, default=64, help="shared tokens per approximated token (omp, common_interpolation) [default: 64]")
+    parser.add_argument("-k", "--k", type=int, default=64, help="shared tokens per approximated token (omp, common_interpolation) or per basis vector "
+                        "(stb) [default: 64]")
     parser.add_argument("-c", "--cosine-similarity", dest="cosine_similarity", action="store_true", default=False,
                         help="common_interpolation: nearest neighbours by cosine similarity instead of Euclidean distance")
     parser.add_argument("-nc", "--no-cosine-similarity", dest="cosine_similarity", action="store_false", help=argparse.SUPPRESS)
@@ -135,7 +136,9 @@ def _add_tokensurgeon_options(parser: argparse.ArgumentParser) -> None:
                         help="take the model's row of the longest prefix it has: no, yes, embed or lm_head (that tensor only) [default: no]")
     parser.add_argument("-bm", "--byte-match", choices=MATCH_CHOICES, default="no",
                         help="take the model's row of the other spelling of a byte (a <-> <0x61>): no, yes, embed or lm_head [default: no]")
-    parser.add_argument("--magikarp", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    parser.add_argument("--magikarp", action=argparse.BooleanOptionalAction, default=False,
+                        help="use only tokens well trained in both models (\"Fishing for Magikarp\"): the model's others are "
+                        "approximated, donor tokens under-trained in both left zero [default: off]")
     parser.add_argument("-nvn", "--new-vocab-noise", type=float, default=None, help="add Gaussian noise of this std to the approximated rows")
     parser.add_argument("-nvs", "--new-vocab-scale", type=float, default=None, help="scale the approximated rows by this")
 
@@ -314,11 +317,8 @@ def _cmd_moe(args: argparse.Namespace) -> None:
 
 def _cmd_tokensurgeon(args: argparse.Namespace) -> None:
     from .engine import set_threads
-    from .errors import ConfigError
     from .surgery import tokensurgeon
 
-    if args.magikarp:
-        raise ConfigError("--magikarp (keeping only well-trained tokens) is not implemented in fastmerge; run without it")
     if not args.copy_tokenizer:
         print("fastmerge: note: --no-copy-tokenizer ignored: the output's rows follow the donor's tokenizer, which is "
               "always written (mergekit-tokensurgeon writes it too)", file=sys.stderr)
@@ -327,7 +327,7 @@ def _cmd_tokensurgeon(args: argparse.Namespace) -> None:
     print(tokensurgeon(
         args.model, args.donor, args.out, method=args.method, k=args.k, cosine_similarity=args.cosine_similarity,
         weight_scheme=args.weight_scheme, subword_method=args.subword_method, batch_size=args.batch_size,
-        prefix_match=args.prefix_match, byte_match=args.byte_match, new_vocab_noise=args.new_vocab_noise,
+        prefix_match=args.prefix_match, byte_match=args.byte_match, magikarp=args.magikarp, new_vocab_noise=args.new_vocab_noise,
         new_vocab_scale=args.new_vocab_scale, device=args.device, out_shard_size=args.out_shard_size, seed=args.seed,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, quiet=args.quiet,
     ))

@@ -19,7 +19,9 @@ from fastmerge import tokensurgeon
 from fastmerge.cli import main, mergekit_tokensurgeon_main
 from fastmerge.demo import LlamaShape, make_state, write_checkpoint
 from fastmerge.errors import CheckpointError, ConfigError
+from fastmerge.surgery.affine import landmark_pca, sparse_token_basis
 from fastmerge.surgery.approximate import Rows, _john_hewitt, common_interpolation, orthogonal_matching_pursuit
+from fastmerge.surgery.magikarp import well_trained_tokens
 from fastmerge.surgery.matching import assign_rows
 from fastmerge.surgery.vocabulary import SPECIAL, WORD_START, prefixes
 
@@ -202,6 +204,147 @@ def test_subword_combines_the_model_pieces(pair, tmp_path, how):
             torch.testing.assert_close(_row(out[name], token), expected, atol=1e-6, rtol=0)
 
 
+def _isometry(rows: int, columns: int, seed: int) -> torch.Tensor:
+    """A (rows, columns) matrix with orthonormal columns (rows >= columns)."""
+    return torch.linalg.qr(torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))[0].float()
+
+
+def test_landmark_pca_reproduces_a_rotated_and_translated_space():
+    """The model's space is the donor's rotated (an isometry) and moved: the donor rows of 30
+    landmarks and 3 targets are the model's mapped into a 16-dimensional space, so the map must
+    send each target back to the model row it came from. Then the case mergekit's transposed
+    rotation gets wrong: landmarks with equal variance in every direction (no preferred
+    principal axes), the model a general rotation of them."""
+    generator = torch.Generator().manual_seed(11)
+    lift = _isometry(16, 8, 1)
+    model = torch.randn(30, 8, generator=generator) * torch.arange(1, 9)  # distinct variances
+    targets = torch.randn(3, 8, generator=generator)
+    to_donor = lambda x: (x - 0.5) @ lift.T + 2.0  # noqa: E731
+    mapping = landmark_pca(to_donor(model), model)
+    torch.testing.assert_close(mapping.apply(to_donor(targets)), targets, atol=1e-5, rtol=0)
+    axes = _isometry(6, 6, 2)
+    donor = torch.cat([axes, -axes]) * 3  # centered, covariance 3 * I
+    rotation = _isometry(6, 6, 3)
+    points = torch.randn(4, 6, generator=generator)
+    mapping = landmark_pca(donor, donor @ rotation + 1.0)
+    torch.testing.assert_close(mapping.apply(points), points @ rotation + 1.0, atol=1e-5, rtol=0)
+
+
+def test_sparse_token_basis_recovers_targets_in_the_basis_span():
+    """Donor space smaller (6 < 9): the model's rows are an affine map of the donor's, and every
+    donor row is in the span of the (full-rank) donor basis, so the map comes through exactly.
+    Donor space larger (9 > 6): the donor rows lie in the 6-dimensional image of the model's
+    space; a target in that span is sent back to its model row, and a component of the target
+    outside the span (orthogonal to every donor row) is dropped by the least-squares fit."""
+    generator = torch.Generator().manual_seed(12)
+    linear, points = torch.randn(6, 9, generator=generator, dtype=torch.float64).float(), torch.randn(4, 6, generator=generator)
+    donor = torch.randn(40, 6, generator=generator)
+    mapping = sparse_token_basis(donor, donor @ linear + 0.3, k=4, batch_size=512)
+    torch.testing.assert_close(mapping.apply(points), points @ linear + 0.3, atol=1e-4, rtol=0)
+    embed = _isometry(9, 9, 4)
+    lift, outside = embed[:, :6].T * 2, embed[:, 8]  # (6, 9) full row rank; a unit vector orthogonal to its rows
+    model = torch.randn(40, 6, generator=generator)
+    mapping = sparse_token_basis(model @ lift - 1.0, model, k=3, batch_size=2)  # OMP over directions in batches of 2
+    torch.testing.assert_close(mapping.apply(points @ lift - 1.0), points, atol=1e-4, rtol=0)
+    torch.testing.assert_close(mapping.apply(points @ lift - 1.0 + 5 * outside), points, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["landmark_pca", "stb"])
+def test_affine_methods_end_to_end_send_lifted_rows_back(tmp_path, method):
+    """The donor (hidden 16) is the model (hidden 8) lifted by an isometry and moved: each shared
+    token's donor row is its model row mapped, and each new token's donor row is a fresh vector
+    mapped; both methods must give the new tokens those fresh vectors as rows."""
+    model = _model(tmp_path / "model", MODEL_TOKENS, "</s>", 8, 0)
+    original = load_dir(model)
+    lift = _isometry(16, 8, 5).T
+    fresh = {name: torch.randn(len(DONOR_TOKENS), 8, generator=torch.Generator().manual_seed(6)) for name in (EMBED, HEAD)}
+
+    def edit(state):
+        for name in (EMBED, HEAD):
+            for i, token in enumerate(DONOR_TOKENS):
+                source = original[name][MODEL_ROW[token]] if token in MODEL_ROW else fresh[name][i]
+                state[name][i] = source @ lift + 0.25
+
+    donor = _model(tmp_path / "donor", DONOR_TOKENS, "<|end|>", 16, 1, edit=edit)
+    out = load_dir(tokensurgeon(model, donor, tmp_path / "out", method=method, k=4, batch_size=3, quiet=True).output_dir)
+    for name in (EMBED, HEAD):
+        for token in NEW:
+            torch.testing.assert_close(_row(out[name], token), fresh[name][DONOR_TOKENS.index(token)], atol=1e-4, rtol=0)
+        assert torch.equal(_row(out[name], "cd"), original[name][MODEL_ROW["cd"]])
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (what torch.quantile computes)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def test_magikarp_drops_the_tokens_made_badly_trained():
+    """400 rows, 10 of them padding rows alike (unused, as is the reserved special token): the 4
+    tokens with tiny input rows fall under the 1% norm quantile (only when there is an lm_head),
+    the 2 whose input rows point exactly at the unused rows' mean and the 1 whose lm_head row
+    does are the most similar to it (above the 99% quantile): all and only these are dropped."""
+    generator = torch.Generator().manual_seed(13)
+    embed, head = torch.randn(400, 16, generator=generator), torch.randn(400, 16, generator=generator)
+    vocab = {f"t{i}": i for i in range(389)} | {"<|reserved_special_token_0|>": 389}
+    direction = torch.randn(16, generator=generator)
+    for matrix in (embed, head):
+        matrix[389:] = direction + 0.3 * torch.randn(11, 16, generator=generator)
+    tiny, alike, alike_out = ["t3", "t50", "t51", "t200"], ["t7", "t8"], ["t9"]
+    for token in tiny:
+        embed[vocab[token]] *= 1e-3
+    for token in alike:
+        embed[vocab[token]] = embed[389:].mean(dim=0) * 2
+    head[vocab["t9"]] = head[389:].mean(dim=0) * 0.5
+    good, bad = well_trained_tokens(vocab, embed, head)
+    assert set(vocab) - good == set(tiny + alike + alike_out + ["<|reserved_special_token_0|>"])
+    assert bad == 11 + 4 + 3  # the unused rows, then the norm and similarity drops
+    norms = embed.norm(dim=1).tolist()
+    assert sum(n < _quantile(norms, 0.01) for n in norms) == 4  # the quantile rule, written out
+    good, _ = well_trained_tokens(vocab, embed, None)  # tied: no norm test, no lm_head test
+    assert set(vocab) - good == set(alike + ["<|reserved_special_token_0|>"])
+    good, bad = well_trained_tokens({f"t{i}": i for i in range(400)}, embed, None)  # no unused rows: no similarity test
+    assert good == {f"t{i}" for i in range(400)} and bad == 0
+
+
+def test_magikarp_end_to_end(tmp_path):
+    """The model's "b" input row and "d" lm_head row are its padding rows' mean, and its "c"
+    input row is tiny: they are no longer copied but approximated (mean here). The donor's "q"
+    input row is tiny: under-trained in the donor and absent from the model, its rows are zero.
+    The output bias follows the cut vocabulary."""
+    def edit_model(state):
+        state[EMBED][MODEL_TOKENS.index("b")] = state[EMBED][len(MODEL_TOKENS):].mean(dim=0)
+        state[HEAD][MODEL_TOKENS.index("d")] = state[HEAD][len(MODEL_TOKENS):].mean(dim=0)
+        state[EMBED][MODEL_TOKENS.index("c")] *= 1e-3
+        state["lm_head.bias"] = torch.arange(len(MODEL_TOKENS) + 3, dtype=torch.float32) + 1
+
+    def edit_donor(state):
+        state[EMBED][DONOR_TOKENS.index("q")] *= 1e-3
+
+    model = _model(tmp_path / "model", MODEL_TOKENS, "</s>", 8, 0, rows=len(MODEL_TOKENS) + 3, edit=edit_model)
+    donor = _model(tmp_path / "donor", DONOR_TOKENS, "<|end|>", 16, 1, edit=edit_donor)
+    report = tokensurgeon(model, donor, tmp_path / "out", method="mean", magikarp=True, quiet=True)
+    out, original = load_dir(report.output_dir), load_dir(model)
+    dropped = {"b", "c", "d"}
+    for name in (EMBED, HEAD):
+        assert report.rows[name] == {"exact": len(SHARED) - 3, "byte": 0, "prefix": 0, "approximated": len(NEW) - 1 + 3,
+                                     "untrained": 1}
+        for token in DONOR_TOKENS:
+            row = _row(out[name], token)
+            if token == "q":
+                assert torch.equal(row, torch.zeros(8))
+            elif token in MODEL_ROW and token not in dropped:
+                assert torch.equal(row, original[name][MODEL_ROW[token]]), (name, token)
+            else:
+                assert torch.equal(row, original[name].mean(dim=0)), (name, token)
+    expected = [float(MODEL_ROW[t] + 1) if t in MODEL_ROW and t not in dropped else 0.0 for t in DONOR_TOKENS]
+    assert out["lm_head.bias"].tolist() == expected
+    assert "--magikarp: 6 of the model's rows and 1 of the donor's" in str(report)
+
+
 def test_matching_rules():
     model = {"a": 0, "b": 1, "abc": 2, "<0x41>": 3, (WORD_START, "ab"): 4, (SPECIAL, "eos_token"): 5, "zz": 99}
     donor = {"A": 0, "<0x62>": 1, "abcd": 2, (WORD_START, "abx"): 3, (SPECIAL, "eos_token"): 4, "a b": 5, "zz": 6, "q": 7}
@@ -290,7 +433,10 @@ def test_output_bias_keeps_exact_matches_and_zeros_the_rest(tmp_path):
     (dict(k=0), ConfigError, r"--k must be a positive integer"),
     (dict(k=13), ConfigError, r"--k 13: the two tokenizers share only 12 tokens"),
     (dict(method="nearest"), ConfigError, r"unknown approximation method 'nearest'.*omp, common_interpolation"),
-    (dict(method="landmark_pca"), ConfigError, r"'landmark_pca' is not implemented in fastmerge; use one of omp, "),
+    (dict(method="mp_rope"), ConfigError, r"'mp_rope' is not implemented in fastmerge; use one of omp, .*stb"),
+    (dict(method="stb", k=13), ConfigError, r"--k 13: the two tokenizers share only 12 tokens"),
+    (dict(method="stb", k=9), ConfigError, r"--k 9: stb fits each basis vector with k shared tokens in 8 dimensions .*"
+                                           r"model.embed_tokens.weight.*give --k 8 or less"),
     (dict(method="common_interpolation", weight_scheme="cubic"), ConfigError, r"--weight-scheme 'cubic'"),
     (dict(prefix_match="maybe"), ConfigError, r"--prefix-match 'maybe'"),
 ])
@@ -315,14 +461,14 @@ def test_missing_embedding_names_the_donor(pair, tmp_path):
 
 def test_cli_and_drop_in(pair, tmp_path, capsys):
     model, donor = pair
-    assert main(["tokensurgeon", str(model), str(donor), str(tmp_path / "out"), "-a", "stb"]) == 2
-    assert "'stb' is not implemented in fastmerge" in capsys.readouterr().err
-    assert main(["tokensurgeon", str(model), str(donor), str(tmp_path / "out"), "--magikarp"]) == 2
-    assert "--magikarp" in capsys.readouterr().err
+    assert main(["tokensurgeon", str(model), str(donor), str(tmp_path / "out"), "-a", "mp_rope"]) == 2
+    assert "'mp_rope' is not implemented in fastmerge" in capsys.readouterr().err
     assert mergekit_tokensurgeon_main([str(model), str(donor), str(tmp_path / "out"), "-a", "common_interpolation", "-k", "3",
                                        "-c", "-pm", "yes", "--random-seed", "4", "--no-write-model-card", "--device", "cpu",
-                                       "--quiet"]) == 0
-    assert "gave the model the donor's tokenizer (20 tokens" in capsys.readouterr().out
+                                       "--magikarp", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "gave the model the donor's tokenizer (20 tokens" in printed
+    assert "--magikarp: 4 of the model's rows and 1 of the donor's judged under-trained" in printed
     command = [sys.executable, "-c", "import sys; from fastmerge.console import fastmerge_tokensurgeon; "
                "sys.argv[0] = 'fastmerge-tokensurgeon'; fastmerge_tokensurgeon()", str(model), str(tmp_path / "nope"), str(tmp_path / "o")]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -343,13 +489,17 @@ PARITY = [
     (["-a", "omp", "-k", "5"], None, False),
     (["-a", "common_interpolation", "-k", "4", "-w", "barycentric"], None, False),
     (["-a", "common_interpolation", "-k", "4", "-w", "least_squares"], None, False),
+    (["-a", "mean", "--magikarp"], None, True),
+    (["-a", "common_interpolation", "-k", "4", "-c", "-pm", "yes", "--magikarp"], None, True),
 ]
 
 
 @pytest.mark.skipif(MERGEKIT is None, reason="mergekit-tokensurgeon not installed (set FASTMERGE_MERGEKIT_YAML)")
 @pytest.mark.parametrize("ours, theirs, exact", PARITY, ids=[" ".join(p[0]) for p in PARITY])
 def test_parity_with_mergekit(pair, tmp_path, ours, theirs, exact):
-    """Copies, mean, zero, subword and distance-weighted interpolation: mergekit's bytes. omp and
+    """Copies, mean, zero, subword and distance-weighted interpolation, with or without --magikarp
+    (the same tokens judged under-trained: the model's padding rows, its row most like them and
+    its smallest-norm row, the donor's smallest-norm row): mergekit's bytes. omp and
     the least-squares weightings solve small systems in another order (Gram-Schmidt twice, a
     different lstsq call), so there each value is within 1e-6 of the tensor's largest |value|
     (a few fp32 ulp). The config as transformers reads it is the same."""
@@ -372,3 +522,53 @@ def test_parity_with_mergekit(pair, tmp_path, ours, theirs, exact):
     assert configs[0] == configs[1]
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ours")).get_vocab() == \
         transformers.AutoTokenizer.from_pretrained(str(tmp_path / "mk")).get_vocab()
+
+
+# mergekit 0.1.5's stb passes its options object as k (TypeError); this runs it with k passed.
+_MERGEKIT_STB_FIXED = ("import sys; import mergekit.scripts.tokensurgeon as t; basis = t.compute_token_basis; "
+                       "t.compute_token_basis = lambda *a: basis(*a[:5], a[5].k); sys.argv[0] = 'mergekit-tokensurgeon'; t.main()")
+
+
+@pytest.mark.skipif(MERGEKIT is None, reason="mergekit-tokensurgeon not installed (set FASTMERGE_MERGEKIT_YAML)")
+def test_parity_with_mergekit_landmark_pca_and_stb(pair, tmp_path):
+    """mergekit's landmark_pca applies the transpose of the Procrustes rotation and draws its
+    components at random, and its stb cannot run and otherwise centers differently (affine.py),
+    so on unrelated spaces the methods part ways by design. They agree where both are exact: a
+    donor whose every row is a model-space vector lifted into 16 dimensions by an isometry, the
+    shared tokens' vectors their model rows and the vectors' mean the mean of all model rows
+    (which mergekit's stb adds back). Both then give each new token its vector back; each value
+    is within 2e-5 of the tensor's largest |value| (fp32 eigen/OMP/least-squares rounding)."""
+    model, _ = pair
+    original = load_dir(model)
+    lift = _isometry(16, 8, 8).T
+    vectors = {}
+    for name in (EMBED, HEAD):
+        table = torch.randn(len(DONOR_TOKENS), 8, generator=torch.Generator().manual_seed(9))
+        for token, row in MODEL_ROW.items():
+            table[DONOR_TOKENS.index(token)] = original[name][row]
+        balance = DONOR_TOKENS.index("r")
+        table[balance] = 0
+        table[balance] = original[name].mean(dim=0) * len(DONOR_TOKENS) - table.sum(dim=0)
+        vectors[name] = table
+
+    def edit(state):
+        for name in (EMBED, HEAD):
+            state[name] = vectors[name] @ lift
+
+    donor = _model(tmp_path / "related", DONOR_TOKENS, "<|end|>", 16, 1, edit=edit)
+    common = [str(model), str(donor)]
+    failed = subprocess.run([MERGEKIT, *common, str(tmp_path / "stb-as-is"), "--device", "cpu", "-a", "stb", "-k", "4"],
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "TypeError" in failed.stderr
+    for method, command in (("landmark_pca", [MERGEKIT]), ("stb", [str(Path(MERGEKIT).with_name("python")), "-c", _MERGEKIT_STB_FIXED])):
+        flags = ["--device", "cpu", "-a", method, "-k", "4"]
+        assert main(["tokensurgeon", *common, str(tmp_path / f"ours-{method}"), "--quiet", *flags]) == 0
+        subprocess.run([*command, *common, str(tmp_path / f"mk-{method}"), "--no-write-model-card", *flags], check=True,
+                       capture_output=True)
+        mine, reference = load_dir(tmp_path / f"ours-{method}"), load_dir(tmp_path / f"mk-{method}")
+        for name in (EMBED, HEAD):
+            scale = reference[name].abs().max().item()
+            for token in NEW:  # both send each new token back to its vector
+                torch.testing.assert_close(_row(mine[name], token), vectors[name][DONOR_TOKENS.index(token)],
+                                           atol=2e-5 * scale, rtol=0)
+            assert (mine[name] - reference[name]).abs().max().item() <= 2e-5 * scale, (method, name)

@@ -14,6 +14,10 @@ rows for those shared tokens is the new row. So the donor may have a different h
   (1 / distance, or the cosine similarity, normalized to sum 1), barycentric (the affine
   combination, weights summing to 1, closest to the target: least squares on the bordered Gram
   system), least_squares (the unconstrained least-squares fit).
+- landmark_pca, stb: one affine map from the donor's space to the model's fitted on the shared
+  tokens (affine.py): a Procrustes rotation between the two spaces' principal components, or
+  a sparse token basis (OMP combinations of shared tokens approximating the principal
+  directions) in which each donor row is expressed and rebuilt from the model's rows.
 - mean: the mean of all the model's rows. zero: zeros.
 - subword: the model's rows of the pieces the model's tokenizer splits the token's text into,
   combined by `subword_method`: mean, sum, weighted_mean (weights 1..n, the last piece weighing
@@ -24,9 +28,12 @@ rows for those shared tokens is the new row. So the donor may have a different h
   rows (Hewitt, 2021); small Gaussian noise (std 0.02) when the covariance is singular.
 - randn: standard normal draws.
 
+mp_rope (matching pursuit through RoPE-rotated shared rows, which reads both models' attention
+configs) is not implemented: it is refused by name.
+
 The arithmetic runs in fp32 (fp64 for fp64 tensors; the covariance in fp64) and each new row is
-rounded once to the tensor's dtype; mean runs in the tensor's own dtype as mergekit computes it,
-so its rows are mergekit's bytes. Random methods draw from the run's seeded generator, in donor
+rounded once to the tensor's dtype (mergekit's landmark_pca rounds to the donor's dtype first);
+mean runs in the tensor's own dtype as mergekit computes it, so its rows are mergekit's bytes. Random methods draw from the run's seeded generator, in donor
 id order, so a seed always gives the same rows.
 """
 
@@ -40,11 +47,12 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from .vocabulary import Token, text_of
 
-METHODS = ("omp", "common_interpolation", "mean", "zero", "subword", "john_hewitt", "randn")
-NOT_IMPLEMENTED = ("landmark_pca", "stb", "mp_rope")
+METHODS = ("omp", "common_interpolation", "landmark_pca", "stb", "mean", "zero", "subword", "john_hewitt", "randn")
+NOT_IMPLEMENTED = ("mp_rope",)
 WEIGHT_SCHEMES = ("distance_proportional", "barycentric", "least_squares")
 SUBWORD_METHODS = ("mean", "sum", "weighted_mean", "first_last")
-_SHARED_METHODS = ("omp", "common_interpolation")
+_SHARED_METHODS = ("omp", "common_interpolation", "landmark_pca", "stb")
+_AFFINE_METHODS = ("landmark_pca", "stb")  # one map for all tokens (affine.py)
 _EPS = 1e-6
 
 
@@ -57,7 +65,7 @@ class Approximation:
     cosine_similarity: bool = False
     weight_scheme: str = "distance_proportional"
     subword_method: str = "mean"
-    batch_size: int | None = 512  # None or <= 0: every token in one batch
+    batch_size: int | None = 512  # None or <= 0: every token in one batch (stb: also its directions per OMP batch)
     new_vocab_noise: float | None = None
     new_vocab_scale: float | None = None
 
@@ -138,13 +146,33 @@ def _shared_vocabulary_method(rows: Rows, settings: Approximation) -> Callable[[
     if not shared:
         raise CheckpointError(f"{rows.name}: the model's and the donor's tokenizers share no token, so "
                               f"{settings.method} has nothing to build new rows from; use mean, zero, subword or randn")
-    if settings.k > len(shared):
+    if settings.method != "landmark_pca" and settings.k > len(shared):  # landmark_pca has no k
         raise ConfigError(f"--k {settings.k}: the two tokenizers share only {len(shared)} tokens ({rows.name}); "
                           f"give --k {len(shared)} or less")
+    basis_size = min(rows.model.shape[1], rows.donor.shape[1])
+    if settings.method == "stb" and settings.k > basis_size:
+        raise ConfigError(f"--k {settings.k}: stb fits each basis vector with k shared tokens in {basis_size} dimensions "
+                          f"(the smaller hidden size, {rows.name}), where more than {basis_size} are linearly dependent; "
+                          f"give --k {basis_size} or less")
     work = _work_dtype(rows.donor.dtype)
     device = rows.device
     donor_shared = rows.donor[torch.tensor([rows.donor_vocab[t] for t in shared])].to(device, work)
     model_shared = rows.model[torch.tensor([rows.model_vocab[t] for t in shared])].to(device, _work_dtype(rows.model.dtype))
+    if settings.method in _AFFINE_METHODS:
+        from .affine import landmark_pca, sparse_token_basis  # affine.py imports omp from here
+
+        if settings.method == "landmark_pca":
+            mapping = landmark_pca(donor_shared, model_shared)
+        else:
+            step = settings.batch_size if settings.batch_size and settings.batch_size > 0 else donor_shared.shape[1]
+            mapping = sparse_token_basis(donor_shared, model_shared, settings.k, step)
+        del donor_shared, model_shared
+
+        def apply(tokens: list[Token]) -> torch.Tensor:
+            targets = rows.donor[torch.tensor([rows.donor_vocab[t] for t in tokens])].to(device, work)
+            return mapping.apply(targets.to(mapping.matrix.dtype)).to(rows.model.dtype).cpu()
+
+        return apply
 
     def compute(tokens: list[Token]) -> torch.Tensor:
         targets = rows.donor[torch.tensor([rows.donor_vocab[t] for t in tokens])].to(device, work)

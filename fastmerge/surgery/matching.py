@@ -10,6 +10,10 @@ in id order, the first rule that finds a row of the model wins:
    longest one it has, with the same word-start marker;
 4. otherwise the row is approximated by the chosen method (approximate.py).
 
+With --magikarp (magikarp.py) the model's vocabulary is first cut to the tokens well trained in
+both models, and the donor tokens under-trained in both come before rule 1: their rows stay
+zero ("untrained" in the tallies).
+
 Only model tokens whose id is below the tensor's row count can be copied, and donor tokens whose
 id is at or above the donor tensor's row count have no donor row to approximate from: their
 rows stay zero, as do ids no donor token normalizes to. All of this is mergekit-tokensurgeon
@@ -48,11 +52,17 @@ def rows_within(vocab: dict[Token, int], rows: int) -> dict[Token, int]:
 
 
 def assign_rows(model_vocab: dict[Token, int], donor_vocab: dict[Token, int], model_rows: int, donor_rows: int,
-                allow_byte: bool, allow_prefix: bool) -> RowAssignment:
+                allow_byte: bool, allow_prefix: bool, untrained: set[Token] | None = None) -> RowAssignment:
+    """`untrained` (--magikarp): donor tokens whose rows stay zero; None leaves the tally out."""
     model_vocab = rows_within(model_vocab, model_rows)
     assignment = RowAssignment(output_size(donor_vocab))
+    if untrained is not None:
+        assignment.counts["untrained"] = 0
     for token, donor_id in sorted(donor_vocab.items(), key=lambda item: item[1]):
         if donor_id >= donor_rows:
+            continue
+        if untrained is not None and token in untrained:
+            assignment.counts["untrained"] += 1
             continue
         rule, row = _match(token, model_vocab, allow_byte, allow_prefix)
         if row is None:

@@ -4,7 +4,8 @@ The output is the model with its token-indexed tensors rebuilt for the donor's v
 row per donor token id, copied from the model where it has the token (matching.py) and
 approximated otherwise (approximate.py). That is the input embedding, the output embedding
 (lm_head) when the model has one of its own (a model with tied embeddings keeps them tied), and
-any output bias (its rows are copied for exact matches and zero for the rest). Every other
+any output bias (its rows are copied for exact matches and zero for the rest). With --magikarp
+the tokens either model never really trained are left out first (magikarp.py). Every other
 tensor is copied unchanged. config.json is the model's with `vocab_size` set to the new row
 count and the donor's pad/bos/eos token ids (as transformers reads the donor's config, so a
 config class's defaults count, as in mergekit); the tokenizer files are the donor's.
@@ -39,6 +40,7 @@ from ..representations.models import open_tokenizer, require_transformers
 from ..units import parse_size
 from ..vocab.names import is_input_embedding, is_output_embedding, is_vocabulary_tensor
 from .approximate import Approximation, Rows, approximate_rows
+from .magikarp import keep_well_trained
 from .matching import RowAssignment, assign_rows, output_size, rows_within
 from .vocabulary import Token, normalized_vocabulary
 
@@ -66,14 +68,14 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
                  cosine_similarity: bool = False, weight_scheme: str = "distance_proportional",
                  subword_method: str = "mean", batch_size: int | None = 512, prefix_match: str = "no",
                  byte_match: str = "no", new_vocab_noise: float | None = None, new_vocab_scale: float | None = None,
-                 device: str = "auto", out_shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0,
+                 magikarp: bool = False, device: str = "auto", out_shard_size: str | int = DEFAULT_SHARD_SIZE, seed: int = 0,
                  allow_pickle: bool = False, overwrite: bool = False, quiet: bool = False) -> SurgeryReport:
     """Write `model` with `donor`'s tokenizer into `out_dir` (module doc).
 
     prefix_match / byte_match: "no", "yes", "embed" (the input embedding only) or "lm_head"
     (lm_head only); whether a donor token may take the model's row of a prefix of it / of the
-    other spelling of the same byte. `seed` seeds randn, john_hewitt and the noise; `quiet`
-    hides the progress bar.
+    other spelling of the same byte. `magikarp`: use only the tokens well trained in both models
+    (magikarp.py). `seed` seeds randn, john_hewitt and the noise; `quiet` hides the progress bar.
     """
     started = time.perf_counter()
     reset_peak_rss()
@@ -95,6 +97,16 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
         model_tokenizer = open_tokenizer(original.path, PURPOSE, why)
         donor_tokenizer = open_tokenizer(giver.path, PURPOSE, why)
         model_vocab, donor_vocab = normalized_vocabulary(model_tokenizer), normalized_vocabulary(donor_tokenizer)
+        untrained, judged = None, None
+        if magikarp:
+            judged = keep_well_trained(model_vocab, donor_vocab, original.tensor(tensors.embed),
+                                       original.tensor(tensors.lm_head) if tensors.lm_head else None,
+                                       giver.tensor(tensors.donor_embed), giver.tensor(tensors.donor_lm_head))
+            for checkpoint, names in ((original, (tensors.embed, tensors.lm_head)),
+                                      (giver, (tensors.donor_embed, tensors.donor_lm_head))):
+                for name in set(names) - {None}:
+                    checkpoint.release(name)
+            model_vocab, untrained = judged.model_vocab, judged.untrained
         size = output_size(donor_vocab)
         generator = torch.Generator().manual_seed(seed)
         with StagedOutput(out_dir, [original.path, giver.path], overwrite=overwrite) as staged:
@@ -106,8 +118,8 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
             try:
                 for name, donor_name, is_lm_head in tensors.rebuilt():
                     assignment, tensor = _rebuild(name, donor_name, is_lm_head, original, giver, model_vocab, donor_vocab,
-                                                  model_tokenizer, settings, prefix_match, byte_match, generator,
-                                                  torch_device)
+                                                  model_tokenizer, settings, prefix_match, byte_match, untrained,
+                                                  generator, torch_device)
                     counts[name] = assignment.counts
                     writer.write(name, tensor)
                     del tensor
@@ -126,6 +138,8 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
             donor_tokenizer.save_pretrained(str(staged.path))
             final = staged.commit()
     notes = [] if tensors.lm_head else ["the model has no lm_head of its own (tied embeddings); the output keeps them tied"]
+    if judged is not None:
+        notes.append(judged.note())
     return SurgeryReport(output_dir=final, method=method, vocab_size=size, rows=counts, shards=writer.shard_names,
                          bytes_written=writer.total_bytes, seconds=time.perf_counter() - started,
                          peak_rss_bytes=peak_rss_bytes(), notes=notes)
@@ -206,12 +220,14 @@ def _one(checkpoint: Checkpoint, names: list[str], what: str, required: bool) ->
 
 def _rebuild(name: str, donor_name: str, is_lm_head: bool, model: Checkpoint, donor: Checkpoint, model_vocab: dict[Token, int],
              donor_vocab: dict[Token, int], tokenizer: Any, settings: Approximation, prefix_match: str,
-             byte_match: str, generator: torch.Generator, device: torch.device) -> tuple[RowAssignment, torch.Tensor]:
+             byte_match: str, untrained: set[Token] | None, generator: torch.Generator,
+             device: torch.device) -> tuple[RowAssignment, torch.Tensor]:
     """One token-indexed matrix in the donor's vocabulary (matching.py, then approximate.py)."""
     which = "lm_head" if is_lm_head else "embed"
     original, lender = model.tensor(name), donor.tensor(donor_name)
     assignment = assign_rows(model_vocab, donor_vocab, original.shape[0], lender.shape[0],
-                             allow_byte=byte_match in ("yes", which), allow_prefix=prefix_match in ("yes", which))
+                             allow_byte=byte_match in ("yes", which), allow_prefix=prefix_match in ("yes", which),
+                             untrained=untrained)
     out = torch.zeros((assignment.size, original.shape[1]), dtype=original.dtype)
     if assignment.copies:
         targets = torch.tensor(list(assignment.copies), dtype=torch.long)
