@@ -121,7 +121,7 @@ def _add_tokensurgeon_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="the model that gets the new tokenizer")
     parser.add_argument("donor", type=Path, help="the model whose tokenizer (and embeddings, to approximate from) it gets")
     parser.add_argument("out", type=Path, help="output model directory")
-    parser.add_argument("-k", "--k", type=int, default=64, help="shared tokens per approximated token (omp, common_interpolation) or per basis vector "
+    parser.add_argument("-k", "--k", type=int, default=64, help="shared tokens per approximated token (omp, common_interpolation, mp_rope) or per basis vector "
                         "(stb) [default: 64]")
     parser.add_argument("-c", "--cosine-similarity", dest="cosine_similarity", action="store_true", default=False,
                         help="common_interpolation: nearest neighbours by cosine similarity instead of Euclidean distance")

@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _support import load_dir, mergekit_script
+
 from fastmerge import tokensurgeon
 from fastmerge.cli import main, mergekit_tokensurgeon_main
 from fastmerge.demo import LlamaShape, make_state, write_checkpoint
 from fastmerge.errors import CheckpointError, ConfigError
 from fastmerge.surgery.affine import landmark_pca, sparse_token_basis
-from fastmerge.surgery.approximate import Rows, _john_hewitt, common_interpolation, orthogonal_matching_pursuit
+from fastmerge.surgery.approximate import Rows, _john_hewitt, common_interpolation
 from fastmerge.surgery.magikarp import well_trained_tokens
 from fastmerge.surgery.matching import assign_rows
+from fastmerge.surgery.pursuit import orthogonal_matching_pursuit
+from fastmerge.surgery.rope import Rotary, matching_pursuit_rope
 from fastmerge.surgery.vocabulary import SPECIAL, WORD_START, prefixes
 
 transformers = pytest.importorskip("transformers")
@@ -411,6 +413,90 @@ def test_tied_model_stays_tied_and_tied_donor_lends_its_embedding(tmp_path):
     torch.testing.assert_close(_row(out[HEAD], "q"), original[MODEL_ROW["a"]] + original[MODEL_ROW["e"]], atol=2e-5, rtol=0)
 
 
+def _rope(rows: torch.Tensor, heads: int, base: float, position: float) -> torch.Tensor:
+    """RoPE at `position` written as complex multiplication: in each head, dimension d and
+    d + head_dim / 2 are the real and imaginary parts of a number turned by position x
+    base^(-2d / head_dim)."""
+    split = rows.double().reshape(*rows.shape[:-1], heads, -1)
+    half = split.shape[-1] // 2
+    angle = position * base ** (-2 * torch.arange(half, dtype=torch.float64) / (2 * half))
+    turned = torch.complex(split[..., :half], split[..., half:]) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([turned.real, turned.imag], dim=-1).reshape(rows.shape)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mp_rope_recovers_a_scaled_rotated_shared_token(k):
+    """A target that is -1.5 x a shared token's donor row at position 0.7 (donor: 2 heads, base
+    1e4): the pursuit finds that token and position (through the negated residual), the fit gives
+    it -1.5 and any further pick ~0, and the new row is -1.5 x the token's model row at position
+    0.7 under the model's layout (4 heads, base 500)."""
+    generator = torch.Generator().manual_seed(11)
+    atoms, model_atoms = torch.randn(9, 16, generator=generator), torch.randn(9, 8, generator=generator)
+    donor, model = Rotary(2, 10000.0), Rotary(4, 500.0)
+    target = (-1.5 * _rope(atoms[4], 2, 10000.0, 0.7)).float().unsqueeze(0)
+    torch.testing.assert_close(donor.position(atoms[4:5], -target), torch.tensor([0.7]), atol=1e-5, rtol=0)
+    new = matching_pursuit_rope(target, atoms, model_atoms, k, donor, model)
+    torch.testing.assert_close(new[0].double(), -1.5 * _rope(model_atoms[4], 4, 500.0, 0.7), atol=2e-5, rtol=0)
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    """Set (value) or remove (None) keys of directory/config.json."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        config.pop(key, None) if value is None else config.__setitem__(key, value)
+    path.write_text(json.dumps(config))
+
+
+def test_mp_rope_end_to_end_reads_both_configs(tmp_path):
+    """A new donor token whose donor rows are -2 x row(b) at position 0.5 (donor config: 4 heads,
+    rope_theta 1e6) gets -2 x the model's row of b at position 0.5 under the model's config
+    (2 heads, rope_theta 500, given in rope_parameters as transformers 5 writes it)."""
+    def edit(state):
+        for name in (EMBED, HEAD):
+            table = state[name]
+            table[DONOR_TOKENS.index("q")] = -2 * _rope(table[DONOR_TOKENS.index("b")], 4, 1e6, 0.5).float()
+
+    model = _model(tmp_path / "model", MODEL_TOKENS, "</s>", 8, 0)
+    donor = _model(tmp_path / "donor", DONOR_TOKENS, "<|end|>", 16, 1, edit=edit)
+    _edit_config(model, rope_theta=None, rope_parameters={"rope_theta": 500.0, "rope_type": "default"})
+    _edit_config(donor, num_attention_heads=4, rope_theta=1e6)
+    out = load_dir(tokensurgeon(model, donor, tmp_path / "out", method="mp_rope", k=3, batch_size=2, quiet=True).output_dir)
+    original = load_dir(model)
+    for name in (EMBED, HEAD):
+        expected = -2 * _rope(original[name][MODEL_ROW["b"]], 2, 500.0, 0.5)
+        torch.testing.assert_close(_row(out[name], "q").double(), expected, atol=2e-5, rtol=0)
+        assert torch.isfinite(out[name]).all()
+
+
+@pytest.mark.parametrize("which, changes, pattern", [
+    ("model", dict(rope_theta=None), r"model/config.json: mp_rope needs rope_theta \(top level or in rope_parameters\)"),
+    ("donor", dict(rope_theta="big"), r"donor/config.json: mp_rope needs rope_theta.*got 'big'"),
+    ("model", dict(num_attention_heads=None), r"model/config.json: mp_rope needs a positive integer num_attention_heads"),
+    ("donor", dict(num_attention_heads=16), r"donor/config.json: model.embed_tokens.weight has 16 columns, which "
+                                            r"num_attention_heads 16 does not split into heads of an even size"),
+    ("model", dict(num_attention_heads=8), r"model/config.json: model.embed_tokens.weight has 8 columns"),  # head_dim 1
+])
+def test_mp_rope_config_errors_name_the_file_and_key(pair, tmp_path, which, changes, pattern):
+    model, donor = pair
+    _edit_config(model if which == "model" else donor, **changes)
+    with pytest.raises(ConfigError, match=pattern):
+        tokensurgeon(model, donor, tmp_path / "out", method="mp_rope", k=2, quiet=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    if "rope_theta" in changes:  # only mp_rope reads it (transformers checks the heads when it loads the tokenizer)
+        tokensurgeon(model, donor, tmp_path / "omp", k=2, quiet=True)
+
+
+def test_rotary_layout_checks_divisibility_and_a_missing_config(tmp_path):
+    """Heads that do not divide the width (transformers refuses such a Llama config before
+    tokensurgeon reads it, not every architecture's) and no config.json at all."""
+    with pytest.raises(ConfigError, match=r"x/config.json: lm_head.weight has 16 columns, which num_attention_heads 3"):
+        Rotary.of({"num_attention_heads": 3, "rope_theta": 1e4}, tmp_path / "x", {"lm_head.weight": 16})
+    with pytest.raises(CheckpointError, match=r"x: no config.json; mp_rope reads num_attention_heads and rope_theta"):
+        Rotary.of(None, tmp_path / "x", {"lm_head.weight": 16})
+    assert Rotary.of({"num_attention_heads": 4, "rope_theta": 500}, tmp_path, {"e": 16}) == Rotary(4, 500.0)
+
+
 def test_bfloat16_model_gives_bfloat16_rows(tmp_path):
     model = _model(tmp_path / "model", MODEL_TOKENS, "</s>", 8, 0, dtype=torch.bfloat16)
     donor = _model(tmp_path / "donor", DONOR_TOKENS, "<|end|>", 16, 1, dtype=torch.bfloat16)
@@ -433,7 +519,7 @@ def test_output_bias_keeps_exact_matches_and_zeros_the_rest(tmp_path):
     (dict(k=0), ConfigError, r"--k must be a positive integer"),
     (dict(k=13), ConfigError, r"--k 13: the two tokenizers share only 12 tokens"),
     (dict(method="nearest"), ConfigError, r"unknown approximation method 'nearest'.*omp, common_interpolation"),
-    (dict(method="mp_rope"), ConfigError, r"'mp_rope' is not implemented in fastmerge; use one of omp, .*stb"),
+    (dict(method="mp_rope", k=13), ConfigError, r"--k 13: the two tokenizers share only 12 tokens"),
     (dict(method="stb", k=13), ConfigError, r"--k 13: the two tokenizers share only 12 tokens"),
     (dict(method="stb", k=9), ConfigError, r"--k 9: stb fits each basis vector with k shared tokens in 8 dimensions .*"
                                            r"model.embed_tokens.weight.*give --k 8 or less"),
@@ -461,8 +547,8 @@ def test_missing_embedding_names_the_donor(pair, tmp_path):
 
 def test_cli_and_drop_in(pair, tmp_path, capsys):
     model, donor = pair
-    assert main(["tokensurgeon", str(model), str(donor), str(tmp_path / "out"), "-a", "mp_rope"]) == 2
-    assert "'mp_rope' is not implemented in fastmerge" in capsys.readouterr().err
+    assert main(["tokensurgeon", str(model), str(donor), str(tmp_path / "out"), "-a", "nearest"]) == 2
+    assert "unknown approximation method 'nearest'; fastmerge implements omp" in capsys.readouterr().err
     assert mergekit_tokensurgeon_main([str(model), str(donor), str(tmp_path / "out"), "-a", "common_interpolation", "-k", "3",
                                        "-c", "-pm", "yes", "--random-seed", "4", "--no-write-model-card", "--device", "cpu",
                                        "--magikarp", "--quiet"]) == 0
@@ -572,3 +658,50 @@ def test_parity_with_mergekit_landmark_pca_and_stb(pair, tmp_path):
                 torch.testing.assert_close(_row(mine[name], token), vectors[name][DONOR_TOKENS.index(token)],
                                            atol=2e-5 * scale, rtol=0)
             assert (mine[name] - reference[name]).abs().max().item() <= 2e-5 * scale, (method, name)
+
+
+# mergekit 0.1.5's mp_rope reads `config.rope_theta`, an attribute transformers 5 no longer has
+# (it keeps rope_parameters), so it stops with an AttributeError; this runs it with the
+# attribute set from rope_parameters while the rows are approximated (the output config untouched).
+_MERGEKIT_MP_ROPE_FIXED = (
+    "import sys; import mergekit.common as c; import mergekit.scripts.tokensurgeon as t; load = c.ModelReference.config\n"
+    "def config(self, *a, **k):\n"
+    "    cfg = load(self, *a, **k)\n"
+    "    if not hasattr(cfg, 'rope_theta'): cfg.rope_theta = cfg.rope_parameters['rope_theta']\n"
+    "    return cfg\n"
+    "compute = t.compute_new_embeddings\n"
+    "def patched(*a, **k):\n"
+    "    c.ModelReference.config = config\n"
+    "    try: return compute(*a, **k)\n"
+    "    finally: c.ModelReference.config = load\n"
+    "t.compute_new_embeddings = patched; sys.argv[0] = 'mergekit-tokensurgeon'; t.main()")
+
+
+@pytest.mark.skipif(MERGEKIT is None, reason="mergekit-tokensurgeon not installed (set FASTMERGE_MERGEKIT_YAML)")
+@pytest.mark.parametrize("k, other_layouts", [(4, False), (12, True)])
+def test_parity_with_mergekit_mp_rope(pair, tmp_path, k, other_layouts):
+    """mp_rope on the pair as it is (both rope_theta 1e4, 2 heads) and with other layouts (model
+    rope_theta 500, donor 4 heads and rope_theta 1e6): the same picks and positions, but the
+    position fit sums the pairs' angles in another order and the final least squares over up to
+    12 rotated rows in 16 dimensions amplifies those ulp, so each value is within 5e-6 of the
+    tensor's largest |value| (observed: under 1e-6); every other tensor is mergekit's bytes."""
+    model, donor = pair
+    if other_layouts:
+        _edit_config(model, rope_theta=500.0)
+        _edit_config(donor, num_attention_heads=4, rope_theta=1e6)
+    common = [str(model), str(donor)]
+    flags = ["--device", "cpu", "-a", "mp_rope", "-k", str(k)]
+    if not other_layouts:
+        as_is = subprocess.run([MERGEKIT, *common, str(tmp_path / "mk-as-is"), *flags], capture_output=True, text=True)
+        assert as_is.returncode == 0 or "rope_theta" in as_is.stderr
+    assert main(["tokensurgeon", *common, str(tmp_path / "ours"), "--quiet", *flags]) == 0
+    subprocess.run([str(Path(MERGEKIT).with_name("python")), "-c", _MERGEKIT_MP_ROPE_FIXED, *common, str(tmp_path / "mk"),
+                    "--no-write-model-card", *flags], check=True, capture_output=True)
+    mine, reference = load_dir(tmp_path / "ours"), load_dir(tmp_path / "mk")
+    assert sorted(mine) == sorted(reference)
+    for name, expected in reference.items():
+        assert mine[name].dtype == expected.dtype and mine[name].shape == expected.shape, name
+        if name not in (EMBED, HEAD):
+            assert torch.equal(mine[name], expected), name
+        else:
+            assert (mine[name] - expected).abs().max().item() <= 5e-6 * expected.abs().max().item(), name

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .approximate import orthogonal_matching_pursuit
+from .pursuit import orthogonal_matching_pursuit
 
 _CHUNK = 8192  # rows per fp64 accumulation step
 PINV_RTOL = 1e-6

@@ -28,8 +28,10 @@ rows for those shared tokens is the new row. So the donor may have a different h
   rows (Hewitt, 2021); small Gaussian noise (std 0.02) when the covariance is singular.
 - randn: standard normal draws.
 
-mp_rope (matching pursuit through RoPE-rotated shared rows, which reads both models' attention
-configs) is not implemented: it is refused by name.
+- mp_rope: matching pursuit in which each picked shared token's donor row is first rotated by
+  RoPE to the position that best turns it towards the residual; the new row combines the
+  model's rows of those tokens rotated to the same positions with the model's heads and
+  rope_theta (rope.py: both models' config.json give num_attention_heads and rope_theta).
 
 The arithmetic runs in fp32 (fp64 for fp64 tensors; the covariance in fp64) and each new row is
 rounded once to the tensor's dtype (mergekit's landmark_pca rounds to the donor's dtype first);
@@ -45,13 +47,17 @@ from typing import Any, Callable
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from .affine import landmark_pca, sparse_token_basis
+from .pursuit import orthogonal_matching_pursuit
+from .rope import Rotary, matching_pursuit_rope
 from .vocabulary import Token, text_of
 
-METHODS = ("omp", "common_interpolation", "landmark_pca", "stb", "mean", "zero", "subword", "john_hewitt", "randn")
-NOT_IMPLEMENTED = ("mp_rope",)
+METHODS = ("omp", "common_interpolation", "landmark_pca", "stb", "mp_rope", "mean", "zero", "subword", "john_hewitt",
+           "randn")
+NOT_IMPLEMENTED: tuple[str, ...] = ()
 WEIGHT_SCHEMES = ("distance_proportional", "barycentric", "least_squares")
 SUBWORD_METHODS = ("mean", "sum", "weighted_mean", "first_last")
-_SHARED_METHODS = ("omp", "common_interpolation", "landmark_pca", "stb")
+_SHARED_METHODS = ("omp", "common_interpolation", "landmark_pca", "stb", "mp_rope")
 _AFFINE_METHODS = ("landmark_pca", "stb")  # one map for all tokens (affine.py)
 _EPS = 1e-6
 
@@ -89,8 +95,8 @@ class Approximation:
 class Rows:
     """What the methods read for one output tensor: the model's and the donor's token-indexed
     matrices (vocabulary first), their normalized vocabularies limited to the rows they have,
-    whether it is lm_head, the model's tokenizer (subword), the seeded generator and the device
-    the shared-vocabulary methods compute on."""
+    whether it is lm_head, the model's tokenizer (subword), the seeded generator, the device
+    the shared-vocabulary methods compute on and (mp_rope) both models' RoPE layouts."""
 
     model: torch.Tensor
     donor: torch.Tensor
@@ -101,6 +107,7 @@ class Rows:
     generator: torch.Generator
     device: torch.device
     name: str
+    rotary: tuple[Rotary, Rotary] | None = None  # mp_rope: the model's and the donor's RoPE layout
 
 
 def approximate_rows(tokens: list[Token], rows: Rows, settings: Approximation) -> torch.Tensor:
@@ -159,8 +166,6 @@ def _shared_vocabulary_method(rows: Rows, settings: Approximation) -> Callable[[
     donor_shared = rows.donor[torch.tensor([rows.donor_vocab[t] for t in shared])].to(device, work)
     model_shared = rows.model[torch.tensor([rows.model_vocab[t] for t in shared])].to(device, _work_dtype(rows.model.dtype))
     if settings.method in _AFFINE_METHODS:
-        from .affine import landmark_pca, sparse_token_basis  # affine.py imports omp from here
-
         if settings.method == "landmark_pca":
             mapping = landmark_pca(donor_shared, model_shared)
         else:
@@ -174,8 +179,15 @@ def _shared_vocabulary_method(rows: Rows, settings: Approximation) -> Callable[[
 
         return apply
 
+    if settings.method == "mp_rope" and rows.rotary is None:
+        raise ConfigError(f"{rows.name}: mp_rope needs both models' num_attention_heads and rope_theta (Rows.rotary)")
+
     def compute(tokens: list[Token]) -> torch.Tensor:
         targets = rows.donor[torch.tensor([rows.donor_vocab[t] for t in tokens])].to(device, work)
+        if settings.method == "mp_rope":
+            model_rotary, donor_rotary = rows.rotary
+            new = matching_pursuit_rope(targets, donor_shared, model_shared, settings.k, donor_rotary, model_rotary)
+            return new.to(rows.model.dtype).cpu()
         if settings.method == "omp":
             picked, coefficients = orthogonal_matching_pursuit(targets, donor_shared, settings.k)
         else:
@@ -185,40 +197,6 @@ def _shared_vocabulary_method(rows: Rows, settings: Approximation) -> Callable[[
         return combined.to(rows.model.dtype).cpu()
 
     return compute
-
-
-def orthogonal_matching_pursuit(targets: torch.Tensor, atoms: torch.Tensor, k: int,
-                                eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each target row (B, D): the indices (B, k) of k atoms (N, D) chosen greedily and the
-    least-squares coefficients (B, k) that combine them into the closest point to the target."""
-    batch, width = targets.shape
-    basis = targets.new_zeros((batch, width, k))  # orthonormal columns spanning the picked atoms
-    upper = targets.new_zeros((batch, k, k))  # picked atoms = basis @ upper
-    picked = torch.zeros((batch, k), dtype=torch.long, device=targets.device)
-    used = torch.zeros((batch, atoms.shape[0]), dtype=torch.bool, device=targets.device)
-    every = torch.arange(batch, device=targets.device)
-    residual = targets
-    for step in range(k):
-        score = (residual @ atoms.T).abs().masked_fill_(used, -float("inf"))
-        choice = score.argmax(dim=1)
-        picked[:, step] = choice
-        used[every, choice] = True
-        column = atoms[choice]
-        known = basis[:, :, :step]
-        along = torch.zeros((batch, step), dtype=targets.dtype, device=targets.device)
-        for _ in range(2):  # Gram-Schmidt twice: the second pass removes what rounding left
-            part = torch.bmm(known.transpose(1, 2), column.unsqueeze(-1)).squeeze(-1)
-            column = column - torch.bmm(known, part.unsqueeze(-1)).squeeze(-1)
-            along = along + part
-        length = column.norm(dim=1).clamp(min=eps)
-        upper[:, :step, step] = along
-        upper[:, step, step] = length
-        basis[:, :, step] = column / length.unsqueeze(1)
-        spanned = basis[:, :, :step + 1]
-        residual = targets - torch.bmm(spanned, torch.bmm(spanned.transpose(1, 2), targets.unsqueeze(-1))).squeeze(-1)
-    projections = torch.bmm(basis.transpose(1, 2), targets.unsqueeze(-1))
-    coefficients = torch.linalg.solve_triangular(upper, projections, upper=True).squeeze(-1)
-    return picked, coefficients
 
 
 def common_interpolation(targets: torch.Tensor, points: torch.Tensor, k: int, cosine: bool,

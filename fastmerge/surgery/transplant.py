@@ -2,7 +2,8 @@
 
 The output is the model with its token-indexed tensors rebuilt for the donor's vocabulary: one
 row per donor token id, copied from the model where it has the token (matching.py) and
-approximated otherwise (approximate.py). That is the input embedding, the output embedding
+approximated otherwise (approximate.py; mp_rope also reads num_attention_heads and rope_theta
+from both config.json files, rope.py). That is the input embedding, the output embedding
 (lm_head) when the model has one of its own (a model with tied embeddings keeps them tied), and
 any output bias (its rows are copied for exact matches and zero for the rest). With --magikarp
 the tokens either model never really trained are left out first (magikarp.py). Every other
@@ -42,6 +43,7 @@ from ..vocab.names import is_input_embedding, is_output_embedding, is_vocabulary
 from .approximate import Approximation, Rows, approximate_rows
 from .magikarp import keep_well_trained
 from .matching import RowAssignment, assign_rows, output_size, rows_within
+from .rope import Rotary
 from .vocabulary import Token, normalized_vocabulary
 
 MATCH_CHOICES = ("no", "yes", "embed", "lm_head")
@@ -93,6 +95,7 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
         config = _model_config(original)
         donor_ids = _donor_token_ids(giver)
         tensors = _Tensors.of(original, giver)
+        rotary = _rotary(original, giver, tensors) if method == "mp_rope" else None
         why = "tokensurgeon matches the two models' vocabularies token by token"
         model_tokenizer = open_tokenizer(original.path, PURPOSE, why)
         donor_tokenizer = open_tokenizer(giver.path, PURPOSE, why)
@@ -119,7 +122,7 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
                 for name, donor_name, is_lm_head in tensors.rebuilt():
                     assignment, tensor = _rebuild(name, donor_name, is_lm_head, original, giver, model_vocab, donor_vocab,
                                                   model_tokenizer, settings, prefix_match, byte_match, untrained,
-                                                  generator, torch_device)
+                                                  generator, torch_device, rotary)
                     counts[name] = assignment.counts
                     writer.write(name, tensor)
                     del tensor
@@ -221,7 +224,7 @@ def _one(checkpoint: Checkpoint, names: list[str], what: str, required: bool) ->
 def _rebuild(name: str, donor_name: str, is_lm_head: bool, model: Checkpoint, donor: Checkpoint, model_vocab: dict[Token, int],
              donor_vocab: dict[Token, int], tokenizer: Any, settings: Approximation, prefix_match: str,
              byte_match: str, untrained: set[Token] | None, generator: torch.Generator,
-             device: torch.device) -> tuple[RowAssignment, torch.Tensor]:
+             device: torch.device, rotary: tuple[Rotary, Rotary] | None) -> tuple[RowAssignment, torch.Tensor]:
     """One token-indexed matrix in the donor's vocabulary (matching.py, then approximate.py)."""
     which = "lm_head" if is_lm_head else "embed"
     original, lender = model.tensor(name), donor.tensor(donor_name)
@@ -235,12 +238,22 @@ def _rebuild(name: str, donor_name: str, is_lm_head: bool, model: Checkpoint, do
         out[targets] = original[sources]
     if assignment.approximate:
         rows = Rows(original, lender, rows_within(model_vocab, original.shape[0]),
-                    rows_within(donor_vocab, lender.shape[0]), is_lm_head, tokenizer, generator, device, name)
+                    rows_within(donor_vocab, lender.shape[0]), is_lm_head, tokenizer, generator, device, name, rotary)
         new = approximate_rows(assignment.approximate, rows, settings)
         out[torch.tensor([donor_vocab[t] for t in assignment.approximate], dtype=torch.long)] = new
     model.release(name)
     donor.release(donor_name)
     return assignment, out
+
+
+def _rotary(model: Checkpoint, donor: Checkpoint, tensors: _Tensors) -> tuple[Rotary, Rotary]:
+    """mp_rope's RoPE layouts (the model's, the donor's) from the two config.json files, checked
+    against the widths of the matrices they rotate."""
+    def widths(checkpoint: Checkpoint, names: tuple[str | None, ...]) -> dict[str, int]:
+        return {name: checkpoint.info(name).shape[1] for name in names if name is not None}
+
+    return (Rotary.of(model.config, model.path, widths(model, (tensors.embed, tensors.lm_head))),
+            Rotary.of(donor.config, donor.path, widths(donor, (tensors.donor_embed, tensors.donor_lm_head))))
 
 
 def _remap_exact(tensor: torch.Tensor, model_vocab: dict[Token, int], donor_vocab: dict[Token, int],
