@@ -395,12 +395,19 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def comparison_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every fastmerge-against-mergekit benchmark takes: the checkpoint set
+    (bench.checkpoints), --work and --no-mergekit; `doc` is the script's docstring."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     add_generator_args(parser)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"), help="where models and outputs go (not the repo)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit even if installed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = comparison_parser(__doc__)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure fastmerge, its start-up and the rooflines this many times, report medians [1]")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

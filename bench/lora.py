@@ -16,7 +16,6 @@ Run: `python -m bench.lora --preset 1b --work /tmp/fm-bench` (add `--no-mergekit
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from dataclasses import asdict
@@ -26,8 +25,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from bench.checkpoints import BenchModels, add_generator_args, generate, spec_from_args
-from bench.e2e import MERGEKIT_YAML, MergeRun, fastmerge_command, median_run, mergekit_command, run_child
+from bench.checkpoints import BenchModels, generate, spec_from_args
+from bench.e2e import MERGEKIT_YAML, comparison_parser, MergeRun, fastmerge_command, median_run, mergekit_command, run_child
 from fastmerge.demo import LlamaShape
 
 LINEAR_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -100,12 +99,9 @@ def bench(models: BenchModels, work: Path, rank: int, repeat: int, with_mergekit
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_generator_args(parser)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"), help="where models and outputs go (not the repo)")
+    parser = comparison_parser(__doc__)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=1, help="fastmerge runs per config, median reported [1]")
-    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit even if installed")
     parser.add_argument("--json", type=Path, default=None, help="results file [default: WORK/lora-PRESET.json]")
     args = parser.parse_args(argv)
     if args.rank < 1 or args.repeat < 1:

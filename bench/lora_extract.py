@@ -10,15 +10,14 @@ Run: `python -m bench.lora_extract --preset 1b --work /tmp/fm-bench --max-rank 6
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 
 
-from bench.checkpoints import add_generator_args, generate, spec_from_args
-from bench.e2e import MERGEKIT_YAML, run_child
+from bench.checkpoints import generate, spec_from_args
+from bench.e2e import MERGEKIT_YAML, comparison_parser, run_child
 from fastmerge.extraction import low_rank_factors
 from fastmerge.io.lora import open_model
 from fastmerge.ops.random import derive_key
@@ -54,14 +53,11 @@ def error_ratios(model: Path, base: Path, rank: int, limit: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_generator_args(parser)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"), help="where models and outputs go (not the repo)")
+    parser = comparison_parser(__doc__)
     parser.add_argument("--model", type=Path, default=None, help="a fine-tune to extract instead of a generated one")
     parser.add_argument("--base-model", type=Path, default=None, help="its base (with --model)")
     parser.add_argument("--max-rank", type=int, default=64)
     parser.add_argument("--error-matrices", type=int, default=8, help="matrices to compare the two SVDs' errors on [8]")
-    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit even if installed")
     parser.add_argument("--json", type=Path, default=None, help="results file [default: WORK/lora-extract.json]")
     args = parser.parse_args(argv)
     if (args.model is None) != (args.base_model is None):

@@ -14,7 +14,6 @@ Run: `python -m bench.moe --preset 1b --work /tmp/fm-bench --repeat 3` (`--no-me
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import sys
@@ -23,8 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.checkpoints import add_generator_args, generate, model_files, spec_from_args
-from bench.e2e import MERGEKIT_YAML, output_bytes, read_files, run_child
+from bench.checkpoints import generate, model_files, spec_from_args
+from bench.e2e import MERGEKIT_YAML, comparison_parser, output_bytes, read_files, run_child
 from fastmerge.io.checkpoint import Checkpoint
 
 MERGEKIT_MOE = MERGEKIT_YAML.with_name("mergekit-moe")
@@ -61,10 +60,7 @@ def same_bytes(ours: Path, theirs: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_generator_args(parser)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/fm-bench"), help="where models and outputs go (not the repo)")
-    parser.add_argument("--no-mergekit", dest="mergekit", action="store_false", help="skip mergekit-moe even if installed")
+    parser = comparison_parser(__doc__)
     parser.add_argument("--repeat", type=int, default=1, help="fastmerge builds to take the median of [1]")
     parser.add_argument("--gate-mode", default="random", choices=("random", *PROMPT_MODES), help="router initialisation [random]")
     args = parser.parse_args(argv)
