@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError
 from .affine import landmark_pca, sparse_token_basis
@@ -110,15 +111,16 @@ class Rows:
     rotary: tuple[Rotary, Rotary] | None = None  # mp_rope: the model's and the donor's RoPE layout
 
 
-def approximate_rows(tokens: list[Token], rows: Rows, settings: Approximation) -> torch.Tensor:
+def approximate_rows(tokens: list[Token], rows: Rows, settings: Approximation, quiet: bool = True) -> torch.Tensor:
     """The new rows for `tokens` (donor tokens the model lacks), in the model tensor's dtype, on
-    the CPU, batch by batch, with --new-vocab-noise then --new-vocab-scale applied."""
+    the CPU, batch by batch (a progress bar unless `quiet`: omp on a real vocabulary takes
+    minutes), with --new-vocab-noise then --new-vocab-scale applied."""
     out = torch.empty((len(tokens), rows.model.shape[1]), dtype=rows.model.dtype)
     if not tokens:
         return out
     compute = _method(rows, settings)
     step = settings.batch_size if settings.batch_size and settings.batch_size > 0 else len(tokens)
-    for start in range(0, len(tokens), step):
+    for start in tqdm(range(0, len(tokens), step), desc=f"approximating {rows.name}", disable=quiet, leave=False):
         batch = compute(tokens[start:start + step])
         if settings.new_vocab_noise:
             batch = batch + torch.randn(batch.shape, generator=rows.generator, dtype=batch.dtype) * settings.new_vocab_noise

@@ -41,7 +41,7 @@ from ..representations.models import open_tokenizer, require_transformers
 from ..units import parse_size
 from ..vocab.names import is_input_embedding, is_output_embedding, is_vocabulary_tensor
 from .approximate import Approximation, Rows, approximate_rows
-from .magikarp import keep_well_trained
+from .magikarp import WellTrained, keep_well_trained
 from .matching import RowAssignment, assign_rows, output_size, rows_within
 from .rope import Rotary
 from .vocabulary import Token, normalized_vocabulary
@@ -100,18 +100,11 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
         model_tokenizer = open_tokenizer(original.path, PURPOSE, why)
         donor_tokenizer = open_tokenizer(giver.path, PURPOSE, why)
         model_vocab, donor_vocab = normalized_vocabulary(model_tokenizer), normalized_vocabulary(donor_tokenizer)
-        untrained, judged = None, None
-        if magikarp:
-            judged = keep_well_trained(model_vocab, donor_vocab, original.tensor(tensors.embed),
-                                       original.tensor(tensors.lm_head) if tensors.lm_head else None,
-                                       giver.tensor(tensors.donor_embed), giver.tensor(tensors.donor_lm_head))
-            for checkpoint, names in ((original, (tensors.embed, tensors.lm_head)),
-                                      (giver, (tensors.donor_embed, tensors.donor_lm_head))):
-                for name in set(names) - {None}:
-                    checkpoint.release(name)
-            model_vocab, untrained = judged.model_vocab, judged.untrained
+        judged = _judge_training(original, giver, tensors, model_vocab, donor_vocab) if magikarp else None
+        surgery = _Surgery(original, giver, judged.model_vocab if judged else model_vocab, donor_vocab, model_tokenizer,
+                           settings, prefix_match, byte_match, judged.untrained if judged else None,
+                           torch.Generator().manual_seed(seed), torch_device, rotary, quiet)
         size = output_size(donor_vocab)
-        generator = torch.Generator().manual_seed(seed)
         with StagedOutput(out_dir, [original.path, giver.path], overwrite=overwrite) as staged:
             specs = [(name, original.info(name).dtype,
                       (size, *original.info(name).shape[1:]) if name in tensors.vocabulary else tuple(original.info(name).shape))
@@ -120,15 +113,13 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
             counts = {}
             try:
                 for name, donor_name, is_lm_head in tensors.rebuilt():
-                    assignment, tensor = _rebuild(name, donor_name, is_lm_head, original, giver, model_vocab, donor_vocab,
-                                                  model_tokenizer, settings, prefix_match, byte_match, untrained,
-                                                  generator, torch_device, rotary)
+                    assignment, tensor = _rebuild(surgery, name, donor_name, is_lm_head)
                     counts[name] = assignment.counts
                     writer.write(name, tensor)
                     del tensor
                 for name in tqdm(original.names, desc="tensors", disable=quiet, leave=False):
                     if name in tensors.vocabulary and name not in counts:
-                        writer.write(name, _remap_exact(original.tensor(name), model_vocab, donor_vocab, size))
+                        writer.write(name, _remap_exact(original.tensor(name), surgery.model_vocab, donor_vocab, size))
                     elif name not in tensors.vocabulary:
                         writer.write(name, original.tensor(name))
                     original.release(name)
@@ -221,28 +212,59 @@ def _one(checkpoint: Checkpoint, names: list[str], what: str, required: bool) ->
     return names[0] if names else None
 
 
-def _rebuild(name: str, donor_name: str, is_lm_head: bool, model: Checkpoint, donor: Checkpoint, model_vocab: dict[Token, int],
-             donor_vocab: dict[Token, int], tokenizer: Any, settings: Approximation, prefix_match: str,
-             byte_match: str, untrained: set[Token] | None, generator: torch.Generator,
-             device: torch.device, rotary: tuple[Rotary, Rotary] | None) -> tuple[RowAssignment, torch.Tensor]:
+def _judge_training(model: Checkpoint, donor: Checkpoint, tensors: _Tensors, model_vocab: dict[Token, int],
+                    donor_vocab: dict[Token, int]) -> WellTrained:
+    """--magikarp's verdict on both models (magikarp.py), their matrices' pages given back after."""
+    judged = keep_well_trained(model_vocab, donor_vocab, model.tensor(tensors.embed),
+                               model.tensor(tensors.lm_head) if tensors.lm_head else None,
+                               donor.tensor(tensors.donor_embed), donor.tensor(tensors.donor_lm_head))
+    for checkpoint, names in ((model, (tensors.embed, tensors.lm_head)), (donor, (tensors.donor_embed, tensors.donor_lm_head))):
+        for name in set(names) - {None}:
+            checkpoint.release(name)
+    return judged
+
+
+@dataclass
+class _Surgery:
+    """What every rebuilt matrix is made from: the two checkpoints, their normalized vocabularies
+    (the model's cut to well-trained tokens under --magikarp, `untrained` the donor tokens left
+    zero), the model's tokenizer (subword), the settings and where the approximation runs."""
+
+    model: Checkpoint
+    donor: Checkpoint
+    model_vocab: dict[Token, int]
+    donor_vocab: dict[Token, int]
+    tokenizer: Any
+    settings: Approximation
+    prefix_match: str
+    byte_match: str
+    untrained: set[Token] | None
+    generator: torch.Generator
+    device: torch.device
+    rotary: tuple[Rotary, Rotary] | None
+    quiet: bool
+
+
+def _rebuild(surgery: _Surgery, name: str, donor_name: str, is_lm_head: bool) -> tuple[RowAssignment, torch.Tensor]:
     """One token-indexed matrix in the donor's vocabulary (matching.py, then approximate.py)."""
     which = "lm_head" if is_lm_head else "embed"
-    original, lender = model.tensor(name), donor.tensor(donor_name)
-    assignment = assign_rows(model_vocab, donor_vocab, original.shape[0], lender.shape[0],
-                             allow_byte=byte_match in ("yes", which), allow_prefix=prefix_match in ("yes", which),
-                             untrained=untrained)
+    original, lender = surgery.model.tensor(name), surgery.donor.tensor(donor_name)
+    assignment = assign_rows(surgery.model_vocab, surgery.donor_vocab, original.shape[0], lender.shape[0],
+                             allow_byte=surgery.byte_match in ("yes", which),
+                             allow_prefix=surgery.prefix_match in ("yes", which), untrained=surgery.untrained)
     out = torch.zeros((assignment.size, original.shape[1]), dtype=original.dtype)
     if assignment.copies:
         targets = torch.tensor(list(assignment.copies), dtype=torch.long)
         sources = torch.tensor(list(assignment.copies.values()), dtype=torch.long)
         out[targets] = original[sources]
     if assignment.approximate:
-        rows = Rows(original, lender, rows_within(model_vocab, original.shape[0]),
-                    rows_within(donor_vocab, lender.shape[0]), is_lm_head, tokenizer, generator, device, name, rotary)
-        new = approximate_rows(assignment.approximate, rows, settings)
-        out[torch.tensor([donor_vocab[t] for t in assignment.approximate], dtype=torch.long)] = new
-    model.release(name)
-    donor.release(donor_name)
+        rows = Rows(original, lender, rows_within(surgery.model_vocab, original.shape[0]),
+                    rows_within(surgery.donor_vocab, lender.shape[0]), is_lm_head, surgery.tokenizer, surgery.generator,
+                    surgery.device, name, surgery.rotary)
+        new = approximate_rows(assignment.approximate, rows, surgery.settings, quiet=surgery.quiet)
+        out[torch.tensor([surgery.donor_vocab[t] for t in assignment.approximate], dtype=torch.long)] = new
+    surgery.model.release(name)
+    surgery.donor.release(donor_name)
     return assignment, out
 
 
