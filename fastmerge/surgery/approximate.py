@@ -55,10 +55,8 @@ from .vocabulary import Token, text_of
 
 METHODS = ("omp", "common_interpolation", "landmark_pca", "stb", "mp_rope", "mean", "zero", "subword", "john_hewitt",
            "randn")
-NOT_IMPLEMENTED: tuple[str, ...] = ()
 WEIGHT_SCHEMES = ("distance_proportional", "barycentric", "least_squares")
 SUBWORD_METHODS = ("mean", "sum", "weighted_mean", "first_last")
-_SHARED_METHODS = ("omp", "common_interpolation", "landmark_pca", "stb", "mp_rope")
 _AFFINE_METHODS = ("landmark_pca", "stb")  # one map for all tokens (affine.py)
 _EPS = 1e-6
 
@@ -77,9 +75,6 @@ class Approximation:
     new_vocab_scale: float | None = None
 
     def check(self) -> None:
-        if self.method in NOT_IMPLEMENTED:
-            raise ConfigError(f"approximation method {self.method!r} is not implemented in fastmerge; "
-                              f"use one of {', '.join(METHODS)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown approximation method {self.method!r}; fastmerge implements {', '.join(METHODS)}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -90,6 +85,10 @@ class Approximation:
             raise ConfigError(f"--subword-method {self.subword_method!r} is not one of {', '.join(SUBWORD_METHODS)}")
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)):
             raise ConfigError(f"--batch-size must be an integer (-1: no batching), got {self.batch_size!r}")
+
+    def batch(self, total: int) -> int:
+        """Items handled at once out of `total`: --batch-size, or all of them when it is unset or <= 0."""
+        return self.batch_size if self.batch_size and self.batch_size > 0 else total
 
 
 @dataclass
@@ -119,7 +118,7 @@ def approximate_rows(tokens: list[Token], rows: Rows, settings: Approximation, q
     if not tokens:
         return out
     compute = _method(rows, settings)
-    step = settings.batch_size if settings.batch_size and settings.batch_size > 0 else len(tokens)
+    step = settings.batch(len(tokens))
     for start in tqdm(range(0, len(tokens), step), desc=f"approximating {rows.name}", disable=quiet, leave=False):
         batch = compute(tokens[start:start + step])
         if settings.new_vocab_noise:
@@ -146,6 +145,11 @@ def _method(rows: Rows, settings: Approximation) -> Callable[[list[Token]], torc
     return _shared_vocabulary_method(rows, settings)
 
 
+def _rows_of(matrix: torch.Tensor, vocab: dict[Token, int], tokens: list[Token]) -> torch.Tensor:
+    """The rows of a token-indexed matrix for `tokens`, in that order."""
+    return matrix[torch.tensor([vocab[t] for t in tokens], dtype=torch.long)]
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -165,18 +169,21 @@ def _shared_vocabulary_method(rows: Rows, settings: Approximation) -> Callable[[
                           f"give --k {basis_size} or less")
     work = _work_dtype(rows.donor.dtype)
     device = rows.device
-    donor_shared = rows.donor[torch.tensor([rows.donor_vocab[t] for t in shared])].to(device, work)
-    model_shared = rows.model[torch.tensor([rows.model_vocab[t] for t in shared])].to(device, _work_dtype(rows.model.dtype))
+
+    def donor_rows(tokens: list[Token]) -> torch.Tensor:
+        return _rows_of(rows.donor, rows.donor_vocab, tokens).to(device, work)
+
+    donor_shared = donor_rows(shared)
+    model_shared = _rows_of(rows.model, rows.model_vocab, shared).to(device, _work_dtype(rows.model.dtype))
     if settings.method in _AFFINE_METHODS:
         if settings.method == "landmark_pca":
             mapping = landmark_pca(donor_shared, model_shared)
         else:
-            step = settings.batch_size if settings.batch_size and settings.batch_size > 0 else donor_shared.shape[1]
-            mapping = sparse_token_basis(donor_shared, model_shared, settings.k, step)
+            mapping = sparse_token_basis(donor_shared, model_shared, settings.k, settings.batch(donor_shared.shape[1]))
         del donor_shared, model_shared
 
         def apply(tokens: list[Token]) -> torch.Tensor:
-            targets = rows.donor[torch.tensor([rows.donor_vocab[t] for t in tokens])].to(device, work)
+            targets = donor_rows(tokens)
             return mapping.apply(targets.to(mapping.matrix.dtype)).to(rows.model.dtype).cpu()
 
         return apply
@@ -185,7 +192,7 @@ def _shared_vocabulary_method(rows: Rows, settings: Approximation) -> Callable[[
         raise ConfigError(f"{rows.name}: mp_rope needs both models' num_attention_heads and rope_theta (Rows.rotary)")
 
     def compute(tokens: list[Token]) -> torch.Tensor:
-        targets = rows.donor[torch.tensor([rows.donor_vocab[t] for t in tokens])].to(device, work)
+        targets = donor_rows(tokens)
         if settings.method == "mp_rope":
             model_rotary, donor_rotary = rows.rotary
             new = matching_pursuit_rope(targets, donor_shared, model_shared, settings.k, donor_rotary, model_rotary)
