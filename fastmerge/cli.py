@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,11 +151,13 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def merge_command(name: str, help_text: str, own_options: Callable[[argparse.ArgumentParser], None],
-                      handler: Callable[[argparse.Namespace], None]) -> argparse.ArgumentParser:
-        """A subcommand that merges: its own arguments, then the run flags."""
+                      handler: Callable[[argparse.Namespace], None],
+                      run_flags: Callable[[argparse.ArgumentParser], None] = _add_merge_options) -> argparse.ArgumentParser:
+        """A subcommand that writes a model: its own arguments, then the run flags (a merge's by
+        default; `run_flags` for commands without kernel backends)."""
         sub = commands.add_parser(name, help=help_text)
         own_options(sub)
-        _add_merge_options(sub)
+        run_flags(sub)
         sub.set_defaults(handler=handler)
         return sub
 
@@ -193,10 +196,9 @@ def _build_parser() -> argparse.ArgumentParser:
                            _add_legacy_options, _cmd_legacy)
     shuffle = merge_command("layershuffle", "a model stacked from randomly drawn layers of others (mergekit-layershuffle's "
                             "flags)", _add_layershuffle_options, _cmd_layershuffle)
-    moe = commands.add_parser("moe", help="a mixture of experts (Mixtral, DeepSeek, Qwen2 or Qwen3 MoE) built from dense models (mergekit-moe's config)")
-    _add_moe_options(moe)
-    _add_output_options(moe, "seed for the random gate modes and noise_scale [default: 0]")
-    moe.set_defaults(handler=_cmd_moe)
+    moe = merge_command("moe", "a mixture of experts (Mixtral, DeepSeek, Qwen2 or Qwen3 MoE) built from dense models "
+                        "(mergekit-moe's config)", _add_moe_options, _cmd_moe,
+                        partial(_add_output_options, seed_help="seed for the random gate modes and noise_scale [default: 0]"))
     multi = merge_command("multi", "run the merges of a multi-document YAML (mergekit-multi's format) in dependency order",
                           _add_multi_options, _cmd_multi)
 
@@ -210,11 +212,9 @@ def _build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--quiet", action="store_true")
     extract.set_defaults(handler=_cmd_extract_lora)
 
-    surgeon = commands.add_parser("tokensurgeon", help="give a model another model's tokenizer, rows the model lacks "
-                                  "approximated (mergekit-tokensurgeon's flags)")
-    _add_tokensurgeon_options(surgeon)
-    _add_output_options(surgeon, "seed for randn, john_hewitt and --new-vocab-noise [default: 0]")
-    surgeon.set_defaults(handler=_cmd_tokensurgeon)
+    surgeon = merge_command("tokensurgeon", "give a model another model's tokenizer, rows the model lacks approximated "
+                            "(mergekit-tokensurgeon's flags)", _add_tokensurgeon_options, _cmd_tokensurgeon,
+                            partial(_add_output_options, seed_help="seed for randn, john_hewitt and --new-vocab-noise [default: 0]"))
 
     for arg in ("-v", "--verbose"):
         for sub in (run, pytorch, plan, demo, prune, continual, legacy, shuffle, moe, multi, extract, surgeon):
@@ -300,30 +300,34 @@ def _cmd_layershuffle(args: argparse.Namespace) -> None:
         print(run(config, args.out, **_merge_options(args)))
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    """--threads for the commands that do not pass it on to engine.run."""
+    if args.threads is not None:
+        from .engine import set_threads
+
+        set_threads(args.threads)
+
+
 def _cmd_moe(args: argparse.Namespace) -> None:
-    from .engine import set_threads
     from .errors import ConfigError
     from .moe import build_moe
 
     if args.load_in_4bit or args.load_in_8bit:
         raise ConfigError("--load-in-4bit / --load-in-8bit are not supported: the hidden-state gate modes run the base "
                           "model in bfloat16, as mergekit-moe does without them")
-    if args.threads is not None:
-        set_threads(args.threads)
+    _set_threads(args)
     print(build_moe(args.config, args.out, device=args.device, out_shard_size=args.out_shard_size, seed=args.seed,
                     allow_pickle=args.allow_pickle, copy_tokenizer=args.copy_tokenizer, overwrite=args.overwrite,
                     quiet=args.quiet, allow_all_same=args.allow_all_same))
 
 
 def _cmd_tokensurgeon(args: argparse.Namespace) -> None:
-    from .engine import set_threads
     from .surgery import tokensurgeon
 
     if not args.copy_tokenizer:
         print("fastmerge: note: --no-copy-tokenizer ignored: the output's rows follow the donor's tokenizer, which is "
               "always written (mergekit-tokensurgeon writes it too)", file=sys.stderr)
-    if args.threads is not None:
-        set_threads(args.threads)
+    _set_threads(args)
     print(tokensurgeon(
         args.model, args.donor, args.out, method=args.method, k=args.k, cosine_similarity=args.cosine_similarity,
         weight_scheme=args.weight_scheme, subword_method=args.subword_method, batch_size=args.batch_size,
@@ -349,11 +353,9 @@ def _cmd_multi(args: argparse.Namespace) -> None:
 
 
 def _cmd_extract_lora(args: argparse.Namespace) -> None:
-    from .engine import set_threads
     from .extraction import extract_lora
 
-    if args.threads is not None:
-        set_threads(args.threads)
+    _set_threads(args)
     print(extract_lora(
         args.model, args.base_model, args.out_path, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
         quiet=args.quiet, device=args.device, max_rank=args.max_rank, distribute_scale=args.distribute_scale, embed_lora=args.embed_lora,
