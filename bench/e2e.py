@@ -43,11 +43,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 
 from bench.checkpoints import BenchModels, add_generator_args, generate, model_files, spec_from_args
+from fastmerge.io.checkpoint import Checkpoint
 from fastmerge.io.shard_file import ShardFile, pwrite_all
 from fastmerge.methods import method_names
+from fastmerge.vocab.names import is_vocabulary_tensor
 
 MERGEKIT_YAML = Path("/opt/mkvenv/bin/mergekit-yaml")
 TIME = Path("/usr/bin/time")
@@ -265,6 +268,38 @@ def mergekit_command(config_path: Path, out: Path, device: str = "cpu") -> list[
 
 def output_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def compare_outputs(ours: Path, theirs: Path) -> dict:
+    """Tensor-by-tensor parity of fastmerge's output and mergekit's: the names only one has, and per
+    common tensor its shapes, dtypes and whether the bytes are the same; for token-indexed tensors
+    (embeddings, lm_head) also the largest absolute difference and how many rows differ."""
+    a, b = Checkpoint(ours), Checkpoint(theirs)
+    try:
+        report = {"only_fastmerge": sorted(set(a.names) - set(b.names)),
+                  "only_mergekit": sorted(set(b.names) - set(a.names)), "tensors": {}}
+        for name in sorted(set(a.names) & set(b.names)):
+            x, y = a.tensor(name), b.tensor(name)
+            same_layout = x.dtype == y.dtype and x.shape == y.shape
+            entry = {"shape": [list(x.shape), list(y.shape)], "dtype": [str(x.dtype), str(y.dtype)],
+                     "same_bytes": same_layout and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))}
+            if is_vocabulary_tensor(name) and same_layout:
+                diff = (x.float() - y.float()).abs()
+                entry["max_abs_diff"] = diff.max().item() if diff.numel() else 0.0
+                entry["rows_differing"] = int((diff.reshape(diff.shape[0], -1) > 0).any(dim=1).sum()) if diff.numel() else 0
+            report["tensors"][name] = entry
+            a.release(name)
+            b.release(name)
+        return report
+    finally:
+        a.close()
+        b.close()
+
+
+def identical(parity: dict) -> bool:
+    """Whether a compare_outputs report found the same tensors with the same bytes."""
+    return not parity["only_fastmerge"] and not parity["only_mergekit"] and all(
+        entry["same_bytes"] for entry in parity["tensors"].values())
 
 
 @dataclass

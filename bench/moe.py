@@ -19,12 +19,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from bench.checkpoints import generate, model_files, spec_from_args
-from bench.e2e import MERGEKIT_YAML, comparison_parser, output_bytes, read_files, run_child
-from fastmerge.io.checkpoint import Checkpoint
+from bench.e2e import MERGEKIT_YAML, compare_outputs, comparison_parser, identical, output_bytes, read_files, run_child
 
 MERGEKIT_MOE = MERGEKIT_YAML.with_name("mergekit-moe")
 
@@ -37,26 +35,6 @@ def moe_config(base: Path, experts: list[Path], gate_mode: str = "random") -> di
     return {"base_model": str(base), "gate_mode": gate_mode, "dtype": "bfloat16", "experts_per_token": 2,
             "experts": [{"source_model": str(e), **({"positive_prompts": [f"expert {i} prompt", f"a longer prompt for {i}"]}
                                                      if prompts else {})} for i, e in enumerate(experts)]}
-
-
-def same_bytes(ours: Path, theirs: Path) -> bool:
-    """Every tensor of both outputs has the same name, dtype, shape and bytes."""
-    a, b = Checkpoint(ours), Checkpoint(theirs)
-    try:
-        if sorted(a.names) != sorted(b.names):
-            return False
-        for name in b.names:
-            x, y = a.tensor(name), b.tensor(name)
-            equal = x.dtype == y.dtype and x.shape == y.shape and torch.equal(
-                x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
-            a.release(name)
-            b.release(name)
-            if not equal:
-                return False
-        return True
-    finally:
-        a.close()
-        b.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"mergekit-moe failed:\n{mk.log_tail}")
         print(f"mergekit-moe {mk.wall_s:.1f} s, peak RSS {mk.peak_rss_bytes / 1e9:.2f} GB: fastmerge "
               f"{mk.wall_s / wall:.1f}x faster, {mk.peak_rss_bytes / rss:.1f}x less memory; "
-              f"same bytes: {'yes' if same_bytes(ours, theirs) else 'NO'}")
+              f"same bytes: {'yes' if identical(compare_outputs(ours, theirs)) else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -32,12 +32,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from bench.checkpoints import generate, model_files, spec_from_args
-from bench.e2e import MERGEKIT_YAML, comparison_parser, MergeRun, output_bytes, read_files, run_child
-from fastmerge.io.checkpoint import Checkpoint
-from fastmerge.vocab.names import is_vocabulary_tensor
+from bench.e2e import MERGEKIT_YAML, MergeRun, compare_outputs, comparison_parser, output_bytes, read_files, run_child
 
 MERGEKIT_TOKENSURGEON = MERGEKIT_YAML.with_name("mergekit-tokensurgeon")
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -109,30 +105,6 @@ def approximation_counts(log: str) -> dict[str, dict[str, int]]:
     return counts
 
 
-def compare(ours: Path, theirs: Path) -> dict:
-    """Tensor-by-tensor parity of two outputs (module doc)."""
-    a, b = Checkpoint(ours), Checkpoint(theirs)
-    try:
-        report = {"only_fastmerge": sorted(set(a.names) - set(b.names)),
-                  "only_mergekit": sorted(set(b.names) - set(a.names)), "tensors": {}}
-        for name in sorted(set(a.names) & set(b.names)):
-            x, y = a.tensor(name), b.tensor(name)
-            same_layout = x.dtype == y.dtype and x.shape == y.shape
-            entry = {"shape": [list(x.shape), list(y.shape)], "dtype": [str(x.dtype), str(y.dtype)],
-                     "same_bytes": same_layout and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))}
-            if is_vocabulary_tensor(name) and same_layout:
-                diff = (x.float() - y.float()).abs()
-                entry["max_abs_diff"] = diff.max().item() if diff.numel() else 0.0
-                entry["rows_differing"] = int((diff.reshape(diff.shape[0], -1) > 0).any(dim=1).sum()) if diff.numel() else 0
-            report["tensors"][name] = entry
-            a.release(name)
-            b.release(name)
-        return report
-    finally:
-        a.close()
-        b.close()
-
-
 def parity_summary(parity: dict) -> str:
     tensors = parity["tensors"]
     same = sum(entry["same_bytes"] for entry in tensors.values())
@@ -196,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"mergekit-tokensurgeon: {mk.wall_s:.1f} s, peak RSS {mk.peak_rss_bytes / 1e9:.2f} GB")
             print(f"fastmerge {mk.wall_s / wall:.1f}x faster, {mk.peak_rss_bytes / rss:.1f}x less memory")
-            report["parity"] = compare(ours, theirs)
+            report["parity"] = compare_outputs(ours, theirs)
             print(f"parity: {parity_summary(report['parity'])}")
     path = args.work / f"tokensurgeon-{label}-{args.method}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
