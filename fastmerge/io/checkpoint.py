@@ -176,6 +176,12 @@ class Checkpoint:
         """Every path this checkpoint reads from (an output must not be placed inside one)."""
         return [self.path]
 
+    def required_config(self, why: str) -> dict:
+        """config.json as a dict, or a CheckpointError saying it is missing and `why` it is needed."""
+        if self.config is None:
+            raise CheckpointError(f"{self.path}: no config.json; {why}")
+        return self.config
+
     def has(self, name: str) -> bool:
         return name in self._owner
 

@@ -138,7 +138,7 @@ class _Layout:
     def of(cls, spec: MoESpec, checkpoints: dict[str, Checkpoint]) -> _Layout:
         base = checkpoints[spec.base_model]
         members = [checkpoints[e.source_model] for e in spec.members()]
-        config = _model_config(base)
+        config = base.required_config("the base model's config is the MoE's starting point")
         architecture = select_architecture(spec, config.get("model_type"))
         for checkpoint in members:
             member_type = (checkpoint.config or {}).get("model_type", config["model_type"])
@@ -308,12 +308,6 @@ def _router_name(layer: int) -> str:
 
 def _shared_router_name(layer: int) -> str:
     return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
-
-
-def _model_config(base: Checkpoint) -> dict:
-    if base.config is None:
-        raise CheckpointError(f"{base.path}: no config.json; the base model's config is the MoE's starting point")
-    return base.config
 
 
 def _int_key(config: dict, key: str, base: Checkpoint) -> int:

@@ -115,9 +115,8 @@ def _embedding_sum(embed: torch.Tensor, tokenized: Any) -> torch.Tensor:
 def _skeleton(base: Checkpoint) -> DecoderSkeleton:
     """The base model's bf16 skeleton (mergekit runs the model in bf16), weights left in the file."""
     require_transformers("MoE gate modes hidden, hidden_avg and hidden_last")
-    if base.config is None:
-        raise CheckpointError(f"{base.path}: the hidden-state gate modes run the base model and need its config.json")
-    return build_skeleton(base.config, base.path, dtype=torch.bfloat16)
+    config = base.required_config("the hidden-state gate modes run the base model as it describes")
+    return build_skeleton(config, base.path, dtype=torch.bfloat16)
 
 
 def _hidden_states(base: Checkpoint, skeleton: DecoderSkeleton, tokenized: Any, average: bool,

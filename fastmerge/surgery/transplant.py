@@ -148,10 +148,7 @@ def _directory(path: str | Path, what: str) -> Path:
 
 
 def _model_config(checkpoint: Checkpoint) -> dict:
-    config = checkpoint.config
-    if config is None:
-        raise CheckpointError(f"{checkpoint.path}: no config.json; the output's config is the model's with the new "
-                              "vocab_size")
+    config = checkpoint.required_config("the output's config is the model's with the new vocab_size")
     if "vocab_size" not in config and isinstance(config.get("text_config"), dict):
         raise CheckpointError(f"{checkpoint.path}/config.json: the vocabulary size is in text_config (a multimodal "
                               "model); tokensurgeon supports models with a top-level vocab_size")
