@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,3 +85,9 @@ def assert_matches_mergekit(ours: dict[str, torch.Tensor], theirs: dict[str, tor
         assert ours[name].dtype == expected.dtype, name
         scale = expected.double().abs().max().item() if expected.numel() else 0.0
         assert (ours[name].double() - expected.double()).abs().max().item() <= 1e-6 * scale, name
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (relative path) with its SHA-256: to show inputs were never written."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}

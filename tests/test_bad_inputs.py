@@ -3,19 +3,14 @@ exit status 2, no output directory (complete-looking or not) and inputs untouche
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
 
 import pytest
 
-from _support import write_config
+from _support import snapshot, write_config
 from fastmerge.cli import main
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def run_cli(tmp_path: Path, config: dict, *extra: str, out: Path | None = None) -> tuple[int, Path]:

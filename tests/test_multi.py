@@ -3,7 +3,6 @@ dependency order, lazily, every config checked before the first merge."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from _support import load_dir
+from _support import load_dir, snapshot
 from fastmerge import run
 from fastmerge.cli import main, mergekit_multi_main
 from fastmerge.errors import ConfigError
@@ -23,10 +22,6 @@ Q = "model.layers.0.self_attn.q_proj"
 def write_multi(path: Path, *documents: dict) -> Path:
     path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
     return path
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def two_stage(models: dict[str, Path]) -> list[dict]:

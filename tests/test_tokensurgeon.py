@@ -5,7 +5,6 @@ unless mergekit is installed; see _support.mergekit_script)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _support import load_dir, mergekit_script
 
+from _support import load_dir, mergekit_script, snapshot
 from fastmerge import tokensurgeon
 from fastmerge.cli import main, mergekit_tokensurgeon_main
 from fastmerge.demo import LlamaShape, make_state, write_checkpoint
@@ -70,19 +69,15 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
             _model(tmp_path / "donor", DONOR_TOKENS, "<|end|>", 16, 1))
 
 
-def _digest(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
-
-
 def _row(tensor: torch.Tensor, token: str) -> torch.Tensor:
     return tensor[DONOR_TOKENS.index(token)]
 
 
 def test_copies_shared_rows_keeps_other_tensors_and_writes_donor_tokenizer_and_config(pair, tmp_path):
     model, donor = pair
-    before = _digest(model) | {f"donor/{k}": v for k, v in _digest(donor).items()}
+    before = snapshot(model) | {f"donor/{k}": v for k, v in snapshot(donor).items()}
     report = tokensurgeon(model, donor, tmp_path / "out", k=2, quiet=True)
-    assert _digest(model) | {f"donor/{k}": v for k, v in _digest(donor).items()} == before  # inputs never written
+    assert snapshot(model) | {f"donor/{k}": v for k, v in snapshot(donor).items()} == before  # inputs never written
     ours, original = load_dir(report.output_dir), load_dir(model)
     assert sorted(ours) == sorted(original)
     for name, tensor in original.items():
