@@ -105,7 +105,7 @@ class Recall(MergeMethod):
     }
 
     def prepare(self, context: Any) -> None:
-        require_transformers()
+        require_transformers("RECALL (it runs the models)")
         params = self._params(context.global_params)
         candidates = list(context.models) + ([context.base] if context.base is not None else [])
         names = list(context.model_names) + (["base"] if context.base is not None else [])

@@ -17,14 +17,13 @@ import torch
 from ..errors import CheckpointError, MissingExtraError
 
 
-def require_transformers(purpose: str = "RECALL") -> Any:
-    """The transformers module, or a MissingExtraError naming the extra to install."""
+def require_transformers(purpose: str) -> Any:
+    """The transformers module, or a MissingExtraError saying what needs it (`purpose`) and
+    which extra to install. Every feature that runs models or reads tokenizers asks here."""
     try:
         import transformers
     except ImportError:
-        raise MissingExtraError(
-            f"{purpose} runs the models and needs transformers: pip install 'fastmerge[models]'"
-        ) from None
+        raise MissingExtraError(f"{purpose} needs transformers: pip install 'fastmerge[models]'") from None
     return transformers
 
 
@@ -84,7 +83,7 @@ def build_skeleton(config_dict: dict, where: Path | str, dtype: torch.dtype = to
     Supports decoder-only models laid out like Llama (embed_tokens, layers, norm, rotary_emb
     under the base model): Llama, Mistral, Qwen2 and relatives.
     """
-    transformers = require_transformers()
+    transformers = require_transformers(f"running the model of {where}")
     model_type = config_dict.get("model_type")
     try:
         config = transformers.AutoConfig.for_model(**config_dict)

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, MissingExtraError
+from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Checkpoint
 from ..io.output_dir import TOKENIZER_FILES
+from ..representations.models import require_transformers
 from .names import is_input_embedding
 from .tokens import padded_size
 
@@ -76,16 +77,6 @@ class OutputVocabulary:
         return sorted({p.name for p in directory.iterdir()} - before)
 
 
-def require_transformers(what: str) -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise MissingExtraError(
-            f"{what} reads the models' tokenizers and needs transformers: pip install 'fastmerge[models]'"
-        ) from None
-    return transformers
-
-
 def has_tokenizer_files(directory: Path | None) -> bool:
     return directory is not None and any((directory / name).is_file() for name in TOKENIZER_FILES)
 
@@ -97,7 +88,7 @@ def build_output_vocabulary(
     """`base` is the base model (or the first model); `models` every model the config names;
     `add_tokens` (the `tokenizer.tokens` keys) join the output vocabulary where it lacks them."""
     what = f"tokenizer_source: {source.kind}"
-    transformers = require_transformers(what)
+    transformers = require_transformers(f"{what} (it reads the models' tokenizers)")
     base_directory = checkpoints[base].directory
     if not has_tokenizer_files(base_directory):
         raise ConfigError(f"{what}: the base model {base} has no tokenizer files to start from")
