@@ -47,9 +47,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .moments import cross_gram, mean64
 from .pursuit import orthogonal_matching_pursuit
 
-_CHUNK = 8192  # rows per fp64 accumulation step
 PINV_RTOL = 1e-6
 
 
@@ -70,11 +70,11 @@ def landmark_pca(donor: torch.Tensor, model: torch.Tensor) -> AffineMap:
     """The landmark PCA map (module doc) fitted on the shared tokens' rows `donor` (N, D_donor)
     and `model` (N, D_model), in the same token order."""
     q = min(donor.shape[1], model.shape[1])
-    donor_mean, model_mean = _mean64(donor), _mean64(model)
-    donor_axes = _principal_axes(_cross_gram(donor, donor_mean, donor, donor_mean), q)  # (D_donor, q)
-    model_axes = _principal_axes(_cross_gram(model, model_mean, model, model_mean), q)  # (D_model, q)
+    donor_mean, model_mean = mean64(donor), mean64(model)
+    donor_axes = _principal_axes(cross_gram(donor, donor_mean, donor, donor_mean), q)  # (D_donor, q)
+    model_axes = _principal_axes(cross_gram(model, model_mean, model, model_mean), q)  # (D_model, q)
     # A^T B for A, B the centered rows in component coordinates: axes^T (C_donor^T C_model) axes
-    coupling = donor_axes.T @ _cross_gram(donor, donor_mean, model, model_mean) @ model_axes
+    coupling = donor_axes.T @ cross_gram(donor, donor_mean, model, model_mean) @ model_axes
     left, _, right_t = torch.linalg.svd(coupling)
     rotation = left @ right_t  # argmin over orthogonal R of |A R - B|
     matrix = donor_axes @ rotation @ model_axes.T
@@ -85,12 +85,12 @@ def sparse_token_basis(donor: torch.Tensor, model: torch.Tensor, k: int, batch_s
     """The sparse-token-basis map (module doc) fitted on the shared tokens' rows; `batch_size`
     principal directions are fitted by OMP at a time (OMP's memory is batch x hidden x k)."""
     d = min(donor.shape[1], model.shape[1])
-    donor_mean, model_mean = _mean64(donor), _mean64(model)
+    donor_mean, model_mean = mean64(donor), mean64(model)
     work = donor.dtype
     centered_donor = donor - donor_mean.to(work)
     centered_model = model - model_mean.to(model.dtype)
     source = centered_donor if donor.shape[1] < model.shape[1] else centered_model  # mergekit's choice of space
-    axes = _principal_axes(_cross_gram(source, None, source, None), d)  # (D_source, d)
+    axes = _principal_axes(cross_gram(source, None, source, None), d)  # (D_source, d)
     directions = axes.T.to(source.dtype).contiguous()
     donor_basis = torch.empty((d, donor.shape[1]), dtype=torch.float64, device=donor.device)
     model_basis = torch.empty((d, model.shape[1]), dtype=torch.float64, device=donor.device)
@@ -105,28 +105,6 @@ def sparse_token_basis(donor: torch.Tensor, model: torch.Tensor, k: int, batch_s
     # noise (a principal direction of zero variance, fitted by nothing) and get no coefficient
     matrix = torch.linalg.pinv(donor_basis, rtol=PINV_RTOL) @ model_basis
     return _to_work(donor_mean, matrix, model_mean, torch.promote_types(work, model.dtype))
-
-
-def _mean64(rows: torch.Tensor) -> torch.Tensor:
-    total = rows.new_zeros(rows.shape[1], dtype=torch.float64)
-    for start in range(0, rows.shape[0], _CHUNK):
-        total += rows[start:start + _CHUNK].double().sum(dim=0)
-    return total / rows.shape[0]
-
-
-def _cross_gram(x: torch.Tensor, x_mean: torch.Tensor | None, y: torch.Tensor, y_mean: torch.Tensor | None) -> torch.Tensor:
-    """(x - x_mean)^T (y - y_mean) in fp64, a row chunk at a time (no mean: rows used as they are)."""
-    out = x.new_zeros((x.shape[1], y.shape[1]), dtype=torch.float64)
-    for start in range(0, x.shape[0], _CHUNK):
-        a = _centered64(x[start:start + _CHUNK], x_mean)
-        b = a if y is x and y_mean is x_mean else _centered64(y[start:start + _CHUNK], y_mean)
-        out += a.T @ b
-    return out
-
-
-def _centered64(rows: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
-    rows = rows.double()
-    return rows if mean is None else rows - mean
 
 
 def _principal_axes(gram: torch.Tensor, count: int) -> torch.Tensor:

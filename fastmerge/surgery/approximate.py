@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError
 from .affine import landmark_pca, sparse_token_basis
+from .moments import cross_gram, mean64
 from .pursuit import orthogonal_matching_pursuit
 from .rope import Rotary, matching_pursuit_rope
 from .vocabulary import Token, text_of
@@ -268,18 +269,16 @@ def _subword(tokens: list[Token], rows: Rows, how: str) -> torch.Tensor:
 
 
 def _john_hewitt(rows: Rows) -> Callable[[list[Token]], torch.Tensor]:
-    model = rows.model.double()
-    mean = model.mean(dim=0)
-    centered = model - mean
-    covariance = centered.T @ centered / model.shape[0]
-    factor, info = torch.linalg.cholesky_ex(covariance)
+    model = rows.model
+    mean = mean64(model)
+    factor, info = torch.linalg.cholesky_ex(cross_gram(model, mean, model, mean) / model.shape[0])
     if int(info) != 0:
         return lambda tokens: torch.randn((len(tokens), model.shape[1]), generator=rows.generator,
-                                          dtype=rows.model.dtype) * 0.02
+                                          dtype=model.dtype) * 0.02
     mean32, factor32 = mean.float(), factor.float()
 
     def draw(tokens: list[Token]) -> torch.Tensor:
         normal = torch.randn((len(tokens), model.shape[1]), generator=rows.generator, dtype=torch.float32)
-        return (mean32 + normal @ factor32.T).to(rows.model.dtype)
+        return (mean32 + normal @ factor32.T).to(model.dtype)
 
     return draw
