@@ -22,6 +22,7 @@ from fastmerge.surgery.affine import landmark_pca, sparse_token_basis
 from fastmerge.surgery.approximate import Rows, _john_hewitt, common_interpolation
 from fastmerge.surgery.magikarp import well_trained_tokens
 from fastmerge.surgery.matching import assign_rows
+from fastmerge.surgery.moments import cross_gram, mean64
 from fastmerge.surgery.pursuit import orthogonal_matching_pursuit
 from fastmerge.surgery.rope import Rotary, matching_pursuit_rope
 from fastmerge.surgery.vocabulary import SPECIAL, WORD_START, prefixes
@@ -380,6 +381,20 @@ def test_random_methods_are_seeded_and_noise_and_scale_apply(pair, tmp_path):
     assert torch.equal(_row(runs["scaled"][EMBED], "q"), mean * 0.5)
     noise = _row(runs["noisy"][EMBED], "q") - mean
     assert 0 < noise.abs().max().item() < 1 and torch.equal(_row(runs["noisy"][EMBED], "a"), _row(runs["scaled"][EMBED], "a"))
+
+
+def test_moments_summed_by_chunks_match_the_whole_table_in_fp64():
+    # 20000 rows span three 8192-row chunks; bf16 rows are converted chunk by chunk
+    generator = torch.Generator().manual_seed(3)
+    x = (torch.randn(20000, 5, generator=generator) + 4).bfloat16()
+    y = torch.randn(20000, 3, generator=generator)
+    x64, y64 = x.double(), y.double()
+    torch.testing.assert_close(mean64(x), x64.mean(dim=0), rtol=1e-12, atol=0)
+    x_mean, y_mean = mean64(x), mean64(y)
+    expected = (x64 - x64.mean(dim=0)).T @ (y64 - y64.mean(dim=0))
+    torch.testing.assert_close(cross_gram(x, x_mean, y, y_mean), expected, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(cross_gram(x, None, x, None), x64.T @ x64, rtol=1e-12, atol=0)
+    assert cross_gram(x, x_mean, x, x_mean).dtype == torch.float64
 
 
 def test_john_hewitt_draws_from_the_rows_mean_and_covariance():
