@@ -18,6 +18,7 @@ from fastmerge import tokensurgeon
 from fastmerge.cli import main, mergekit_tokensurgeon_main
 from fastmerge.demo import LlamaShape, make_state, write_checkpoint
 from fastmerge.errors import CheckpointError, ConfigError
+from fastmerge.io.checkpoint import Checkpoint
 from fastmerge.surgery.affine import landmark_pca, sparse_token_basis
 from fastmerge.surgery.approximate import Rows, _john_hewitt, common_interpolation
 from fastmerge.surgery.magikarp import well_trained_tokens
@@ -25,6 +26,7 @@ from fastmerge.surgery.matching import assign_rows
 from fastmerge.surgery.moments import cross_gram, mean64
 from fastmerge.surgery.pursuit import orthogonal_matching_pursuit
 from fastmerge.surgery.rope import Rotary, matching_pursuit_rope
+from fastmerge.surgery.transplant import _rotary, _Tensors
 from fastmerge.surgery.vocabulary import SPECIAL, WORD_START, prefixes
 
 transformers = pytest.importorskip("transformers")
@@ -502,8 +504,10 @@ def test_rotary_layout_checks_divisibility_and_a_missing_config(tmp_path):
     tokensurgeon reads it, not every architecture's) and no config.json at all."""
     with pytest.raises(ConfigError, match=r"x/config.json: lm_head.weight has 16 columns, which num_attention_heads 3"):
         Rotary.of({"num_attention_heads": 3, "rope_theta": 1e4}, tmp_path / "x", {"lm_head.weight": 16})
-    with pytest.raises(CheckpointError, match=r"x: no config.json; mp_rope reads num_attention_heads and rope_theta"):
-        Rotary.of(None, tmp_path / "x", {"lm_head.weight": 16})
+    bare = write_checkpoint(tmp_path / "x", {"model.embed_tokens.weight": torch.zeros(4, 16)})  # no config.json
+    with Checkpoint(bare) as checkpoint, \
+            pytest.raises(CheckpointError, match=r"x: no config.json; mp_rope reads num_attention_heads and rope_theta"):
+        _rotary(checkpoint, checkpoint, _Tensors.of(checkpoint, checkpoint))
     assert Rotary.of({"num_attention_heads": 4, "rope_theta": 500}, tmp_path, {"e": 16}) == Rotary(4, 500.0)
 
 

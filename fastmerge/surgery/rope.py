@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from .pursuit import pick_most_correlated
 
 
@@ -55,12 +55,10 @@ class Rotary:
     base: float
 
     @classmethod
-    def of(cls, config: dict[str, Any] | None, directory: Path, widths: dict[str, int]) -> Rotary:
-        """The layout in `directory`/config.json, checked against the widths of the token-indexed
-        tensors (name -> hidden size) it will rotate."""
+    def of(cls, config: dict[str, Any], directory: Path, widths: dict[str, int]) -> Rotary:
+        """The layout in `directory`/config.json (`config`), checked against the widths of the
+        token-indexed tensors (name -> hidden size) it will rotate."""
         where = f"{directory}/config.json"
-        if config is None:
-            raise CheckpointError(f"{directory}: no config.json; mp_rope reads num_attention_heads and rope_theta from it")
         heads = config.get("num_attention_heads")
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
             raise ConfigError(f"{where}: mp_rope needs a positive integer num_attention_heads, got {heads!r}")

@@ -268,11 +268,11 @@ def _rebuild(surgery: _Surgery, name: str, donor_name: str, is_lm_head: bool) ->
 def _rotary(model: Checkpoint, donor: Checkpoint, tensors: _Tensors) -> tuple[Rotary, Rotary]:
     """mp_rope's RoPE layouts (the model's, the donor's) from the two config.json files, checked
     against the widths of the matrices they rotate."""
-    def widths(checkpoint: Checkpoint, names: tuple[str | None, ...]) -> dict[str, int]:
-        return {name: checkpoint.info(name).shape[1] for name in names if name is not None}
+    def layout(checkpoint: Checkpoint, names: tuple[str | None, ...]) -> Rotary:
+        config = checkpoint.required_config("mp_rope reads num_attention_heads and rope_theta from it")
+        return Rotary.of(config, checkpoint.path, {name: checkpoint.info(name).shape[1] for name in names if name is not None})
 
-    return (Rotary.of(model.config, model.path, widths(model, (tensors.embed, tensors.lm_head))),
-            Rotary.of(donor.config, donor.path, widths(donor, (tensors.donor_embed, tensors.donor_lm_head))))
+    return layout(model, (tensors.embed, tensors.lm_head)), layout(donor, (tensors.donor_embed, tensors.donor_lm_head))
 
 
 def _remap_exact(tensor: torch.Tensor, model_vocab: dict[Token, int], donor_vocab: dict[Token, int],
