@@ -37,9 +37,6 @@ class RowAssignment:
     approximate: list[Token] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"exact": 0, "byte": 0, "prefix": 0, "approximated": 0})
 
-    def summary(self) -> str:
-        return ", ".join(f"{count} {rule}" for rule, count in self.counts.items())
-
 
 def output_size(donor_vocab: dict[Token, int]) -> int:
     """Rows of the output's token-indexed tensors: one per donor id up to the largest."""
