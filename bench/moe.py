@@ -15,19 +15,17 @@ Run: `python -m bench.moe --preset 1b --work /tmp/fm-bench --repeat 3` (`--no-me
 from __future__ import annotations
 
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
 import yaml
 
 from bench.checkpoints import generate, model_files, spec_from_args
-from bench.e2e import MERGEKIT_YAML, compare_outputs, comparison_parser, identical, output_bytes, read_files, run_child
+from bench.e2e import (MERGEKIT_YAML, compare_outputs, comparison_parser, identical, median_run, output_bytes, read_files,
+                       run_child)
+from fastmerge.moe.config import PROMPT_MODES
 
 MERGEKIT_MOE = MERGEKIT_YAML.with_name("mergekit-moe")
-
-
-PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 
 
 def moe_config(base: Path, experts: list[Path], gate_mode: str = "random") -> dict:
@@ -54,11 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     ours, theirs = args.work / f"moe-{label}-fastmerge", args.work / f"moe-{label}-mergekit"
     runs = [run_child("fastmerge", "moe", [sys.executable, "-m", "fastmerge", "moe", str(config), str(ours),
                                             "--quiet", "--overwrite"]) for _ in range(args.repeat)]
-    failed = [r for r in runs if r.returncode]
-    if failed:
-        sys.exit(f"fastmerge moe failed:\n{failed[0].log_tail}")
-    wall = statistics.median(r.wall_s for r in runs)
-    rss = max(r.peak_rss_bytes for r in runs)
+    summary = median_run(runs)
+    if summary.returncode:
+        sys.exit(f"fastmerge moe failed:\n{summary.log_tail}")
+    wall, rss = summary.wall_s, summary.peak_rss_bytes
     size = output_bytes(ours)
     print(f"{len(models.all_models)} experts, {size / 1e9:.2f} GB written: fastmerge {wall:.1f} s "
           f"({', '.join(f'{r.wall_s:.1f}' for r in runs)}), peak RSS {rss / 1e9:.2f} GB")

@@ -27,13 +27,13 @@ import json
 import random
 import re
 import shutil
-import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from bench.checkpoints import generate, model_files, spec_from_args
-from bench.e2e import MERGEKIT_YAML, MergeRun, compare_outputs, comparison_parser, output_bytes, read_files, run_child
+from bench.e2e import (MERGEKIT_YAML, MergeRun, compare_outputs, comparison_parser, median_run, output_bytes, read_files,
+                       run_child)
 
 MERGEKIT_TOKENSURGEON = MERGEKIT_YAML.with_name("mergekit-tokensurgeon")
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -144,11 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     command = [sys.executable, "-m", "fastmerge", "tokensurgeon", str(base), str(donor), str(ours), "--quiet", "--overwrite",
                "--device", "cpu", *settings]
     runs = [run_child("fastmerge", args.method, command) for _ in range(args.repeat)]
-    failed = [r for r in runs if r.returncode]
-    if failed:
-        sys.exit(f"fastmerge tokensurgeon failed:\n{failed[0].log_tail}")
-    wall = statistics.median(r.wall_s for r in runs)
-    rss = max(r.peak_rss_bytes for r in runs)
+    summary = median_run(runs)
+    if summary.returncode:
+        sys.exit(f"fastmerge tokensurgeon failed:\n{summary.log_tail}")
+    wall, rss = summary.wall_s, summary.peak_rss_bytes
     counts = approximation_counts(runs[-1].log_tail)
     rows = ", ".join(f"{name} {c['exact']} exact / {c['approximated']} approximated" for name, c in counts.items())
     print(f"fastmerge tokensurgeon -a {args.method} -k {args.k}: {wall:.1f} s "
