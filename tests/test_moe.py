@@ -1,7 +1,7 @@
 """`fastmerge moe` / `fastmerge-moe`: Mixtral MoEs built from dense toy Llamas, Qwen3 MoEs from
 toy Qwen3s.
 
-The expected tensors are re-derived here from the layout in fastmerge/moe/mixtral.py's docstring
+The expected tensors are re-derived here from the layout in fastmerge/moe/build.py's docstring
 and the gate formulas in fastmerge/moe/gates.py's (token embeddings summed prompt by prompt, the
 hidden states of unpadded prompts), and the built model is run with transformers: with every
 expert a copy of the base MLP and every expert used, the MoE must compute what the base does.
@@ -130,6 +130,27 @@ def test_hidden_routers_are_the_last_tokens_hidden_states(models, tmp_path):
         for layer in range(3):
             got = out[f"model.layers.{layer}.mlp.gate.weight"][e].float()
             assert torch.nn.functional.cosine_similarity(got, expected[layer], dim=0) > 0.99, (e, layer)
+
+
+def test_a_prompt_set_experts_share_runs_the_base_model_once(models, tmp_path, monkeypatch):
+    from fastmerge.moe import gates
+
+    runs = []
+    real = gates.streamed_forward
+
+    def counted(base, skeleton, device, **inputs):
+        runs.append(inputs["input_ids"].shape[0])
+        return real(base, skeleton, device, **inputs)
+
+    monkeypatch.setattr(gates, "streamed_forward", counted)
+    config = _config(models, "hidden")
+    for expert in config["experts"]:
+        expert["negative_prompts"] = ["poems", "odes"]
+    build_moe(config, tmp_path / "out", quiet=True, device="cpu")
+    assert sorted(runs) == [2, 2, 2]  # e1's positive prompts, e2's, and the negative ones once
+    routers = load_dir(tmp_path / "out")["model.layers.1.mlp.gate.weight"].float()
+    assert not torch.allclose(routers[0], routers[1])
+    torch.testing.assert_close(routers.norm(dim=1), torch.ones(2), rtol=0, atol=1e-2)
 
 
 def test_random_modes_are_seeded_and_scaled(models, tmp_path):

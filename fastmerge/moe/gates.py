@@ -24,6 +24,7 @@ instead of the whole model, and a `model+adapter` base runs with its LoRA applie
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -60,6 +61,8 @@ def router_vectors(gate_mode: str, experts: list[Expert], base: Checkpoint, laye
 
         def vector(prompts: tuple[str, ...]) -> torch.Tensor:
             return _hidden_states(base, skeleton, _tokenize(tokenizer, prompts), gate_mode == "hidden_avg", device)
+    # Experts often share a prompt set (the same negative prompts, say): each set runs the model once.
+    vector = functools.cache(vector)
     return torch.stack([_expert_vector(vector, e.positive_prompts, e.negative_prompts) for e in experts]).permute(1, 0, 2).cpu()
 
 
@@ -71,11 +74,12 @@ def degenerate_layers(routers: torch.Tensor) -> list[int]:
 
 def _expert_vector(vector: Callable[[tuple[str, ...]], torch.Tensor], positive: tuple[str, ...],
                    negative: tuple[str, ...]) -> torch.Tensor:
+    """The unit vector along `vector(positive) - vector(negative)` (computed out of place: `vector`
+    caches its results)."""
     v = vector(positive)
     if negative:
-        v -= vector(negative)
-    v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
-    return v
+        v = v - vector(negative)
+    return v / v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
 
 
 def _tokenizer(base: Checkpoint) -> Any:
