@@ -4,13 +4,19 @@
 
 Every FastmergeError is printed as one line and exits with status 2 (the traceback only with
 -v), since a config or input problem is the user's to fix and a traceback hides the message.
+Ctrl-C, SIGTERM (a job scheduler or `kill` stopping the run) and SIGHUP (a closed terminal) stop
+a command the same way: the output in progress is discarded, and the exit status is 128 + the
+signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
@@ -403,17 +409,57 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.dir, quiet=args.quiet)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread as Ctrl-C's KeyboardInterrupt is, so that the
+    same unwinding discards the staged output. Python's default for these signals ends the
+    process on the spot, which left the hidden temporary output (gigabytes) behind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _stop_signals_raise():
+    """While a command runs, SIGTERM and SIGHUP raise Stopped, unless the parent set them to be
+    ignored (nohup); the first one makes the rest ignored, so the clean-up is not cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum, _frame):
+        for handled in _STOP_SIGNALS:
+            signal.signal(handled, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+    for signum, handler in previous.items():
+        if handler is signal.SIG_DFL:
+            signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _guarded(handler: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     try:
-        handler(args)
+        with _stop_signals_raise():
+            handler(args)
     except FastmergeError as exc:
         if getattr(args, "verbose", False):
             traceback.print_exc()
         print(f"fastmerge: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("fastmerge: interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        how = f"stopped by {signal.Signals(signum).name}" if isinstance(exc, Stopped) else "interrupted"
+        print(f"fastmerge: {how}; the output in progress was discarded", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

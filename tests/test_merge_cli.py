@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from _support import load_dir, write_config
@@ -129,3 +131,45 @@ def test_continual_merges_after_each_step(tiny_models, tmp_path, capsys):
 def test_continual_bad_param_exits_2(tiny_models, tmp_path, capsys):
     code = main(["continual", str(tmp_path / "o"), str(tiny_models["ft1"]), "--method", "linear", "--param", "novalue", "--quiet"])
     assert code == 2 and "KEY=VALUE" in capsys.readouterr().err
+
+
+# Run in a child process: the signal goes to the process itself, from inside the merge, once
+# every tensor is written and the output is about to be moved into place.
+_SIGNALLED_MERGE = """
+import os, signal, sys, time
+from fastmerge.cli import main
+from fastmerge.io import output_dir
+
+sent = signal.Signals[sys.argv[1]]
+if sys.argv[2] == "ignored":
+    signal.signal(sent, signal.SIG_IGN)  # as nohup leaves SIGHUP
+commit = output_dir.StagedOutput.commit
+
+def signalled_commit(self):
+    os.kill(os.getpid(), sent)
+    time.sleep(0.5)  # a handled signal raises in here
+    return commit(self)
+
+output_dir.StagedOutput.commit = signalled_commit
+sys.exit(main(["run", sys.argv[3], sys.argv[4], "--quiet"]))
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_stopped_merge_leaves_no_output(tiny_models, tmp_path, name):
+    config = write_config(tmp_path / "m.yml", config_for(tiny_models))
+    out = tmp_path / "out" / "merged"
+    result = subprocess.run([sys.executable, "-c", _SIGNALLED_MERGE, name, "default", str(config), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.Signals[name], result.stderr
+    assert "the output in progress was discarded" in result.stderr and "Traceback" not in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []  # neither the output nor its hidden staging directory
+
+
+def test_an_ignored_hangup_is_left_ignored(tiny_models, tmp_path):
+    config = write_config(tmp_path / "m.yml", config_for(tiny_models))
+    out = tmp_path / "out" / "merged"
+    result = subprocess.run([sys.executable, "-c", _SIGNALLED_MERGE, "SIGHUP", "ignored", str(config), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (out / "model.safetensors").exists()
