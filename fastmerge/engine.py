@@ -85,13 +85,20 @@ class PrepareContext:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """--device as a torch.device: auto, cpu, cuda or cuda:N (a GPU torch can see)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise FastmergeError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FastmergeError(f"device {device} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FastmergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise FastmergeError(f"device {device} is not supported; use auto, cpu or cuda")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise FastmergeError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0")
     return device
 
 

@@ -227,3 +227,14 @@ def test_verbose_shows_traceback(tiny_models, tmp_path, capsys):
     path = write_config(tmp_path / "merge.yml", {**linear_config(tiny_models["ft1"]), "merge_method": "nope"})
     assert main(["-v", "run", str(path), str(tmp_path / "o"), "--quiet"]) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, fragment", [
+    ("tpu", "--device 'tpu' is not a device"),
+    ("cuda:x", "--device 'cuda:x' is not a device"),
+    ("meta", "device meta is not supported"),
+    ("cuda:99", "CUDA GPU"),  # no GPU here, or too few where there is one
+])
+def test_bad_device(tiny_models, tmp_path, capsys, device, fragment):
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], tiny_models["ft2"]), "--device", device)
+    assert_failed_cleanly(code, out, capsys, fragment)
