@@ -71,10 +71,18 @@ def resolve_backend(
     supported: Iterable[str],
     requested: str | None = None,
 ) -> str:
-    """Pick the backend for one call of `op` over `tensors` among the op's `supported` ones."""
+    """Pick the backend for one call of `op` over `tensors` among the op's `supported` ones.
+
+    The kernels take raw pointers, so a tensor they cannot read (meta, mps, ...; CUDA memory for
+    the native backend) is refused here: handed over, it would crash the process. (The cuda
+    backend copies CPU tensors to the GPU itself.)"""
     supported = tuple(supported)
     requested = requested or os.environ.get("FASTMERGE_BACKEND") or None
-    on_cuda = any(t is not None and t.is_cuda for t in tensors)
+    devices = {t.device.type for t in tensors if t is not None}
+    unreadable = devices - {"cpu", "cuda"}
+    if unreadable:
+        raise KernelError(f"{op}: a tensor is on {', '.join(sorted(unreadable))}; fastmerge's kernels take CPU or CUDA tensors")
+    on_cuda = "cuda" in devices
     if requested is not None:
         if requested not in ALL_BACKENDS:
             raise KernelError(f"unknown backend {requested!r} for {op}; use one of {', '.join(ALL_BACKENDS)}")
@@ -82,6 +90,8 @@ def resolve_backend(
             raise KernelError(f"{op} has no {requested!r} backend; it has {', '.join(supported)}")
         if not backend_usable(requested):
             raise KernelError(f"backend {requested!r} is not usable here (see fastmerge.ops.available_backends())")
+        if requested == "native" and on_cuda:
+            raise KernelError(f"{op}: the native backend cannot read a tensor on cuda")
         return requested
     return _device_default(on_cuda, supported)
 

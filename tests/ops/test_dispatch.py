@@ -1,5 +1,9 @@
 """The dispatch rules: a call's own backend, and the one fallback rule for helper ops."""
 
+import subprocess
+import sys
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -19,6 +23,30 @@ def test_resolve_backend_defaults_to_native_on_cpu_and_rejects_what_the_op_lacks
         resolve_backend("op", [x], ("reference", "native"), "triton")
     with pytest.raises(KernelError, match="unknown backend 'fast'"):
         resolve_backend("op", [x], ("reference", "native"), "fast")
+
+
+def test_resolve_backend_refuses_tensors_the_kernels_cannot_read(monkeypatch):
+    monkeypatch.delenv("FASTMERGE_BACKEND", raising=False)
+    with pytest.raises(KernelError, match="op: a tensor is on meta; fastmerge's kernels take CPU or CUDA tensors"):
+        resolve_backend("op", [torch.zeros(3), torch.zeros(3, device="meta")], ("reference", "native"))
+    if backend_usable("native"):
+        on_gpu = SimpleNamespace(device=torch.device("cuda"))  # only its device is read
+        with pytest.raises(KernelError, match="op: the native backend cannot read a tensor on cuda"):
+            resolve_backend("op", [torch.zeros(3), on_gpu], ("reference", "native"), "native")
+
+
+def test_a_merge_of_meta_tensors_is_an_error_not_a_crash():
+    # In a child process: before the check, the native blend read the meta tensors' null data
+    # pointers and the process died of a segmentation fault.
+    code = ("import torch, fastmerge\n"
+            "x = torch.zeros(5, 7, device='meta')\n"
+            "try:\n"
+            "    fastmerge.merge_tensors('linear', [x, x], weight=[0.5, 0.5])\n"
+            "except fastmerge.FastmergeError as exc:\n"
+            "    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "blend: a tensor is on meta" in result.stdout
 
 
 @pytest.mark.parametrize("run_backend, expected", [
