@@ -198,6 +198,12 @@ class LoraAdapter:
         expected = self.options.rank(update.module)
         if rank != expected:
             raise CheckpointError(f"{where}: lora_A has rank {rank} where the adapter config gives {expected}")
+        # peft would not refuse either mismatch: it ignores a magnitude use_dora does not ask for,
+        # and keeps the base weight's norms where a DoRA module's magnitude is missing.
+        if self.options.dora and update.magnitude is None:
+            raise CheckpointError(f"{where}: the adapter config sets use_dora but the module has no lora_magnitude_vector")
+        if not self.options.dora and update.magnitude is not None:
+            raise CheckpointError(f"{where}: has a lora_magnitude_vector but the adapter config does not set use_dora")
         update.scaling = self.options.scaling(update.module, rank)
 
     def close(self) -> None:
@@ -213,6 +219,7 @@ class _AdapterOptions:
         self.rank_pattern = _pattern(config.get("rank_pattern"), "rank_pattern", where, integer=True)
         self.alpha_pattern = _pattern(config.get("alpha_pattern"), "alpha_pattern", where)
         self.rslora = bool(config.get("use_rslora", False))
+        self.dora = bool(config.get("use_dora", False))
         self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
 
     def rank(self, module: str) -> int:

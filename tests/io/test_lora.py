@@ -99,6 +99,17 @@ def test_dora_rescales_each_output_row_to_the_magnitude(base, tmp_path):
     assert torch.allclose(got.float().pow(2).sum(dim=1).sqrt(), magnitude, rtol=2e-2)
 
 
+def test_a_half_dora_adapter_is_refused(base, tmp_path):
+    """use_dora without a module's magnitude, or a magnitude without use_dora: peft would apply
+    something else than the adapter says (the base weight's norms as the magnitude; plain LoRA)."""
+    tensors = pair(Q, 32, 32)
+    with pytest.raises(CheckpointError, match=f"module '{Q}': the adapter config sets use_dora but the module has no"):
+        open_model(f"{base}+{write_adapter(tmp_path / 'a', tensors, use_dora=True)}")
+    magnitude = {f"{Q}.lora_magnitude_vector": rand(32, seed=9).abs() + 0.5}
+    with pytest.raises(CheckpointError, match="has a lora_magnitude_vector but the adapter config does not set use_dora"):
+        open_model(f"{base}+{write_adapter(tmp_path / 'b', tensors | magnitude)}")
+
+
 def test_dora_on_a_transposed_layer_rescales_each_stored_column(tmp_path):
     """fan_in_fan_out (in x out) and embeddings (vocab x width): the magnitude has one entry per
     output, a stored column, normed over every stored row."""
@@ -155,12 +166,14 @@ def test_a_convolution_update_adds_the_scaled_kernel_product(tmp_path):
         assert torch.equal(adapted.tensor(f"{module}.weight"), expected.to(torch.bfloat16)), module
     assert torch.equal(adapted.tensor("head.norm.weight"), model["head.norm.weight"].to(torch.bfloat16))
     magnitude = ints(1, 6, 1, 1).abs() + 1
-    dora = open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'dora', tensors | {'stem.conv.lora_magnitude_vector': magnitude}, use_dora=True)}")
+    magnitudes = {"stem.conv.lora_magnitude_vector": magnitude, "head.conv.lora_magnitude_vector": ints(1, 5, 1, 1).abs() + 1,
+                  "seq.conv.lora_magnitude_vector": ints(1, 4, 1).abs() + 1}
+    dora = open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'dora', tensors | magnitudes, use_dora=True)}")
     combined = model["stem.conv.weight"].double() + 2.0 * torch.einsum("or,ri...->oi...", tensors["stem.conv.lora_B.weight"].flatten(1).double(),
                                                                       tensors["stem.conv.lora_A.weight"].double())
     expected = magnitude.reshape(6, 1, 1, 1).double() * combined / combined.flatten(1).norm(dim=1).reshape(6, 1, 1, 1)
     torch.testing.assert_close(dora.tensor("stem.conv.weight").double(), expected, rtol=2 ** -8, atol=0)
-    wrong = tensors | {"stem.conv.lora_magnitude_vector": torch.ones(1, 5, 1, 1)}
+    wrong = tensors | magnitudes | {"stem.conv.lora_magnitude_vector": torch.ones(1, 5, 1, 1)}
     with pytest.raises(CheckpointError, match="the DoRA magnitude has shape"):
         open_model(f"{tmp_path / 'm'}+{write_adapter(tmp_path / 'wrong', wrong, use_dora=True)}")
     wide = tensors | {"head.conv.lora_B.weight": ints(5, 4, 3, 3)}
@@ -392,7 +405,7 @@ BAD_ADAPTERS = {
     "wrong shape": (lambda: pair(Q, 32, 31), {}, "does not fit"),
     "resized table": (lambda: {"lm_head.weight": rand(97, 32, seed=0)}, {}, "resized vocabularies"),
     "bad r": (lambda: pair(Q, 32, 32), {"r": 0}, "`r` must be a positive integer"),
-    "dora magnitude": (lambda: pair(Q, 32, 32) | {f"{Q}.lora_magnitude_vector": rand(31, seed=0)}, {}, "DoRA magnitude has shape [31], expected [32]"),
+    "dora magnitude": (lambda: pair(Q, 32, 32) | {f"{Q}.lora_magnitude_vector": rand(31, seed=0)}, {"use_dora": True}, "DoRA magnitude has shape [31], expected [32]"),
 }
 
 
