@@ -539,6 +539,8 @@ def test_output_bias_keeps_exact_matches_and_zeros_the_rest(tmp_path):
                                            r"model.embed_tokens.weight.*give --k 8 or less"),
     (dict(method="common_interpolation", weight_scheme="cubic"), ConfigError, r"--weight-scheme 'cubic'"),
     (dict(prefix_match="maybe"), ConfigError, r"--prefix-match 'maybe'"),
+    (dict(new_vocab_scale=float("nan")), ConfigError, r"--new-vocab-scale must be a finite number, got nan"),
+    (dict(new_vocab_noise=float("inf")), ConfigError, r"--new-vocab-noise must be a finite number, got inf"),
 ])
 def test_bad_settings_are_config_errors_and_write_nothing(pair, tmp_path, kwargs, error, pattern):
     with pytest.raises(error, match=pattern):

@@ -41,6 +41,7 @@ id order, so a seed always gives the same rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -86,6 +87,9 @@ class Approximation:
             raise ConfigError(f"--subword-method {self.subword_method!r} is not one of {', '.join(SUBWORD_METHODS)}")
         if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)):
             raise ConfigError(f"--batch-size must be an integer (-1: no batching), got {self.batch_size!r}")
+        for flag, value in (("--new-vocab-noise", self.new_vocab_noise), ("--new-vocab-scale", self.new_vocab_scale)):
+            if value is not None and not math.isfinite(value):  # it would reach every new row
+                raise ConfigError(f"{flag} must be a finite number, got {value!r}")
 
     def batch(self, total: int) -> int:
         """Items handled at once out of `total`: --batch-size, or all of them when it is unset or <= 0."""
