@@ -9,6 +9,8 @@ that looks fine.
 
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -118,7 +120,7 @@ def read_mapping(config: str | Path | Mapping[str, Any], needs: str) -> dict[str
     """A config as a dict, given as one, as a path to a YAML file, or as YAML text; `needs`
     says in the error what a config must hold at least."""
     if isinstance(config, Mapping):
-        return dict(config)
+        return _plain(config)
     if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config and config.endswith((".yml", ".yaml"))):
         path = Path(config)
         if not path.is_file():
@@ -134,6 +136,25 @@ def read_mapping(config: str | Path | Mapping[str, Any], needs: str) -> dict[str
     if not isinstance(data, dict):
         raise ConfigError(f"{origin} must be a YAML mapping with {needs}")
     return data
+
+
+def _plain(value: Any) -> Any:
+    """A config built in Python may hold pathlib paths, tuples and numpy numbers: as the str,
+    list, int and float that YAML gives, they validate alike and can be written back to
+    mergekit_config.yml (the YAML writer refuses the others, which failed a finished merge)."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)  # numpy's float64 is a float, but not one the YAML writer takes
+    return value
 
 
 def parse_config(data: dict[str, Any]) -> MergeSpec:

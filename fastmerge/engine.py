@@ -496,8 +496,8 @@ def _write_side_files(plan: Plan, directory: Path, copy_tokenizer: bool) -> list
 
 
 def set_threads(threads: int) -> None:
-    if threads < 1:
-        raise FastmergeError(f"--threads must be at least 1, got {threads}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise FastmergeError(f"--threads must be an integer >= 1, got {threads!r}")
     torch.set_num_threads(threads)
     from . import _native
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 import fastmerge
 from _support import TINY, fma_f32, load_dir, write_config
@@ -129,6 +131,36 @@ def test_output_directory_contents(tiny_models, tmp_path):
     assert report.peak_rss_bytes > 0 and report.seconds > 0
     # nothing but the output is left beside it (no temporary directories)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["base", "ft1", "ft2", "ft3", "out"])
+
+
+def test_a_config_built_in_python_may_hold_paths_tuples_and_numpy_numbers(tiny_models, tmp_path):
+    """They merge as the str, list and float YAML would give, and are written back as those: the
+    YAML writer refused them, which failed the merge after every tensor was written."""
+    python_config = {
+        "merge_method": "task_arithmetic",
+        "base_model": tiny_models["base"],
+        "models": [{"model": tiny_models["ft1"], "parameters": {"weight": np.float64(0.7)}},
+                   {"model": tiny_models["ft2"], "parameters": {"weight": (np.float32(0.25), 0.5)}}],
+        "parameters": {"lambda": np.int64(1)},
+    }
+    yaml_config = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(tiny_models["base"]),
+        "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 0.7}},
+                   {"model": str(tiny_models["ft2"]), "parameters": {"weight": [0.25, 0.5]}}],
+        "parameters": {"lambda": 1},
+    }
+    fastmerge.run(python_config, tmp_path / "python", quiet=True)
+    fastmerge.run(write_config(tmp_path / "c.yml", yaml_config), tmp_path / "yaml", quiet=True)
+    assert_bitwise_equal(load_dir(tmp_path / "python"), load_dir(tmp_path / "yaml"))
+    assert yaml.safe_load((tmp_path / "python" / "mergekit_config.yml").read_text()) == yaml_config
+    assert python_config["models"][1]["parameters"]["weight"][0] == np.float32(0.25)  # the caller's dict is left as it was
+
+
+def test_threads_must_be_a_whole_number(tiny_models, tmp_path):
+    config = {"merge_method": "linear", "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(fastmerge.FastmergeError, match="--threads must be an integer >= 1, got '2'"):
+        fastmerge.run(config, tmp_path / "out", threads="2", quiet=True)
 
 
 def test_no_copy_tokenizer(tiny_models, tmp_path):
