@@ -47,6 +47,12 @@ def test_missing_model_dir(tiny_models, tmp_path, capsys):
     assert_failed_cleanly(code, out, capsys, str(missing))
 
 
+def test_a_missing_relative_model_path_says_where_it_was_looked_for(tiny_models, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], Path("models/nope")))
+    assert_failed_cleanly(code, out, capsys, f"models/nope: no such model directory or file (looked for {tmp_path / 'models' / 'nope'})")
+
+
 def test_missing_tensor_in_one_model(tiny_models, tmp_path, capsys):
     from _support import TINY
     from fastmerge.demo import make_state, write_checkpoint

@@ -89,7 +89,9 @@ class Checkpoint:
         self.path = Path(path).expanduser().resolve()
         self.allow_pickle = allow_pickle
         if not self.path.exists():
-            raise CheckpointError(f"{path}: no such model directory or file")
+            # Relative paths count from the working directory (as in mergekit), not the config's.
+            where = "" if Path(path).expanduser().is_absolute() else f" (looked for {self.path})"
+            raise CheckpointError(f"{path}: no such model directory or file{where}")
         if self.path.is_dir():
             self.directory: Path | None = self.path
             self.data_files, index = self._find_directory_files()
