@@ -89,6 +89,17 @@ struct Selector {
             std::memcpy(&kept, keep + ((off + j) >> 3), 2);
             _mm512_storeu_ps(d + j, _mm512_maskz_mul_ps(__mmask16(kept), _mm512_loadu_ps(d + j), s));
           }
+#elif !defined(__CUDACC__) && defined(__AVX2__)
+        // 8 elements from a byte: each lane tests its own bit, and the all-ones lanes keep the
+        // product (a dropped lane becomes +0, as below).
+        const __m256 s = _mm256_set1_ps(scale);
+        const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        if ((off & 7) == 0)
+          for (; j + 8 <= len; j += 8) {
+            const __m256i byte = _mm256_set1_epi32(keep[(off + j) >> 3]);
+            const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
+            _mm256_storeu_ps(d + j, _mm256_and_ps(_mm256_castsi256_ps(kept), _mm256_mul_ps(_mm256_loadu_ps(d + j), s)));
+          }
 #endif
         for (; j < len; ++j) {
           const int64_t e = off + j;
