@@ -16,35 +16,10 @@ template <> struct Elem<F32> {
   static float get(T v) { return v; }
   static T put(float x) { return x; }
 };
-// fp16 conversions on the integer bits. GCC 12 does not vectorise _Float16 <-> float (dtype.h's
-// scalar path), which made fp16 blends 10x slower than bf16; these branch-free forms vectorise
-// and give the same values (round to nearest-even; NaN stays NaN, payload not preserved).
-inline float f16_bits_to_f32(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7fffu;
-  // Exponent rebias by an exact multiply by 2^112: right for normals and subnormals alike.
-  float mag = bits_f32(em << 13) * 0x1p112f;
-  uint32_t bits = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : f32_bits(mag);  // inf / NaN
-  return bits_f32(bits | sign);
-}
-inline uint16_t f32_to_f16_bits(float x) {
-  const uint32_t u_signed = f32_bits(x);
-  const uint32_t sign = (u_signed >> 16) & 0x8000u;
-  const uint32_t u = u_signed & 0x7fffffffu;
-  // Results below the smallest fp16 normal: adding 0.5 (as fp32, which rounds to nearest-even)
-  // lines the fp16 subnormal's bits up at the bottom of the fp32 mantissa.
-  const float sub_magic = bits_f32(uint32_t((127 - 15) + (23 - 10) + 1) << 23);
-  const uint32_t sub = f32_bits(bits_f32(u) + sub_magic) - f32_bits(sub_magic);
-  // Normal results: rebias the exponent and round the 13 dropped bits to nearest-even.
-  const uint32_t norm = (u + (uint32_t(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
-  uint32_t r = u < 0x38800000u ? sub : norm;
-  r = u >= 0x47800000u ? (u > 0x7f800000u ? 0x7e00u : 0x7c00u) : r;  // overflow -> inf; NaN
-  return uint16_t(r | sign);
-}
 template <> struct Elem<F16> {
   using T = uint16_t;
-  static float get(T v) { return f16_bits_to_f32(v); }
-  static T put(float x) { return f32_to_f16_bits(x); }
+  static float get(T v) { return f16_to_f32(v); }
+  static T put(float x) { return f32_to_f16(x); }
 };
 template <> struct Elem<BF16> {
   using T = uint16_t;

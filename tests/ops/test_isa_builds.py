@@ -1,4 +1,4 @@
-"""The native module built for older x86 CPUs gives the same bytes.
+"""The native module built for older x86 CPUs gives the same bytes, and builds for aarch64.
 
 `pip install` compiles for the building machine (-march=native), so a CI machine with AVX-512
 only ever tests the AVX-512 code paths. Users' machines often have AVX2 only (most desktop
@@ -61,3 +61,29 @@ def test_a_build_for_an_older_cpu_gives_the_reference_bytes(tmp_path, march):
                             capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("cmake")),
+                    reason="needs the aarch64 cross compiler (apt install g++-aarch64-linux-gnu)")
+def test_the_module_builds_for_aarch64_with_gcc(tmp_path):
+    """ARM hosts (a GH200's Grace CPU, AWS Graviton) build the module with GCC too: no x86-only
+    flag (-mprefer-vector-width) or type (_Float16 has no C++ form in GCC 12 for aarch64) may
+    reach that compiler. Cross-compiled here, so it is built, not run."""
+    include = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    pybind11_dir = subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+    build = tmp_path / "build"
+    configure = subprocess.run(
+        ["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+         "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++", "-DCMAKE_BUILD_TYPE=Release", f"-Dpybind11_DIR={pybind11_dir}",
+         f"-DPython_EXECUTABLE={sys.executable}", f"-DPython_INCLUDE_DIR={include}",
+         "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=NEVER", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
+         "-DCMAKE_FIND_ROOT_PATH_MODE_PACKAGE=NEVER"], capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    compiled = subprocess.run(["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4))],
+                              capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    (module,) = glob.glob(str(build / "_native*.so"))
+    assert Path(module).read_bytes()[18:20] == (183).to_bytes(2, "little")  # ELF e_machine: EM_AARCH64
