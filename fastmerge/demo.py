@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import OutputError
 from .io.writer import ShardedWriter
 
 
@@ -179,11 +180,32 @@ def write_demo_models(directory: Path, shape: LlamaShape = LlamaShape(), seed: i
     return paths
 
 
+# Left in a directory the demo made, so a later run may replace its merge.yml and merged/.
+DEMO_MARKER = ".fastmerge-demo"
+
+
+def _claim_demo_directory(directory: Path) -> None:
+    """The demo writes models/, merge.yml and merged/ (and replaces them when run again), so it
+    takes only a new or empty directory, or one an earlier demo made: pointed at a directory
+    of the user's own, it would overwrite their files."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{directory} is a file; give the demo a new or empty directory")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / DEMO_MARKER).exists():
+        raise OutputError(f"{directory} is not empty and no earlier `fastmerge demo` made it; the demo writes "
+                          "models/, merge.yml and merged/ there, so give it a new or empty directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / DEMO_MARKER).touch()
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot create the demo directory ({exc})") from None
+
+
 def run_demo(directory: Path, quiet: bool = False) -> Path:
     """Build the example models (once) and merge them with the example config."""
     from .engine import run
 
     directory = directory.resolve()
+    _claim_demo_directory(directory)
     models = directory / "models"
     paths = {name: models / ("base" if name == "base" else f"ft-{name}") for name in ("base", *DEMO_TASKS)}
     if not all((p / "model.safetensors.index.json").exists() for p in paths.values()):

@@ -94,6 +94,20 @@ def test_demo_builds_and_merges(tmp_path):
     assert not torch.equal(tensors["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_demo_leaves_a_directory_of_the_users_alone(tmp_path, capsys):
+    """The demo writes models/, merge.yml and merged/ and replaces them when run again, so a
+    directory it did not make (not empty) is refused; its own is reused."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "merge.yml").write_text("my config")
+    assert main(["demo", str(mine), "--quiet"]) == 2
+    assert "not empty and no earlier `fastmerge demo` made it" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["merge.yml"] and (mine / "merge.yml").read_text() == "my config"
+    demo = tmp_path / "demo"
+    assert main(["demo", str(demo), "--quiet"]) == 0 and main(["demo", str(demo), "--quiet"]) == 0
+    assert (demo / "merged" / "model.safetensors").exists()
+
+
 def test_console_scripts_exit_2_on_bad_input(tmp_path):
     bad = write_config(tmp_path / "m.yml", {"merge_method": "linear", "models": [{"model": str(tmp_path / "missing"), "parameters": {"weight": 1}}]})
     scripts = {
