@@ -160,7 +160,6 @@ inline int64_t load_abs_bits(uint32_t* __restrict bits, float* __restrict d, flo
 namespace fastmerge {
 
 constexpr int kHistBins = 65536;
-constexpr int kMaxModels = 64;
 // Lane count of the fixed fp64 summation order for whole-tensor L1 norms (see dare.cpp).
 constexpr int64_t kL1Lanes = 65536;
 

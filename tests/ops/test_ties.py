@@ -53,6 +53,15 @@ def test_backends_match_reference(backend, device, dtype, size, variant, k, gen,
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_more_than_64_models(backend, device, variant, gen, assert_same_bytes):
+    """mergekit merges any number of models; the native kernel stopped at 64 (a ValueError)."""
+    base, xs, weights, densities = _models(70, 1001, torch.bfloat16, gen, device)
+    kw = dict(weights=weights, densities=densities, seed=7, tensor_name="w", **VARIANTS[variant])
+    expected = ties_merge(base.cpu(), [x.cpu() for x in xs], backend="reference", **kw)
+    assert_same_bytes(ties_merge(base, xs, backend=backend, **kw), expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_big_tensor_native_matches_reference(variant, assert_same_bytes):
     from fastmerge import _native
 
