@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ import torch
 from _support import old_triton_interpreter
 from fastmerge.ops._dispatch import available_backends
 
+REPO = Path(__file__).resolve().parents[2]
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Empty, scalar-like, odd, one past a power of two; the big size only for CPU backends since
 # the Triton interpreter runs in Python.
@@ -61,3 +65,18 @@ def native_threads(n: int):
         yield
     finally:
         _native.set_num_threads(before)
+
+
+def build_native_module(build: Path, *cmake_args: str) -> Path:
+    """The native module built with cmake into `build` from the repository's CMakeLists, for this
+    Python and its pybind11, configured with `cmake_args` besides (the build tests' variants);
+    a failed step is an AssertionError carrying the tool's output."""
+    pybind11_dir = subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+    configure = ["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", f"-Dpybind11_DIR={pybind11_dir}",
+                 f"-DPython_EXECUTABLE={sys.executable}", *cmake_args]
+    for step in (configure, ["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4))]):
+        done = subprocess.run(step, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (module,) = build.glob("_native*.so")
+    return module

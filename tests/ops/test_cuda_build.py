@@ -9,13 +9,11 @@ right histogram (tests/ops/test_threshold.py does that through the `cuda` backen
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +21,7 @@ import torch
 from fastmerge.errors import KernelError
 from fastmerge.ops._dispatch import available_backends, resolve_backend
 from fastmerge.ops.threshold import BACKENDS, magnitude_threshold
-
-REPO = Path(__file__).resolve().parents[2]
+from op_support import build_native_module
 
 # Loads the built module from a path (not the installed fastmerge._native) and reports on it.
 PROBE = r"""
@@ -47,15 +44,8 @@ print(json.dumps(report))
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("cmake")), reason="needs nvcc and cmake")
 def test_cuda_variant_builds_and_imports_without_a_device(tmp_path):
-    pybind11_dir = subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], check=True,
-                                  capture_output=True, text=True).stdout.strip()
     build = tmp_path / "build"
-    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), "-DFASTMERGE_CUDA=ON",
-                    "-DCMAKE_BUILD_TYPE=Release", f"-Dpybind11_DIR={pybind11_dir}",
-                    f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4))], check=True,
-                   capture_output=True)
-    (module,) = glob.glob(str(build / "_native*.so"))
+    module = str(build_native_module(build, "-DFASTMERGE_CUDA=ON"))
     flags = (build / "CMakeFiles" / "fastmerge_cuda.dir" / "flags.make").read_text()
     assert "sm_80" in flags and "sm_90" in flags
 

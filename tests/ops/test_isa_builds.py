@@ -12,17 +12,15 @@ reference byte for byte, so a pass means the same bytes on every x86 CPU.
 
 from __future__ import annotations
 
-import glob
-import os
 import platform
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+import sysconfig
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from op_support import REPO, build_native_module
 
 # Loads the built module as fastmerge._native before fastmerge is imported, then runs pytest.
 RUN_WITH_MODULE = r"""
@@ -44,19 +42,12 @@ sys.exit(pytest.main(sys.argv[2:]))
 @pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("cmake"), reason="needs an x86-64 machine and cmake")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "baseline"])
 def test_a_build_for_an_older_cpu_gives_the_reference_bytes(tmp_path, march):
-    pybind11_dir = subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], check=True,
-                                  capture_output=True, text=True).stdout.strip()
     build = tmp_path / "build"
-    subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), "-DFASTMERGE_NATIVE_ARCH=OFF",
-                    f"-DCMAKE_CXX_FLAGS=-march={march}", "-DCMAKE_BUILD_TYPE=Release", f"-Dpybind11_DIR={pybind11_dir}",
-                    f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4))], check=True,
-                   capture_output=True)
-    (module,) = glob.glob(str(build / "_native*.so"))
+    module = build_native_module(build, "-DFASTMERGE_NATIVE_ARCH=OFF", f"-DCMAKE_CXX_FLAGS=-march={march}")
     flags = (build / "CMakeFiles" / "_native.dir" / "flags.make").read_text()
     assert f"-march={march}" in flags and "-march=native" not in flags
 
-    result = subprocess.run([sys.executable, "-c", RUN_WITH_MODULE, module, "-q", "-p", "no:cacheprovider",
+    result = subprocess.run([sys.executable, "-c", RUN_WITH_MODULE, str(module), "-q", "-p", "no:cacheprovider",
                              "tests/ops", "tests/methods", "-k", "native or methods"],
                             capture_output=True, text=True, cwd=REPO, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -70,20 +61,8 @@ def test_the_module_builds_for_aarch64_with_gcc(tmp_path):
     """ARM hosts (a GH200's Grace CPU, AWS Graviton) build the module with GCC too: no x86-only
     flag (-mprefer-vector-width) or type (_Float16 has no C++ form in GCC 12 for aarch64) may
     reach that compiler. Cross-compiled here, so it is built, not run."""
-    include = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
-    pybind11_dir = subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], check=True,
-                                  capture_output=True, text=True).stdout.strip()
-    build = tmp_path / "build"
-    configure = subprocess.run(
-        ["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
-         "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++", "-DCMAKE_BUILD_TYPE=Release", f"-Dpybind11_DIR={pybind11_dir}",
-         f"-DPython_EXECUTABLE={sys.executable}", f"-DPython_INCLUDE_DIR={include}",
-         "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=NEVER", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
-         "-DCMAKE_FIND_ROOT_PATH_MODE_PACKAGE=NEVER"], capture_output=True, text=True)
-    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
-    compiled = subprocess.run(["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4))],
-                              capture_output=True, text=True)
-    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
-    (module,) = glob.glob(str(build / "_native*.so"))
-    assert Path(module).read_bytes()[18:20] == (183).to_bytes(2, "little")  # ELF e_machine: EM_AARCH64
+    module = build_native_module(tmp_path / "build", "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
+                                 "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++", f"-DPython_INCLUDE_DIR={sysconfig.get_paths()['include']}",
+                                 "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=NEVER", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
+                                 "-DCMAKE_FIND_ROOT_PATH_MODE_PACKAGE=NEVER")
+    assert module.read_bytes()[18:20] == (183).to_bytes(2, "little")  # ELF e_machine: EM_AARCH64
