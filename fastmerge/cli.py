@@ -456,8 +456,7 @@ def _guarded(handler: Callable[[argparse.Namespace], None], args: argparse.Names
         print(f"fastmerge: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        how = f"stopped by {signal.Signals(signum).name}" if isinstance(exc, Stopped) else "interrupted"
+        signum, how = (exc.signum, f"stopped by {exc}") if isinstance(exc, Stopped) else (signal.SIGINT, "interrupted")
         print(f"fastmerge: {how}; the output in progress was discarded", file=sys.stderr)
         return 128 + signum
     return 0
