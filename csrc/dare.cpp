@@ -72,6 +72,78 @@ static void random_l1_step(const float* __restrict d, int64_t off, int64_t len, 
     }
   }
 }
+#define FASTMERGE_RANDOM_L1_STEP 1
+#elif defined(__AVX2__)
+// Per 8-bit lane mask, 8 nibbles: compress's nibble k = the lane of the k-th set bit, expand's
+// nibble l = how many set bits lie below lane l (where lane l's draw sits among the compressed
+// ones). AVX2 has no vpcompressd / vexpandps; a table lookup and a lane permute do their work.
+struct LanePermutes {
+  uint32_t compress[256] = {}, expand[256] = {};
+  constexpr LanePermutes() {
+    for (uint32_t mask = 0; mask < 256; ++mask)
+      for (uint32_t lane = 0, below = 0; lane < 8; ++lane)
+        if (mask >> lane & 1) {
+          compress[mask] |= lane << (4 * below);
+          expand[mask] |= below << (4 * lane);
+          ++below;
+        }
+  }
+};
+constexpr LanePermutes kLanePermutes;
+
+// The 8 nibbles of `nibbles` as 8 int32 lanes.
+static __m256i unpack_nibbles(uint32_t nibbles) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(nibbles)), shifts), _mm256_set1_epi32(15));
+}
+
+// lanes[j] += |value j| in fp64 for the 8 floats of v: kept_l1's scalar additions, in its order.
+static void add_abs_f64(double* __restrict lanes, __m256 v) {
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  const __m256d lo = _mm256_andnot_pd(sign, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  const __m256d hi = _mm256_andnot_pd(sign, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  _mm256_storeu_pd(lanes, _mm256_add_pd(_mm256_loadu_pd(lanes), lo));
+  _mm256_storeu_pd(lanes + 4, _mm256_add_pd(_mm256_loadu_pd(lanes + 4), hi));
+}
+
+// The AVX-512 random_l1_step above, 8 lanes at a time: the same draws, sums and mask bits. Lanes
+// past len load as 0, and adding +0 leaves a lane's sum as it was (its sums start at +0), so
+// whole groups of 8 are added (all_acc and kept_acc have kChunk lanes, a multiple of 8).
+static void random_l1_step(const float* __restrict d, int64_t off, int64_t len, uint64_t key, float density,
+                           double* __restrict all_acc, double* __restrict kept_acc, uint8_t* __restrict keep) {
+  alignas(32) uint32_t idx[kChunk + 8];
+  alignas(32) float u[kChunk + 8];
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  uint8_t nonzero[kChunk / 8];
+  auto load = [&](int64_t j) {
+    return _mm256_maskload_ps(d + j, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(len - j)), iota));
+  };
+  auto nonzero_lanes = [](__m256 v) { return _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ); };
+  int64_t m = 0;
+  for (int64_t j = 0; j < len; j += 8) {
+    const __m256 v = load(j);
+    const int here = _mm256_movemask_ps(nonzero_lanes(v));
+    const __m256i lanes = unpack_nibbles(kLanePermutes.compress[here]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + m), _mm256_add_epi32(lanes, _mm256_set1_epi32(int(j))));
+    m += __builtin_popcount(here);
+    nonzero[j / 8] = uint8_t(here);
+    add_abs_f64(all_acc + j, v);
+  }
+  philox_uniform_at(key, uint64_t(off), idx, m, u);
+  std::fill_n(u + m, 8, 0.f);  // read below by the last group's permute, never kept
+  const __m256 threshold = _mm256_set1_ps(density);
+  m = 0;
+  for (int64_t j = 0; j < len; j += 8) {
+    const __m256 v = load(j);
+    const int here = nonzero[j / 8];
+    const __m256 draws = _mm256_permutevar8x32_ps(_mm256_loadu_ps(u + m), unpack_nibbles(kLanePermutes.expand[here]));
+    m += __builtin_popcount(here);
+    const __m256 kept = _mm256_and_ps(nonzero_lanes(v), _mm256_cmp_ps(draws, threshold, _CMP_LT_OQ));
+    add_abs_f64(kept_acc + j, _mm256_and_ps(kept, v));
+    if (keep) keep[j / 8] = uint8_t(_mm256_movemask_ps(kept));
+  }
+}
+#define FASTMERGE_RANDOM_L1_STEP 1
 #endif
 
 // kept[j] = d[j] if the selector keeps element off + j, else 0 (as far as kept_l1 can tell: a
@@ -104,7 +176,7 @@ std::pair<double, double> kept_l1(uintptr_t x, int x_dtype, uintptr_t b, int b_d
         const int64_t len = std::min(kChunk, n - off);
         load_delta(d.data(), scratch.data(), xp, x_dtype, bp, b_dtype, off, len);
         uint8_t* keep_bits = keep ? keep + off / 8 : nullptr;  // off is a multiple of kChunk
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(FASTMERGE_RANDOM_L1_STEP)
         if (selector.mode == RANDOM) {
           random_l1_step(d.data(), off, len, selector.key, selector.density, all_acc, kept_acc, keep_bits);
           continue;
