@@ -2,8 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
-#if defined(__AVX2__)
+#if defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
 
@@ -38,14 +37,6 @@ inline void pack_run(const T* v, int64_t n, uint8_t* packed) {
       const uint64_t bits = _mm512_test_epi8_mask(bytes, bytes);
       std::memcpy(packed + j / 8, &bits, 8);
     }
-#endif
-#if defined(__AVX2__)
-  // 8 floats a byte: the sign bits of an unordered-or-unequal compare with 0 (NaN counts as
-  // nonzero, -0 as zero, as in pack_nonzero). The scalar form was a tenth of DARE's L1 pass in an
-  // AVX2 build.
-  if constexpr (std::is_same_v<T, float>)
-    for (; j + 8 <= n; j += 8)
-      packed[j / 8] = uint8_t(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + j), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
 #endif
   for (; j < n; j += 8) packed[j / 8] = pack_nonzero(v + j, n - j < 8 ? n - j : 8);
 }
