@@ -1,7 +1,7 @@
 """Peak RSS of the same merge at two model sizes: it should stay flat as the model grows,
 because memory is bounded by the largest tensor, not by the model.
 
-    python bench/rss_scaling.py [--sizes 50M 1G] [--workdir /tmp/fastmerge-rss]
+    python bench/rss_scaling.py [--sizes 60M 1G] [--workdir /tmp/fastmerge-rss]
 
 Builds a Llama-shaped base + 2 fine-tunes (bf16, 1 GB shards) per size with fastmerge.demo,
 warms the page cache, runs `fastmerge run` (task_arithmetic) in a fresh process per size and
@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from fastmerge.demo import LlamaShape, fine_tune_of, make_state, write_checkpoint
+from fastmerge.errors import ConfigError
 from fastmerge.units import format_size, parse_size
 
 
@@ -29,10 +30,23 @@ WIDE = LlamaShape(hidden_size=1024, intermediate_size=2816, num_hidden_layers=1,
 
 def shape_for(model_bytes: int) -> LlamaShape:
     """A Llama shape of about `model_bytes` in bf16 that grows by adding layers: the largest
-    tensor stays the same, so a flat peak RSS shows memory does not follow the model size."""
-    one_layer = replace(WIDE, num_hidden_layers=1).param_count() - replace(WIDE, num_hidden_layers=0).param_count()
-    layers = max(1, round((model_bytes / 2 - replace(WIDE, num_hidden_layers=0).param_count()) / one_layer))
+    tensor stays the same, so a flat peak RSS shows memory does not follow the model size.
+    Raises ValueError below one layer's model, which could not show that."""
+    no_layers = replace(WIDE, num_hidden_layers=0).param_count()
+    one_layer = replace(WIDE, num_hidden_layers=1).param_count() - no_layers
+    layers = round((model_bytes / 2 - no_layers) / one_layer)
+    if layers < 1:
+        raise ValueError(f"{format_size(model_bytes)} is below the smallest model of this shape "
+                         f"(one layer: {format_size(2 * (no_layers + one_layer))}); ask for more")
     return replace(WIDE, num_hidden_layers=layers)
+
+
+def model_size(text: str) -> LlamaShape:
+    """--sizes entry (50M, 1G, 2GiB, ...) as its shape; argparse reports what it refuses."""
+    try:
+        return shape_for(parse_size(text))
+    except (ConfigError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def child_peak_rss(command: list[str]) -> int:
@@ -44,13 +58,13 @@ def child_peak_rss(command: list[str]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["50M", "1G"])
+    parser.add_argument("--sizes", nargs="+", type=model_size, default=[model_size("60M"), model_size("1G")],
+                        help="model sizes to build and merge (bf16 bytes: 60M, 1G, 2GiB) [60M 1G]")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/fastmerge-rss"))
     args = parser.parse_args()
     print(f"{'model size':>12} {'largest tensor':>15} {'peak RSS':>10}")
-    for size in args.sizes:
-        shape = shape_for(parse_size(size.replace("G", "GB").replace("M", "MB")))
-        root = args.workdir / size
+    for index, shape in enumerate(args.sizes):
+        root = args.workdir / f"size-{index}"
         shutil.rmtree(root, ignore_errors=True)
         base = make_state(shape, 0)
         paths = {"base": write_checkpoint(root / "base", base, shape, max_shard_bytes=10**9)}
