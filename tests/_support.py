@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from fastmerge.demo import LlamaShape
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root: where the CLI and bench scripts run
 TINY = LlamaShape(hidden_size=32, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, vocab_size=96)
 
 

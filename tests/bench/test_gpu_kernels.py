@@ -7,15 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from _support import old_triton_interpreter
+from _support import REPO, old_triton_interpreter
 from bench import gpu_kernels
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(bool(old_triton_interpreter()), reason=old_triton_interpreter() or "-")
@@ -24,7 +21,7 @@ def test_cpu_run_measures_every_kernel_and_checks_it_against_the_reference(tmp_p
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-m", "bench.gpu_kernels", "--device", "cpu", "--n", str(n),
                            "--rbf", "2,5,7,16", "--repeat", "1", "--check-n", "3001", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     figures = json.loads(out.read_text())
     assert (figures["n"], figures["check_n"]) == (n, 3001)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from _support import REPO
 
 
 def run_bench(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "bench.recall_scale", *args, "--preset", "tiny"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "bench.recall_scale", *args, "--preset", "tiny"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

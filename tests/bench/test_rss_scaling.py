@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from _support import REPO
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench/rss_scaling.py", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "bench/rss_scaling.py", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
 
 

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import old_triton_interpreter
+from _support import REPO, old_triton_interpreter
 from fastmerge.ops._dispatch import available_backends
 
-REPO = Path(__file__).resolve().parents[2]
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Empty, scalar-like, odd, one past a power of two; the big size only for CPU backends since
 # the Triton interpreter runs in Python.
