@@ -1,5 +1,5 @@
-"""The kernel benchmarks in bench/kernels run: every benchmark function, at a few thousand
-elements and with benchmarking kept short, so a change to an op's signature or to a shared
+"""The kernel benchmarks in bench/kernels run: every benchmark function, at 65537 elements
+(an odd size) and with benchmarking kept short, so a change to an op's signature or to a shared
 fixture breaks CI instead of the next person who measures. pytest's default collection skips them
 (bench_*.py), so nothing else runs them; their timings are not checked here."""
 
