@@ -21,6 +21,7 @@ import yaml
 from .dtypes import parse_config_dtype
 from .errors import ConfigError
 from .io.lora import split_reference
+from .values import is_integer, is_number
 from .vocab.build import parse_tokenizer_source
 from .vocab.chat_templates import check_chat_template
 from .vocab.tokens import TokenEmbedding, TokenizerBlock, parse_tokenizer_block
@@ -266,7 +267,7 @@ def _parse_source(entry: Any, where: str, with_range: bool) -> SourceSpec:
         if (
             not isinstance(layer_range, (list, tuple))
             or len(layer_range) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+            or not all(is_integer(v) for v in layer_range)
             or not 0 <= layer_range[0] < layer_range[1]
         ):
             raise ConfigError(f"`{where}.layer_range` must be [start, end) with 0 <= start < end, got {layer_range!r}")
@@ -349,7 +350,7 @@ def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> A
     if isinstance(setting, list):
         if len(setting) == 1:
             return setting[0]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting)
+        numeric = all(is_number(v) for v in setting)
         scaled = t * (len(setting) - 1)
         low = int(scaled)
         if not numeric:

@@ -35,6 +35,7 @@ from .methods import get_method
 from .methods.base import TensorTask
 from .plan import Plan, PlannedTensor, build_plan, open_checkpoints
 from .units import format_size, parse_size, shards_summary
+from .values import is_integer
 from .vocab.chat_templates import write_chat_template
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -496,7 +497,7 @@ def _write_side_files(plan: Plan, directory: Path, copy_tokenizer: bool) -> list
 
 
 def set_threads(threads: int) -> None:
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if not is_integer(threads) or threads < 1:
         raise FastmergeError(f"--threads must be an integer >= 1, got {threads!r}")
     torch.set_num_threads(threads)
     from . import _native

@@ -44,6 +44,7 @@ from .io.lora import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, KEY_PREFIX, open_model
 from .io.output_dir import StagedOutput
 from .io.spooled_writer import SpooledSafetensorsWriter
 from .ops.random import derive_key
+from .values import is_integer
 from .vocab.names import is_input_embedding, is_vocabulary_tensor
 
 SVD_METHODS = ("exact", "randomized")
@@ -66,7 +67,7 @@ class ExtractionSettings:
     seed: int = 0
 
     def check(self) -> None:
-        if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
+        if not is_integer(self.max_rank) or self.max_rank < 1:
             raise ConfigError(f"--max-rank must be an integer >= 1, got {self.max_rank!r}")
         if not (isinstance(self.sv_epsilon, (int, float)) and math.isfinite(self.sv_epsilon) and self.sv_epsilon >= 0):
             raise ConfigError(f"--sv-epsilon must be a number >= 0, got {self.sv_epsilon!r}")

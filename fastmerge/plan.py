@@ -20,6 +20,7 @@ from .io.checkpoint import Checkpoint
 from .io.lora import AdaptedCheckpoint, open_model
 from .methods.base import MergeMethod
 from .units import format_size
+from .values import is_number
 from .vocab.align import RowOverride, VocabularyAlignment
 from .vocab.build import OutputVocabulary, build_output_vocabulary, parse_tokenizer_source
 from .vocab.chat_templates import resolve_chat_template
@@ -610,7 +611,7 @@ def _resolve(name: str, chain: Iterable[dict[str, Any]], tensor: str, t: float, 
 
 
 def check_parameter_value(name: str, value: Any, default: Any, owner: str, tensor: str) -> Any:
-    numeric_default = isinstance(default, (int, float)) and not isinstance(default, bool)
+    numeric_default = is_number(default)
     if numeric_default or default is None:
         if isinstance(value, str):
             try:

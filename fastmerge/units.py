@@ -12,6 +12,7 @@ import re
 from fractions import Fraction
 
 from .errors import ConfigError
+from .values import is_integer
 
 _MULTIPLIERS = {
     "": 1,
@@ -26,7 +27,7 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 def parse_size(text: str | int) -> int:
     """A positive whole number of bytes from an int or a size string; ConfigError otherwise."""
-    if isinstance(text, int) and not isinstance(text, bool):
+    if is_integer(text):
         value = Fraction(text)
     elif isinstance(text, str) and (match := _SIZE.fullmatch(text)) is not None:
         unit = match.group(2).lower()

@@ -22,6 +22,7 @@ import torch
 
 from ..dtypes import SAFETENSORS_TO_TORCH
 from ..errors import CheckpointError
+from ..values import is_integer
 
 # A real header is a few MB at most (tens of thousands of tensors); anything larger is corrupt
 # or hostile, and we refuse before reading it into memory.
@@ -52,11 +53,6 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
-
-
-def _is_int(value: object) -> bool:
-    # JSON true/false decode to bool, which is an int subclass; they are not valid sizes.
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # sendfile's errors that mean "this platform or filesystem cannot send a file to /dev/null"
@@ -138,10 +134,10 @@ def _parse_entry(
     if dtype is None:
         raise CheckpointError(f"{where}: unknown dtype {entry['dtype']!r}")
     shape = entry["shape"]
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_integer(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape {shape!r} must be a list of non-negative integers")
     offsets = entry["data_offsets"]
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_integer(o) for o in offsets)):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} must be two integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:

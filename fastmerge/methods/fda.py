@@ -44,6 +44,7 @@ from .. import ops
 from ..errors import ConfigError
 from ..ops.dot import gram
 from ..ops.random import derive_key
+from ..values import is_number
 from .base import TensorTask, register
 from .contract import ContractMethod
 
@@ -205,7 +206,7 @@ def _choice(params: dict[str, Any], name: str, allowed: tuple[str, ...], tensor:
 def _number(params: dict[str, Any], name: str, tensor: str, minimum: float, integer: bool = False,
             open_minimum: bool = False) -> float:
     value = params[name]
-    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    valid = is_number(value) and math.isfinite(value)
     if valid and integer:
         valid = float(value).is_integer()
     if valid:

@@ -29,6 +29,7 @@ from ..representations.capture import capture_representations, tokenize_batches
 from ..representations.models import build_skeleton, load_tokenizer, require_transformers
 from ..representations.samples import load_samples
 from ..representations.typical import select_typical
+from ..values import is_integer, is_number
 from .base import MergeMethod, TensorTask, register
 
 WEIGHTS_FILE = "recall_weights.json"
@@ -140,11 +141,11 @@ class Recall(MergeMethod):
             raise ConfigError("RECALL needs `parameters.samples`: a .txt/.jsonl file or a list of the new task's texts")
         for key in ("num_typical", "max_length", "batch_size"):
             value = params[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise ConfigError(f"RECALL parameter {key} must be a positive integer, got {value!r}")
         for key in ("temperature", "sigma"):
             value = params[key]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and not is_number(value):
                 raise ConfigError(f"RECALL parameter {key} must be a number, got {value!r}")
             params[key] = None if value is None else float(value)
         return params

@@ -38,6 +38,7 @@ from ..io.lora import open_model, split_reference
 from ..io.output_dir import OutputReport, StagedOutput, copy_model_files, write_model_config
 from ..io.writer import ShardedWriter
 from ..units import parse_size
+from ..values import is_integer
 from .architectures import MoEArchitecture, select_architecture
 from .config import RANDOM_MODES, Expert, MoESpec, load_moe_config
 from .gates import degenerate_layers, router_vectors
@@ -312,7 +313,7 @@ def _shared_router_name(layer: int) -> str:
 
 def _int_key(config: dict, key: str, base: Checkpoint) -> int:
     value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_integer(value) or value < 1:
         raise CheckpointError(f"{base.path}/config.json: `{key}` must be a positive integer, got {value!r}")
     return value
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from ..config import check_keys, model_reference, read_mapping
 from ..dtypes import parse_config_dtype
 from ..errors import ConfigError
+from ..values import is_integer, is_number
 
 # mergekit's gate modes. "hidden" and "hidden_last" read the prompts' last token, "hidden_avg"
 # their mean (mergekit 0.1.5 averages only for "hidden_avg").
@@ -79,7 +80,7 @@ def load_moe_config(config: str | Path | Mapping[str, Any], allow_all_same: bool
     if gate_mode not in GATE_MODES:
         raise ConfigError(f"`gate_mode: {gate_mode!r}` is not a gate mode; use one of {', '.join(GATE_MODES)}")
     per_token = data.get("experts_per_token", 2)
-    if isinstance(per_token, bool) or not isinstance(per_token, int) or per_token < 1:
+    if not is_integer(per_token) or per_token < 1:
         raise ConfigError(f"`experts_per_token` must be an integer >= 1, got {per_token!r}")
     if len(experts) < per_token:
         raise ConfigError(f"`experts` has {len(experts)} models but `experts_per_token` is {per_token}: "
@@ -124,7 +125,7 @@ def _prompts(value: Any, where: str) -> tuple[str, ...]:
 def _number(value: Any, where: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise ConfigError(f"`{where}` must be a number, got {value!r}")
     return float(value)
 

@@ -40,6 +40,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..io.lora import split_reference
+from ..values import is_integer, is_number
 
 OBJECTIVES = ("causal_lm", "contrastive")
 SCORES = ("gaprune", "fisher", "magnitude", "random")
@@ -180,12 +181,12 @@ def _path(root: Path, value: str) -> Path:
 
 
 def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise ConfigError(f"prune config: `{key}` must be a number, got {value!r}")
     return float(value)
 
 
 def _integer(value: Any, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ConfigError(f"prune config: `{key}` must be an integer >= {minimum}, got {value!r}")
     return value

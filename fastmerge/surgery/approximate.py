@@ -49,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError
+from ..values import is_integer
 from .affine import landmark_pca, sparse_token_basis
 from .moments import cross_gram, mean64
 from .pursuit import orthogonal_matching_pursuit
@@ -79,13 +80,13 @@ class Approximation:
     def check(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown approximation method {self.method!r}; fastmerge implements {', '.join(METHODS)}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if not is_integer(self.k) or self.k < 1:
             raise ConfigError(f"--k must be a positive integer (shared tokens per approximated token), got {self.k!r}")
         if self.weight_scheme not in WEIGHT_SCHEMES:
             raise ConfigError(f"--weight-scheme {self.weight_scheme!r} is not one of {', '.join(WEIGHT_SCHEMES)}")
         if self.subword_method not in SUBWORD_METHODS:
             raise ConfigError(f"--subword-method {self.subword_method!r} is not one of {', '.join(SUBWORD_METHODS)}")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)):
+        if self.batch_size is not None and not is_integer(self.batch_size):
             raise ConfigError(f"--batch-size must be an integer (-1: no batching), got {self.batch_size!r}")
         for flag, value in (("--new-vocab-noise", self.new_vocab_noise), ("--new-vocab-scale", self.new_vocab_scale)):
             if value is not None and not math.isfinite(value):  # it would reach every new row

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..values import is_integer, is_number
 from .pursuit import pick_most_correlated
 
 
@@ -60,12 +61,12 @@ class Rotary:
         token-indexed tensors (name -> hidden size) it will rotate."""
         where = f"{directory}/config.json"
         heads = config.get("num_attention_heads")
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        if not is_integer(heads) or heads < 1:
             raise ConfigError(f"{where}: mp_rope needs a positive integer num_attention_heads, got {heads!r}")
         base = config.get("rope_theta")
         if base is None and isinstance(config.get("rope_parameters"), dict):
             base = config["rope_parameters"].get("rope_theta")
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
+        if not is_number(base) or not math.isfinite(base) or base <= 0:
             raise ConfigError(f"{where}: mp_rope needs rope_theta (top level or in rope_parameters), a positive number; "
                               f"got {base!r}")
         for name, width in widths.items():

@@ -25,6 +25,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Checkpoint
 from ..io.output_dir import TOKENIZER_FILES
 from ..representations.models import require_transformers
+from ..values import is_integer
 from .names import is_input_embedding
 from .tokens import padded_size
 
@@ -130,7 +131,7 @@ def model_vocab_size(checkpoint: Checkpoint, tokenizer_size: int) -> int:
     """Rows the model trained: config.json's vocab_size, else its input embedding's rows,
     else its tokenizer's size."""
     value = (checkpoint.config or {}).get("vocab_size")
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_integer(value):
         return value
     embeddings = [n for n in checkpoint.names if is_input_embedding(n)]
     return checkpoint.info(embeddings[0]).shape[0] if embeddings else tokenizer_size

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
+from ..values import is_integer
 
 ZERO, MODEL, MODEL_TOKEN = "zero", "model", "model_token"
 
@@ -61,7 +62,7 @@ def parse_tokenizer_block(value: Any) -> TokenizerBlock:
     if not isinstance(source, str) or not source.strip():
         raise ConfigError("`tokenizer.source` must be `union`, `base` or a model path")
     pad = value.get("pad_to_multiple_of")
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+    if pad is not None and (not is_integer(pad) or pad < 1):
         raise ConfigError(f"`tokenizer.pad_to_multiple_of` must be a positive integer, got {pad!r}")
     tokens = value.get("tokens") or {}
     if not isinstance(tokens, dict):
@@ -93,7 +94,7 @@ def _parse_token(token: str, cfg: Any) -> TokenEmbedding:
         raise ConfigError(f"{where}.source: model_token needs `model`, a model path")
     if (token_id is None) == (text is None):
         raise ConfigError(f"{where}.source: model_token needs exactly one of token_id and token")
-    if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+    if token_id is not None and (not is_integer(token_id) or token_id < 0):
         raise ConfigError(f"{where}.source.token_id must be an integer >= 0, got {token_id!r}")
     if text is not None and not isinstance(text, str):
         raise ConfigError(f"{where}.source.token must be a string, got {text!r}")
