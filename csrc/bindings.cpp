@@ -16,7 +16,7 @@
 
 namespace py = pybind11;
 
-PYBIND11_MODULE(_native, m) {
+PYBIND11_MODULE(FASTMERGE_MODULE_NAME, m) {
   m.doc() = "fastmerge native CPU kernels (C++17, OpenMP)";
   m.def("max_threads", []() { return omp_get_max_threads(); },
         "Number of OpenMP threads a kernel will use.");

@@ -1,6 +1,7 @@
 """Merge primitives. Each op has one signature and several backends (reference, native, triton,
 cuda); `backend=None` picks one by device (DESIGN.md "Backends and dispatch")."""
 
+from ._dispatch import available_backends
 from .blend import blend
 from .mask import apply_mask, pack_mask, semi_structured_mask, unpack_mask
 from .rbf import rbf_similarity
@@ -10,6 +11,7 @@ from .threshold import MagnitudeHistogram, Threshold, density_to_k, keep_mask, m
 from .ties import ties_merge
 
 __all__ = [
+    "available_backends",
     "blend",
     "apply_mask",
     "pack_mask",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -22,7 +23,10 @@ ALL_BACKENDS = ("reference", "native", "triton", "cuda")
 def _native_available() -> bool:
     try:
         from .. import _native  # noqa: F401
-    except ImportError:
+    except ImportError as error:
+        # Every op still runs, on the plain-torch reference, but many times slower: say why.
+        warnings.warn(f"fastmerge's native kernels are unavailable, CPU ops run on the slower plain-torch "
+                      f"reference: {error}", RuntimeWarning, stacklevel=2)
         return False
     return True
 

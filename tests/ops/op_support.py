@@ -66,10 +66,12 @@ def native_threads(n: int):
         _native.set_num_threads(before)
 
 
-def build_native_module(build: Path, *cmake_args: str) -> Path:
-    """The native module built with cmake into `build` from the repository's CMakeLists, for this
-    Python and its pybind11, configured with `cmake_args` besides (the build tests' variants);
-    a failed step is an AssertionError carrying the tool's output."""
+def build_native_modules(build: Path, *cmake_args: str) -> dict[str, Path]:
+    """The builds of the kernels made with cmake into `build` from the repository's CMakeLists,
+    for this Python and its pybind11, configured with `cmake_args` besides (the build tests'
+    variants), by module name (`_native_host`, `_native_v3`, ...; `_cpu` and the generated
+    `_native_variants.py` lie beside them); a failed step is an AssertionError carrying the
+    tool's output."""
     pybind11_dir = subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], check=True,
                                   capture_output=True, text=True).stdout.strip()
     configure = ["cmake", "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", f"-Dpybind11_DIR={pybind11_dir}",
@@ -77,5 +79,4 @@ def build_native_module(build: Path, *cmake_args: str) -> Path:
     for step in (configure, ["cmake", "--build", str(build), "-j", str(min(os.cpu_count() or 1, 4))]):
         done = subprocess.run(step, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (module,) = build.glob("_native*.so")
-    return module
+    return {module.name.split(".")[0]: module for module in build.glob("_native_*.so")}
