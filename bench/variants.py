@@ -44,6 +44,19 @@ def output_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
+def run_with_build(build: str, command: list[str], method: str):
+    """run_child with FASTMERGE_NATIVE_VARIANT set to `build` for the child only."""
+    before = os.environ.get(VARIANT_VARIABLE)
+    os.environ[VARIANT_VARIABLE] = build
+    try:
+        return run_child("fastmerge", method, command)
+    finally:
+        if before is None:
+            del os.environ[VARIANT_VARIABLE]
+        else:
+            os.environ[VARIANT_VARIABLE] = before
+
+
 def time_builds(config_path: Path, inputs: list[Path], work: Path, builds: list[str], repeat: int) -> dict:
     """{build: (wall times, output sha256)} for one config, the builds interleaved per round."""
     walls: dict[str, list[float]] = {build: [] for build in builds}
@@ -53,11 +66,7 @@ def time_builds(config_path: Path, inputs: list[Path], work: Path, builds: list[
         for build in builds:
             shutil.rmtree(out, ignore_errors=True)
             read_files(model_files(inputs))  # warm the page cache, as bench.e2e does
-            os.environ[VARIANT_VARIABLE] = build  # the child's choice of build
-            try:
-                run = run_child("fastmerge", config_path.stem, fastmerge_command(config_path, out))
-            finally:
-                del os.environ[VARIANT_VARIABLE]
+            run = run_with_build(build, fastmerge_command(config_path, out), config_path.stem)
             if run.returncode != 0:
                 raise SystemExit(f"{build} failed on {config_path.stem}:\n{run.log_tail}")
             walls[build].append(run.wall_s)
