@@ -9,12 +9,15 @@ portable build (FASTMERGE_NATIVE_ARCH=OFF, what a wheel or a shared disk carries
 build per level into tmp_path (about 40 s on 2 cores); each test runs the native op tests and
 the method tests in a fresh interpreter that imports fastmerge's compiled modules from that
 build and picks a level with FASTMERGE_NATIVE_VARIANT. Those tests compare with the plain-torch
-reference byte for byte, so a pass means the same bytes on every x86 CPU.
+reference byte for byte, so a pass means the same bytes on every x86 CPU. Where qemu-user is
+installed, one more test runs fastmerge on an emulated AVX2 CPU: the portable build must pick
+its AVX2 level there, and an AVX-512 build must be refused rather than crash.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -26,22 +29,32 @@ import pytest
 
 from op_support import REPO, build_native_modules
 
-# Imports fastmerge's compiled modules (the builds, _cpu, _native_variants) from the build
-# directory argv[1] instead of the installed ones, checks that fastmerge._native is the build
-# FASTMERGE_NATIVE_VARIANT names, then runs pytest on the rest of argv.
-RUN_WITH_BUILD = r"""
-import importlib.util, os, pathlib, sys
-build = pathlib.Path(sys.argv[1])
+# Makes `import fastmerge.<name>` find the compiled modules (the builds, _cpu, _native_variants)
+# in a build directory before the installed ones: import_from_build(directory).
+BUILD_FINDER = r"""
+import importlib.util, pathlib, sys
 
 class BuildFinder:
+    def __init__(self, build):
+        self.build = build
+
     def find_spec(self, name, path=None, target=None):
         package, _, stem = name.rpartition(".")
-        for candidate in build.glob(stem + ".*") if package == "fastmerge" else ():
+        for candidate in self.build.glob(stem + ".*") if package == "fastmerge" else ():
             if candidate.name.split(".")[0] == stem and candidate.suffix in (".so", ".py"):
                 return importlib.util.spec_from_file_location(name, candidate)
         return None
 
-sys.meta_path.insert(0, BuildFinder())
+def import_from_build(build):
+    sys.meta_path.insert(0, BuildFinder(build))
+"""
+
+# With the build directory argv[1]: checks that fastmerge._native is the build that
+# FASTMERGE_NATIVE_VARIANT names, then runs pytest on the rest of argv.
+RUN_WITH_BUILD = BUILD_FINDER + r"""
+import os
+build = pathlib.Path(sys.argv[1])
+import_from_build(build)
 from fastmerge import _native
 assert _native.__name__ == "fastmerge." + os.environ["FASTMERGE_NATIVE_VARIANT"], _native.__name__
 assert pathlib.Path(_native.__file__).parent == build, _native.__file__
@@ -96,6 +109,56 @@ def test_a_build_for_an_older_cpu_gives_the_reference_bytes(portable_build, vari
                             env=dict(os.environ, FASTMERGE_NATIVE_VARIANT=variant))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+# Under an emulated CPU: which build fastmerge._native is (None: there is none, and why), and
+# whether TIES gives the same bytes on every backend. argv[1]: a build directory, or "" for the
+# installed build.
+EMULATED_PROBE = BUILD_FINDER + r"""
+import json, warnings
+import torch
+if sys.argv[1]:
+    import_from_build(pathlib.Path(sys.argv[1]))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from fastmerge import ops
+    backends = ops.available_backends()
+x = [torch.randn(999, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+merged = [ops.ties_merge(x[0], x[1:], [1.0, 0.5], densities=[0.2, 0.3], backend=b) for b in backends]
+native = sys.modules.get("fastmerge._native")
+print(json.dumps({"build": native and native.__name__, "backends": backends, "warnings": [str(w.message) for w in caught],
+                  "same": all(torch.equal(m.view(torch.int16), merged[0].view(torch.int16)) for m in merged)}))
+"""
+
+
+def run_on_emulated_haswell(build_dir: str) -> dict:
+    done = subprocess.run(["qemu-x86_64", "-cpu", "Haswell-v4", sys.executable, "-c", EMULATED_PROBE, build_dir],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@x86_with_cmake
+@pytest.mark.skipif(not shutil.which("qemu-x86_64"), reason="needs qemu-user (apt install qemu-user) to emulate an AVX2 CPU")
+def test_an_emulated_avx2_cpu_loads_the_avx2_build_and_refuses_an_avx512_one(portable_build):
+    """Under qemu emulating a Haswell (AVX2, no AVX-512), the portable build gives the AVX2 level;
+    the installed build, if it needs AVX-512, is refused with a warning instead of the SIGILL
+    that loading it would raise there, and TIES still gives the reference's bytes."""
+    report = run_on_emulated_haswell(str(portable_build))
+    assert report["build"] == "fastmerge._native_v3" and report["backends"][:2] == ["reference", "native"]
+    assert report["same"] and report["warnings"] == []
+
+    from fastmerge._native_variants import VARIANTS as installed
+
+    report = run_on_emulated_haswell("")
+    needs_avx512 = all(any(f.startswith("avx512") for f in features) for _, features in installed)
+    if needs_avx512:
+        assert "native" not in report["backends"] and report["same"]
+        (warning,) = report["warnings"]
+        assert "native kernels are unavailable" in warning and "needs avx512f" in warning
+    else:
+        assert "native" in report["backends"] and report["same"]
 
 
 @pytest.mark.slow
