@@ -2,12 +2,13 @@
 
 The kernels are compiled for particular CPU features: by default for the installing machine's
 (-march=native), or, built with FASTMERGE_NATIVE_ARCH=OFF, once per x86-64 level. Code compiled
-for a feature the CPU lacks dies of an illegal instruction (SIGILL, no Python error) in its first
-vector loop, which is what a virtual environment on a cluster's shared disk did when built on an
-AVX-512 login node and run on an AVX2 compute node. Each build's features are listed in the
-generated `_native_variants`; load_native imports the first (fastest) build whose features `_cpu`
-(compiled for the architecture's baseline, so it runs anywhere) finds on this CPU, and
-fastmerge/_native.py stands in as that module, so `fastmerge._native` *is* the chosen build.
+for a feature the CPU lacks dies of an illegal instruction (SIGILL, no Python error), as early as
+its import: a virtual environment on a cluster's shared disk, built on an AVX-512 login node and
+run on an AVX2 compute node, would (tests/ops/test_isa_builds.py emulates such a CPU with qemu).
+Each build's features are listed in the generated `_native_variants`; load_native imports the
+first (fastest) build whose features `_cpu` (compiled for the architecture's baseline, so it runs
+anywhere) finds on this CPU, and fastmerge/_native.py stands in as that module, so
+`fastmerge._native` *is* the chosen build.
 
 FASTMERGE_NATIVE_VARIANT=<name> picks a build by name, e.g. to benchmark or test a slower one.
 A CPU that none of the builds fits gets an ImportError naming the missing features; the ops then
