@@ -1,5 +1,5 @@
 // fastmerge._cpu: which instruction-set features the running CPU (and its operating system)
-// offers, for fastmerge/_native.py to pick a build of the kernels this CPU can run. Compiled
+// offers, for fastmerge/native_loader.py to pick a build of the kernels this CPU can run. Compiled
 // without -march, so it runs on any CPU of its architecture, unlike the builds it chooses among.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -42,7 +42,7 @@ std::vector<std::string> known_features() {
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "The running CPU's instruction-set features (fastmerge/_native.py picks a build by them).";
+  m.doc() = "The running CPU's instruction-set features (fastmerge/native_loader.py picks a build by them).";
   m.def("supports", &supports, pybind11::arg("feature"),
         "Whether this CPU and its OS offer `feature` (__builtin_cpu_supports' name, e.g. 'avx2').");
   m.def("known_features", &known_features, "The features supports() can check, empty outside x86.");
