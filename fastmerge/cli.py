@@ -150,9 +150,23 @@ def _add_tokensurgeon_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-nvs", "--new-vocab-scale", type=float, default=None, help="scale the approximated rows by this")
 
 
+class _VersionAction(argparse.Action):
+    """--version: the package's version and which build of the native kernels this CPU loads,
+    found only when asked (argparse's own version action takes a fixed string)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help="show the version and the native kernels' build, then exit"):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .native_loader import describe_native
+
+        print(f"fastmerge {__version__}\n{describe_native()}")
+        parser.exit()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmerge", description="Fast, bounded-memory merging of model checkpoints.")
-    parser.add_argument("--version", action="version", version=f"fastmerge {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -56,3 +56,13 @@ def load_native():
 
     name = choose_variant(VARIANTS, _cpu.supports, os.environ.get(VARIANT_VARIABLE) or None)
     return importlib.import_module(f"{__package__}.{name}")
+
+
+def describe_native() -> str:
+    """One line on the native kernels this process gets: the build's name, or why there is none
+    (for `fastmerge --version`, since a merge's speed depends on it)."""
+    try:
+        from . import _native
+    except ImportError as error:
+        return f"native kernels: none usable here ({error})"
+    return f"native kernels: {_native.__name__.rpartition('.')[2]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -187,3 +188,20 @@ def test_an_ignored_hangup_is_left_ignored(tiny_models, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").exists()
+
+
+def test_version_names_the_native_build_this_cpu_loads(capsys):
+    from fastmerge import _native
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("fastmerge ") and out[1] == f"native kernels: {_native.__name__.rpartition('.')[2]}"
+
+
+def test_version_says_why_no_native_build_is_usable():
+    done = subprocess.run([sys.executable, "-m", "fastmerge", "--version"], capture_output=True, text=True,
+                          env={**os.environ, "FASTMERGE_NATIVE_VARIANT": "_native_nonexistent"})
+    assert done.returncode == 0
+    assert "native kernels: none usable here (FASTMERGE_NATIVE_VARIANT='_native_nonexistent' is not a build" in done.stdout
