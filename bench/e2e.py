@@ -11,9 +11,9 @@ fresh page-cache pages is slow (a VM whose host takes freed memory back), so the
 also written that way and reported as a second, stricter roofline ("direct"): the reads plus a
 direct-IO write through fastmerge's own shard file.
 It also times fastmerge's fixed start-up (`python -m fastmerge --version`: the interpreter,
-importing the CLI and torch, and exit) before each merge, and reports the efficiency of the rest,
-roofline / (wall - start-up), since on a small box importing torch alone is seconds of every
-merge.
+importing the CLI, torch and the native kernels, and exit) before each merge, and reports the
+efficiency of the rest, roofline / (wall - start-up), since on a small box importing torch alone
+is seconds of every merge.
 
 With `--repeat N` the fastmerge merge, its start-up and the rooflines are each measured N times
 and the medians reported (a VM's noise moves one few-second figure by a third and more; peak RSS
