@@ -1,36 +1,36 @@
-// fastmerge._cpu: which instruction-set features the running CPU (and its operating system)
-// offers, for fastmerge/native_loader.py to pick a build of the kernels this CPU can run. Compiled
-// without -march, so it runs on any CPU of its architecture, unlike the builds it chooses among.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include "cpu_features.h"
 
-#include <string>
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
 #include <utility>
-#include <vector>
 
+namespace fastmerge::cpu {
 namespace {
 
 using Check = bool (*)();
 
-// __builtin_cpu_supports takes only a string literal, hence one function per feature. Outside
-// x86 GCC has no such builtin (and no build there records features), so the table is empty.
+// Generated from CMakeLists.txt's list for the target architecture: one function per feature,
+// since __builtin_cpu_supports takes only a string literal.
 const std::vector<std::pair<const char*, Check>>& feature_table() {
   static const std::vector<std::pair<const char*, Check>> table = {
-#if defined(__x86_64__) || defined(__i386__)
 #include "feature_table.inc"
-#endif
   };
   return table;
 }
 
-bool supports(const std::string& feature) {
+}  // namespace
+
+std::optional<bool> supports(const std::string& feature) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();  // idempotent; the builtins need it before constructors have run
 #endif
   for (const auto& [name, check] : feature_table()) {
     if (feature == name) return check();
   }
-  throw pybind11::value_error("unknown CPU feature '" + feature + "'");
+  return std::nullopt;
 }
 
 std::vector<std::string> known_features() {
@@ -39,11 +39,4 @@ std::vector<std::string> known_features() {
   return names;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "The running CPU's instruction-set features (fastmerge/native_loader.py picks a build by them).";
-  m.def("supports", &supports, pybind11::arg("feature"),
-        "Whether this CPU and its OS offer `feature` (__builtin_cpu_supports' name, e.g. 'avx2').");
-  m.def("known_features", &known_features, "The features supports() can check, empty outside x86.");
-}
+}  // namespace fastmerge::cpu

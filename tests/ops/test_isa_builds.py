@@ -166,19 +166,75 @@ def test_an_emulated_avx2_cpu_loads_the_avx2_build_and_refuses_an_avx512_one(por
         assert "native" in report["backends"] and report["same"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("cmake")),
-                    reason="needs the aarch64 cross compiler (apt install g++-aarch64-linux-gnu)")
-def test_the_module_builds_for_aarch64_with_gcc(tmp_path):
-    """ARM hosts (a GH200's Grace CPU, AWS Graviton) build the module with GCC too: no x86-only
-    flag (-mprefer-vector-width) or type (_Float16 has no C++ form in GCC 12 for aarch64) may
-    reach that compiler. Cross-compiled here, so it is built, not run."""
-    build = tmp_path / "build"
+AARCH64_CXX = "aarch64-linux-gnu-g++"
+with_aarch64_cross = pytest.mark.skipif(not (shutil.which(AARCH64_CXX) and shutil.which("cmake")),
+                                        reason="needs the aarch64 cross compiler (apt install g++-aarch64-linux-gnu)")
+
+
+@pytest.fixture(scope="module")
+def aarch64_build(tmp_path_factory):
+    """The module cross-compiled for an Arm Neoverse N2 (SVE2, LSE atomics, BF16, I8MM), as a
+    native build on such a host would be (GCC 12 knows no Neoverse V2, a Grace CPU's core)."""
+    build = tmp_path_factory.mktemp("aarch64")
     modules = build_native_modules(build, "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
-                                   "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++", f"-DPython_INCLUDE_DIR={sysconfig.get_paths()['include']}",
+                                   f"-DCMAKE_CXX_COMPILER={AARCH64_CXX}", "-DCMAKE_CXX_FLAGS=-mcpu=neoverse-n2",
+                                   f"-DPython_INCLUDE_DIR={sysconfig.get_paths()['include']}",
                                    "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=NEVER", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
                                    "-DCMAKE_FIND_ROOT_PATH_MODE_PACKAGE=NEVER")
+    return build, modules
+
+
+@pytest.mark.slow
+@with_aarch64_cross
+def test_the_module_builds_for_aarch64_with_gcc_and_records_its_features(aarch64_build):
+    """ARM hosts (a GH200's Grace CPU, AWS Graviton) build the module with GCC too: no x86-only
+    flag (-mprefer-vector-width) or type (_Float16 has no C++ form in GCC 12 for aarch64) may
+    reach that compiler. Cross-compiled here, so it is built, not run. The build records the
+    Arm features its flags enable, in the kernel's HWCAP names."""
+    build, modules = aarch64_build
     for module in [*modules.values(), *build.glob("_cpu*.so")]:
         assert module.read_bytes()[18:20] == (183).to_bytes(2, "little")  # ELF e_machine: EM_AARCH64
-    # No x86 feature to check there: the one build is loaded as it is.
-    assert generated_variants(build) == (("_native_host", ()),)
+    ((name, features),) = generated_variants(build)
+    assert name == "_native_host"
+    assert {"atomics", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16"} <= set(features)
+
+
+# Prints the features that csrc/cpu/cpu_features.cpp finds on the CPU it runs on.
+FEATURE_PROBE = r"""
+#include <cstdio>
+#include "cpu_features.h"
+int main() {
+  for (const auto& name : fastmerge::cpu::known_features())
+    if (*fastmerge::cpu::supports(name)) std::printf("%s\n", name.c_str());
+}
+"""
+
+
+@pytest.mark.slow
+@with_aarch64_cross
+@pytest.mark.skipif(not shutil.which("qemu-aarch64"), reason="needs qemu-user (apt install qemu-user) to emulate Arm CPUs")
+def test_the_aarch64_feature_check_reads_the_cpus_hwcap(aarch64_build, tmp_path):
+    """The check that fastmerge._cpu makes on aarch64 Linux (getauxval's HWCAP bits), compiled
+    into a static program and run under qemu on three Arm cores: an armv8.0 Cortex-A57, a
+    Neoverse N1 (LSE atomics, dot product, no SVE) and qemu's `max` (SVE2 and the rest). So a
+    build for the Neoverse N2 above is refused on the first two."""
+    build, _ = aarch64_build
+    source = tmp_path / "probe.cpp"
+    source.write_text(FEATURE_PROBE)
+    probe = tmp_path / "probe"
+    compiled = subprocess.run([AARCH64_CXX, "-std=c++17", "-O1", "-static", f"-I{REPO / 'csrc' / 'cpu'}", f"-I{build / 'cpu'}",
+                               str(source), str(REPO / "csrc" / "cpu" / "cpu_features.cpp"), "-o", str(probe)],
+                              capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+
+    def features_on(cpu):
+        done = subprocess.run(["qemu-aarch64", "-cpu", cpu, str(probe)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return set(done.stdout.split())
+
+    a57, n1, best = features_on("cortex-a57"), features_on("neoverse-n1"), features_on("max")
+    assert "crc32" in a57 and not {"atomics", "asimddp", "sve"} & a57
+    assert {"atomics", "asimddp", "asimdhp", "lrcpc"} <= n1 and not {"sve", "sve2", "i8mm"} & n1
+    assert {"atomics", "sve", "sve2", "i8mm", "bf16"} <= best and a57 <= n1 <= best
+    ((_, needed),) = generated_variants(build)
+    assert not set(needed) <= n1 and set(needed) <= best
