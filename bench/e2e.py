@@ -210,8 +210,9 @@ def measure_roofline(inputs: list[Path], output_bytes: int, scratch: Path, repea
     return Roofline(read, output_bytes, *(statistics.median(part) for part in zip(*parts)))
 
 
-def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
-    """Run one merge as a child process; its wall time and its own peak RSS.
+def run_child(tool: str, method: str, command: list[str], env: dict[str, str] | None = None) -> MergeRun:
+    """Run one merge as a child process (with environment `env`, or this one's); its wall time
+    and its own peak RSS.
 
     The child is started through /usr/bin/time, whose %M is the peak RSS of the command it
     forks. Asking the kernel directly (wait4 on our own child) would not do: a child's maximum
@@ -225,7 +226,7 @@ def run_child(tool: str, method: str, command: list[str]) -> MergeRun:
     with tempfile.NamedTemporaryFile("r", suffix=".time") as stats:
         started = time.perf_counter()
         done = subprocess.run([str(TIME), "-f", "%M", "-o", stats.name, *command] if timed else command,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         wall = time.perf_counter() - started
         output = done.stdout.decode(errors="replace")
         # On failure GNU time writes "Command exited with non-zero status N" before the figure.

@@ -26,12 +26,7 @@ from bench.checkpoints import add_generator_args, generate, model_files, spec_fr
 from bench.e2e import METHODS, config_inputs, fastmerge_command, read_files, run_child
 from fastmerge import _cpu
 from fastmerge._native_variants import VARIANTS
-from fastmerge.native_loader import VARIANT_VARIABLE
-
-
-def runnable_builds() -> list[str]:
-    """The installation's builds this CPU can run, fastest (the default) first."""
-    return [name for name, features in VARIANTS if all(_cpu.supports(feature) for feature in features)]
+from fastmerge.native_loader import VARIANT_VARIABLE, runnable_variants
 
 
 def output_digest(directory: Path) -> str:
@@ -44,19 +39,6 @@ def output_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def run_with_build(build: str, command: list[str], method: str):
-    """run_child with FASTMERGE_NATIVE_VARIANT set to `build` for the child only."""
-    before = os.environ.get(VARIANT_VARIABLE)
-    os.environ[VARIANT_VARIABLE] = build
-    try:
-        return run_child("fastmerge", method, command)
-    finally:
-        if before is None:
-            del os.environ[VARIANT_VARIABLE]
-        else:
-            os.environ[VARIANT_VARIABLE] = before
-
-
 def time_builds(config_path: Path, inputs: list[Path], work: Path, builds: list[str], repeat: int) -> dict:
     """{build: (wall times, output sha256)} for one config, the builds interleaved per round."""
     walls: dict[str, list[float]] = {build: [] for build in builds}
@@ -66,7 +48,8 @@ def time_builds(config_path: Path, inputs: list[Path], work: Path, builds: list[
         for build in builds:
             shutil.rmtree(out, ignore_errors=True)
             read_files(model_files(inputs))  # warm the page cache, as bench.e2e does
-            run = run_with_build(build, fastmerge_command(config_path, out), config_path.stem)
+            run = run_child("fastmerge", config_path.stem, fastmerge_command(config_path, out),
+                            env={**os.environ, VARIANT_VARIABLE: build})
             if run.returncode != 0:
                 raise SystemExit(f"{build} failed on {config_path.stem}:\n{run.log_tail}")
             walls[build].append(run.wall_s)
@@ -88,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if args.repeat < 1:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
-    builds = runnable_builds()
+    builds = runnable_variants(VARIANTS, _cpu.supports)
     skipped = [name for name, _ in VARIANTS if name not in builds]
     print(f"builds: {', '.join(builds)}" + (f" (this CPU cannot run {', '.join(skipped)})" if skipped else ""))
     models = generate(args.work / ("custom" if args.custom else args.preset), spec_from_args(args))

@@ -24,26 +24,34 @@ from typing import Callable, Sequence
 VARIANT_VARIABLE = "FASTMERGE_NATIVE_VARIANT"
 
 
+def missing_features(features: Sequence[str], supports: Callable[[str], bool]) -> list[str]:
+    """Those of a build's `features` that this CPU lacks (`supports` asks the CPU)."""
+    return [feature for feature in features if not supports(feature)]
+
+
+def runnable_variants(variants: Sequence[tuple[str, Sequence[str]]], supports: Callable[[str], bool]) -> list[str]:
+    """The names of the builds in `variants` ((name, features), fastest first) that this CPU can
+    run, in the same order."""
+    return [name for name, features in variants if not missing_features(features, supports)]
+
+
 def choose_variant(variants: Sequence[tuple[str, Sequence[str]]], supports: Callable[[str], bool],
                    forced: str | None = None) -> str:
     """The name of the first build in `variants` ((name, features), fastest first) whose every
     feature `supports`, or of `forced` if this CPU can run it; ImportError otherwise."""
-    def missing(features: Sequence[str]) -> list[str]:
-        return [feature for feature in features if not supports(feature)]
-
     builds = dict(variants)
     if forced:
         if forced not in builds:
             raise ImportError(f"{VARIANT_VARIABLE}={forced!r} is not a build in this installation; "
                               f"the builds are {', '.join(builds)}")
-        if missing(builds[forced]):
-            raise ImportError(f"{VARIANT_VARIABLE}={forced!r} needs CPU features this CPU lacks: "
-                              f"{', '.join(missing(builds[forced]))}")
+        lacking = missing_features(builds[forced], supports)
+        if lacking:
+            raise ImportError(f"{VARIANT_VARIABLE}={forced!r} needs CPU features this CPU lacks: {', '.join(lacking)}")
         return forced
-    for name, features in variants:
-        if not missing(features):
-            return name
-    lacking = "; ".join(f"{name} needs {', '.join(missing(features))}" for name, features in variants)
+    runnable = runnable_variants(variants, supports)
+    if runnable:
+        return runnable[0]
+    lacking = "; ".join(f"{name} needs {', '.join(missing_features(features, supports))}" for name, features in variants)
     raise ImportError(f"fastmerge's native kernels were compiled for a CPU with features this CPU lacks ({lacking}). "
                       "Reinstall fastmerge on this machine (it compiles for the installing CPU), or build the "
                       "portable variants: pip install . -C cmake.define.FASTMERGE_NATIVE_ARCH=OFF")
