@@ -140,6 +140,14 @@ def test_bad_input(pair, tmp_path, capsys):
         extract_lora(tuned, base, tmp_path / "a", include=["("])
     with pytest.raises(ConfigError, match="--svd"):
         extract_lora(tuned, base, tmp_path / "a", svd="fast")
+    for bad in (True, -1e-3, float("nan"), "0.1"):
+        with pytest.raises(ConfigError, match="--sv-epsilon"):
+            extract_lora(tuned, base, tmp_path / "a", sv_epsilon=bad)
+    with pytest.raises(ConfigError, match="seed"):
+        extract_lora(tuned, base, tmp_path / "a", seed=1.5)
+    with pytest.raises(ConfigError, match="embed_lora"):
+        extract_lora(tuned, base, tmp_path / "a", embed_lora="yes")
+    assert not (tmp_path / "a").exists()
     with pytest.raises(PlanError, match="nothing to extract"):
         extract_lora(tuned, base, tmp_path / "a", include=["nothing"])
     other = make_state(TINY, seed=0)
