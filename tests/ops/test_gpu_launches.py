@@ -170,7 +170,7 @@ def test_the_cases_launch_every_kernel_without_fp_fusion(gpu_sized_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="needs Triton's NVIDIA backend (and the ptxas it ships)")
 def test_every_gpu_launch_compiles_for_a100_and_h100(gpu_sized_runs):
     _, launches = gpu_sized_runs
