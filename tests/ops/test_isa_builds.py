@@ -1,5 +1,5 @@
 """The portable build (one per x86-64 level) gives the same bytes at every level, and the
-module builds for aarch64.
+aarch64 builds give them on emulated Arm CPUs.
 
 `pip install` compiles for the building machine (-march=native), so a CI machine with AVX-512
 only ever tests the AVX-512 code paths. Users' machines often have AVX2 only (most desktop
@@ -12,6 +12,11 @@ build and picks a level with FASTMERGE_NATIVE_VARIANT. Those tests compare with 
 reference byte for byte, so a pass means the same bytes on every x86 CPU. Where qemu-user is
 installed, one more test runs fastmerge on an emulated AVX2 CPU: the portable build must pick
 its AVX2 level there, and an AVX-512 build must be refused rather than crash.
+
+aarch64 (a GH200's Grace, Graviton): the module is cross-compiled for a Neoverse N2 and as the
+portable ARMv8.0 build. With an aarch64 Python (`.ci/aarch64-env DIR`, then
+FASTMERGE_TEST_AARCH64_ENV=DIR) the same op and method tests run under qemu-aarch64, on an SVE2
+CPU and on a Neoverse N1, and the N1 must refuse the N2 build rather than crash.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -171,17 +178,26 @@ with_aarch64_cross = pytest.mark.skipif(not (shutil.which(AARCH64_CXX) and shuti
                                         reason="needs the aarch64 cross compiler (apt install g++-aarch64-linux-gnu)")
 
 
+# CMake arguments that cross-compile the module for aarch64 Linux against this Python's headers.
+AARCH64_CROSS = ("-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64", f"-DCMAKE_CXX_COMPILER={AARCH64_CXX}",
+                 f"-DPython_INCLUDE_DIR={sysconfig.get_paths()['include']}", "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=NEVER",
+                 "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER", "-DCMAKE_FIND_ROOT_PATH_MODE_PACKAGE=NEVER")
+
+
 @pytest.fixture(scope="module")
 def aarch64_build(tmp_path_factory):
     """The module cross-compiled for an Arm Neoverse N2 (SVE2, LSE atomics, BF16, I8MM), as a
     native build on such a host would be (GCC 12 knows no Neoverse V2, a Grace CPU's core)."""
     build = tmp_path_factory.mktemp("aarch64")
-    modules = build_native_modules(build, "-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
-                                   f"-DCMAKE_CXX_COMPILER={AARCH64_CXX}", "-DCMAKE_CXX_FLAGS=-mcpu=neoverse-n2",
-                                   f"-DPython_INCLUDE_DIR={sysconfig.get_paths()['include']}",
-                                   "-DCMAKE_FIND_ROOT_PATH_MODE_INCLUDE=NEVER", "-DCMAKE_FIND_ROOT_PATH_MODE_PROGRAM=NEVER",
-                                   "-DCMAKE_FIND_ROOT_PATH_MODE_PACKAGE=NEVER")
-    return build, modules
+    return build, build_native_modules(build, *AARCH64_CROSS, "-DCMAKE_CXX_FLAGS=-mcpu=neoverse-n2")
+
+
+@pytest.fixture(scope="module")
+def aarch64_portable_build(tmp_path_factory):
+    """The portable aarch64 build (FASTMERGE_NATIVE_ARCH=OFF): ARMv8.0, NEON, which every
+    aarch64 CPU has; GCC's outline atomics take LSE where the CPU has it."""
+    build = tmp_path_factory.mktemp("aarch64-portable")
+    return build, build_native_modules(build, *AARCH64_CROSS, "-DFASTMERGE_NATIVE_ARCH=OFF")
 
 
 @pytest.mark.slow
@@ -197,6 +213,24 @@ def test_the_module_builds_for_aarch64_with_gcc_and_records_its_features(aarch64
     ((name, features),) = generated_variants(build)
     assert name == "_native_host"
     assert {"atomics", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16"} <= set(features)
+    # _cpu runs on every aarch64 CPU although CMAKE_CXX_FLAGS name the N2: no SVE, and LSE
+    # atomics only in libgcc's outline helpers, behind their check of the CPU (a `cbz`).
+    if shutil.which(AARCH64_OBJDUMP):
+        (cpu_module,) = build.glob("_cpu*.so")
+        assert unguarded_armv8_1_instructions(cpu_module) == []
+
+
+AARCH64_OBJDUMP = "aarch64-linux-gnu-objdump"
+LSE_ATOMIC = re.compile(r"\t(ldadd|ldclr|ldeor|ldset|ldsmax|ldsmin|ldumax|ldumin|swp|casp?)[a-z]*\s")
+SVE_REGISTER = re.compile(r"\b[zp]\d+\.[bhsdq]\b")
+
+
+def unguarded_armv8_1_instructions(library: Path) -> list[str]:
+    """The instructions in `library` that an ARMv8.0 CPU lacks and that run whatever the CPU:
+    SVE ones, and LSE atomics not right after a branch on the CPU's features."""
+    lines = subprocess.run([AARCH64_OBJDUMP, "-d", str(library)], capture_output=True, text=True, check=True).stdout.splitlines()
+    return [line for before, line in zip(lines, lines[1:])
+            if SVE_REGISTER.search(line) or (LSE_ATOMIC.search(line) and "\tcbz\t" not in before)]
 
 
 # Prints the features that csrc/cpu/cpu_features.cpp finds on the CPU it runs on.
@@ -238,3 +272,89 @@ def test_the_aarch64_feature_check_reads_the_cpus_hwcap(aarch64_build, tmp_path)
     assert {"atomics", "sve", "sve2", "i8mm", "bf16"} <= best and a57 <= n1 <= best
     ((_, needed),) = generated_variants(build)
     assert not set(needed) <= n1 and set(needed) <= best
+
+
+@pytest.mark.slow
+@with_aarch64_cross
+def test_the_portable_aarch64_build_is_armv8_0(aarch64_portable_build):
+    """What a portable aarch64 wheel carries runs on any aarch64 CPU: one build, needing no
+    feature, with no SVE or unguarded LSE instruction in it."""
+    build, modules = aarch64_portable_build
+    assert generated_variants(build) == (("_native_baseline", ()),)
+    if shutil.which(AARCH64_OBJDUMP):
+        assert unguarded_armv8_1_instructions(modules["_native_baseline"]) == []
+
+
+# An aarch64 Python 3.11 with torch, run under qemu-user, made by `.ci/aarch64-env DIR`.
+AARCH64_ENV = os.environ.get("FASTMERGE_TEST_AARCH64_ENV", "")
+with_aarch64_env = pytest.mark.skipif(
+    not (AARCH64_ENV and os.access(os.path.join(AARCH64_ENV, "python"), os.X_OK) and sys.version_info[:2] == (3, 11)),
+    reason="needs FASTMERGE_TEST_AARCH64_ENV: an aarch64 Python 3.11 made by .ci/aarch64-env (the module is built for this Python)")
+
+# Run by the aarch64 Python in a copy of the package and the tests (emulated_arm_tree): checks
+# that fastmerge._native is the build FASTMERGE_NATIVE_VARIANT names, then runs pytest on argv.
+RUN_ON_ARM = r"""
+import os, sys
+sys.executable = os.environ["FASTMERGE_TEST_PYTHON"]  # the tests' own child interpreters run under qemu too
+from fastmerge import _native
+assert _native.__name__ == "fastmerge." + os.environ["FASTMERGE_NATIVE_VARIANT"], _native.__name__
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+def emulated_arm_tree(tree: Path, build: Path) -> Path:
+    """A copy of the package with `build`'s compiled modules in it, and of the tests beside it,
+    as the aarch64 Python imports them: its child interpreters (the thread-count and fallback
+    tests start some) find the same build without any import hook."""
+    shutil.copytree(REPO / "fastmerge", tree / "fastmerge", ignore=shutil.ignore_patterns("__pycache__", "*.so", "_native_variants.py"))
+    shutil.copytree(REPO / "tests", tree / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tree)
+    shutil.copy(build / "_native_variants.py", tree / "fastmerge")
+    for module in build.glob("*.so"):  # named for this Python's platform: `<name>.so` is what any Python imports
+        shutil.copy(module, tree / "fastmerge" / f"{module.name.split('.')[0]}.so")
+    return tree
+
+
+def run_on_arm(tree: Path, cpu: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    python = os.path.join(AARCH64_ENV, "python")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.path.join(AARCH64_ENV, "site")]), QEMU_CPU=cpu,
+               FASTMERGE_TEST_PYTHON=python, **env)
+    return subprocess.run([python, *args], capture_output=True, text=True, cwd=tree, env=env, timeout=1800)
+
+
+@pytest.mark.slow
+@with_aarch64_cross
+@with_aarch64_env
+@pytest.mark.parametrize("build, cpu", [("aarch64_build", "max,sve-default-vector-length=16"),
+                                        ("aarch64_portable_build", "neoverse-n1")],
+                         ids=["neoverse-n2-build-on-sve2-128-bit", "portable-build-on-neoverse-n1"])
+def test_the_aarch64_builds_give_the_reference_bytes_on_emulated_arm_cpus(request, build, cpu, tmp_path):
+    """The op and method tests, run by an aarch64 Python under qemu: the N2 build on a CPU with
+    SVE2 at 128 bits (a Grace's and an N2's vector length), and the portable ARMv8.0 build on a
+    Neoverse N1 (NEON, no SVE; torch 2.10's aarch64 wheel needs ARMv8.2, so no older core). The
+    native kernels must give the reference's bytes there as on x86 (the compiler vectorises for
+    SVE or NEON, and `char` is unsigned)."""
+    build, modules = request.getfixturevalue(build)
+    (variant,) = modules
+    tree = emulated_arm_tree(tmp_path / "tree", build)
+    done = run_on_arm(tree, cpu, "-c", RUN_ON_ARM, "-q", "-p", "no:cacheprovider", "tests/ops", "tests/methods", "-k",
+                      "native or methods", FASTMERGE_NATIVE_VARIANT=variant)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+@pytest.mark.slow
+@with_aarch64_cross
+@with_aarch64_env
+def test_an_older_arm_cpu_refuses_a_newer_build_and_merges_on_the_reference(aarch64_build, tmp_path):
+    """On an emulated Neoverse N1 (no SVE) the N2 build is refused with a warning that names what
+    the CPU lacks, and TIES gives the reference's bytes all the same."""
+    build, _ = aarch64_build
+    tree = emulated_arm_tree(tmp_path / "tree", build)
+    done = run_on_arm(tree, "neoverse-n1", "-c", EMULATED_PROBE, "")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "sve" not in report["cpu"] and report["build"] is None and "native" not in report["backends"]
+    (warning,) = report["warnings"]
+    assert "native kernels are unavailable" in warning and "sve2" in warning and report["same"]
