@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from _support import snapshot, write_config
 from op_support import REPO, build_native_modules
 
 # Makes `import fastmerge.<name>` find the compiled modules (the builds, _cpu, _native_variants)
@@ -358,3 +359,56 @@ def test_an_older_arm_cpu_refuses_a_newer_build_and_merges_on_the_reference(aarc
     assert "sve" not in report["cpu"] and report["build"] is None and "native" not in report["backends"]
     (warning,) = report["warnings"]
     assert "native kernels are unavailable" in warning and "sve2" in warning and report["same"]
+
+
+# Every element-wise method (each native kernel: blend, TIES, DARE/della draws, breadcrumbs'
+# ranks, slerp, model_stock's geometry), as fastmerge.run configs for the tiny_models fixture.
+def cross_machine_configs(models: dict[str, Path]) -> dict[str, dict]:
+    def three(**parameters):
+        return [{"model": str(models[name]), "parameters": parameters} for name in ("ft1", "ft2", "ft3")]
+
+    base = str(models["base"])
+    return {
+        "linear": {"merge_method": "linear", "models": three(weight=0.5)},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base, "models": three(weight=0.4)},
+        "ties": {"merge_method": "ties", "base_model": base, "models": three(weight=0.5, density=0.4)},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": base, "models": three(weight=0.5, density=0.4)},
+        "della": {"merge_method": "della", "base_model": base, "models": three(weight=0.5, density=0.4, epsilon=0.1)},
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base, "models": three(weight=0.5, density=0.8, gamma=0.05)},
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": [{"model": str(models[n])} for n in ("ft1", "ft2")]},
+        "slerp": {"merge_method": "slerp", "base_model": str(models["ft1"]), "models": [{"model": str(models["ft1"])},
+                  {"model": str(models["ft2"])}], "parameters": {"t": 0.3}},
+    }
+
+
+# argv: the configs' directory, the outputs' directory: runs each config into outputs/<name>,
+# then prints the backends it had.
+MERGE_EACH = r"""
+import pathlib, sys
+import fastmerge
+for config in sorted(pathlib.Path(sys.argv[1]).glob("*.yml")):
+    fastmerge.run(str(config), str(pathlib.Path(sys.argv[2]) / config.stem))
+print(" ".join(fastmerge.ops.available_backends()))
+"""
+
+
+@pytest.mark.slow
+@with_aarch64_cross
+@with_aarch64_env
+def test_merges_on_an_emulated_arm_cpu_write_the_files_they_write_here(aarch64_build, tiny_models, tmp_path):
+    """Byte-exact reproducibility across machines: eight merges, one per element-wise method, run
+    here (x86, this torch, the installed build) and by the aarch64 Python (torch 2.10, the N2
+    build, an SVE2 CPU) write the same files, byte for byte."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name, config in cross_machine_configs(tiny_models).items():
+        write_config(configs / f"{name}.yml", config)
+    here = subprocess.run([sys.executable, "-c", MERGE_EACH, str(configs), str(tmp_path / "x86")], capture_output=True, text=True)
+    assert here.returncode == 0, here.stderr[-3000:]
+    tree = emulated_arm_tree(tmp_path / "tree", aarch64_build[0])
+    arm = run_on_arm(tree, "max,sve-default-vector-length=16", "-c", MERGE_EACH, str(configs), str(tmp_path / "arm"))
+    assert arm.returncode == 0, arm.stderr[-3000:]
+    assert "native" in arm.stdout.split() and "native" in here.stdout.split()
+    for name in cross_machine_configs(tiny_models):
+        files = snapshot(tmp_path / "x86" / name)
+        assert "model.safetensors" in files and snapshot(tmp_path / "arm" / name) == files, name
