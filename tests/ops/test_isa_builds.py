@@ -318,6 +318,7 @@ def emulated_arm_tree(tree: Path, build: Path) -> Path:
 
 
 def run_on_arm(tree: Path, cpu: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """The aarch64 Python with `args`, in `tree`, under qemu emulating `cpu` (a QEMU_CPU value)."""
     python = os.path.join(AARCH64_ENV, "python")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.path.join(AARCH64_ENV, "site")]), QEMU_CPU=cpu,
                FASTMERGE_TEST_PYTHON=python, **env)
