@@ -1,7 +1,8 @@
 // Which instruction-set features the running CPU (and its operating system) offers, by the names
 // CMakeLists.txt lists: __builtin_cpu_supports' on x86, the kernel's HWCAP names (as in
-// /proc/cpuinfo) on aarch64 Linux. Compiled without -march, so it runs on any CPU of its
-// architecture, unlike the builds of the kernels that fastmerge/native_loader.py chooses among.
+// /proc/cpuinfo) on aarch64 Linux. Compiled for its architecture's baseline (CMakeLists.txt), so
+// it runs on any CPU of it, unlike the builds of the kernels that fastmerge/native_loader.py
+// chooses among.
 #pragma once
 
 #include <optional>

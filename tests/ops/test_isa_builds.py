@@ -58,9 +58,11 @@ def import_from_build(build):
 """
 
 # With the build directory argv[1]: checks that fastmerge._native is the build that
-# FASTMERGE_NATIVE_VARIANT names, then runs pytest on the rest of argv.
+# FASTMERGE_NATIVE_VARIANT names, then runs pytest on the rest of argv. The tests' own child
+# interpreters are FASTMERGE_TEST_PYTHON where that is set (the aarch64 Python, under qemu too).
 RUN_WITH_BUILD = BUILD_FINDER + r"""
 import os
+sys.executable = os.environ.get("FASTMERGE_TEST_PYTHON", sys.executable)
 build = pathlib.Path(sys.argv[1])
 import_from_build(build)
 from fastmerge import _native
@@ -292,18 +294,6 @@ with_aarch64_env = pytest.mark.skipif(
     not (AARCH64_ENV and os.access(os.path.join(AARCH64_ENV, "python"), os.X_OK) and sys.version_info[:2] == (3, 11)),
     reason="needs FASTMERGE_TEST_AARCH64_ENV: an aarch64 Python 3.11 made by .ci/aarch64-env (the module is built for this Python)")
 
-# Run by the aarch64 Python in a copy of the package and the tests (emulated_arm_tree): checks
-# that fastmerge._native is the build FASTMERGE_NATIVE_VARIANT names, then runs pytest on argv.
-RUN_ON_ARM = r"""
-import os, sys
-sys.executable = os.environ["FASTMERGE_TEST_PYTHON"]  # the tests' own child interpreters run under qemu too
-from fastmerge import _native
-assert _native.__name__ == "fastmerge." + os.environ["FASTMERGE_NATIVE_VARIANT"], _native.__name__
-import pytest
-sys.exit(pytest.main(sys.argv[1:]))
-"""
-
-
 def emulated_arm_tree(tree: Path, build: Path) -> Path:
     """A copy of the package with `build`'s compiled modules in it, and of the tests beside it,
     as the aarch64 Python imports them: its child interpreters (the thread-count and fallback
@@ -340,8 +330,8 @@ def test_the_aarch64_builds_give_the_reference_bytes_on_emulated_arm_cpus(reques
     build, modules = request.getfixturevalue(build)
     (variant,) = modules
     tree = emulated_arm_tree(tmp_path / "tree", build)
-    done = run_on_arm(tree, cpu, "-c", RUN_ON_ARM, "-q", "-p", "no:cacheprovider", "tests/ops", "tests/methods", "-k",
-                      "native or methods", FASTMERGE_NATIVE_VARIANT=variant)
+    done = run_on_arm(tree, cpu, "-c", RUN_WITH_BUILD, str(tree / "fastmerge"), "-q", "-p", "no:cacheprovider",
+                      "tests/ops", "tests/methods", "-k", "native or methods", FASTMERGE_NATIVE_VARIANT=variant)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and " failed" not in done.stdout
 
