@@ -2,13 +2,13 @@
 // files and take raw pointers, element counts and dtype codes (csrc/dtype.h), never torch objects.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-#include <omp.h>
 
 #include "blend.h"
 #include "dot.h"
 #include "mask.h"
 #include "rbf.h"
 #include "selection.h"
+#include "threads.h"
 #ifdef FASTMERGE_WITH_CUDA
 #include "cuda/device.h"
 #include "selection_cuda.h"
@@ -18,8 +18,9 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(FASTMERGE_MODULE_NAME, m) {
   m.doc() = "fastmerge native CPU kernels (C++17, OpenMP)";
+  m.attr("has_openmp") = fastmerge::kHasOpenMP;
   m.def("max_threads", []() { return omp_get_max_threads(); },
-        "Number of OpenMP threads a kernel will use.");
+        "Number of OpenMP threads a kernel will use (1 in a build without OpenMP, see threads.h).");
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); },
         "Set the OpenMP thread count for later kernel calls (results do not depend on it).");
   m.def("blend", &fastmerge::blend, py::call_guard<py::gil_scoped_release>(),

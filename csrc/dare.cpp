@@ -5,7 +5,6 @@
 // sums elements l, l + L, l + 2L, ... in index order; the lane sums are then added in lane order.
 // Lanes make the order independent of threads here, map onto vectorised loops in Triton and
 // numpy, and keep the final sequential sum short.
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +13,7 @@
 
 #include "mask.h"
 #include "selection.h"
+#include "threads.h"
 
 namespace fastmerge {
 

@@ -1,6 +1,5 @@
 // Magnitude selection (histogram threshold, tie cut-off) and the fused TIES-family merge.
 // Every loop works on kChunk-element fp32 copies of the inputs (selection.h load_delta).
-#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -15,6 +14,7 @@
 #include "bin_counter.h"
 #include "mask.h"
 #include "selection.h"
+#include "threads.h"
 
 namespace fastmerge {
 

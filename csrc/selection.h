@@ -57,7 +57,8 @@ struct Selector {
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) {
           const uint32_t bits = f32_bits(d[j]) & 0x7fffffffu;
-          const bool keep = in_top(bits, off + j, t_lo, cut_lo) & !in_top(bits, off + j, t_hi, cut_hi);
+          // `&`, not `&&`: both tests always run, so the loop has no branch to keep it scalar.
+          const bool keep = int(in_top(bits, off + j, t_lo, cut_lo)) & int(!in_top(bits, off + j, t_hi, cut_hi));
           d[j] = keep ? d[j] * scale : 0.f;
         }
         return;

@@ -18,7 +18,6 @@
 // scanned. When the k-th largest lies outside the window, the classic passes decide; when it
 // lies among the nonzero low bits of a bucket without a histogram, one fine pass over that
 // bucket does. The answer never depends on the sample: only the speed does.
-#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -31,6 +30,7 @@
 
 #include "bin_counter.h"
 #include "selection.h"
+#include "threads.h"
 
 namespace fastmerge {
 
@@ -73,7 +73,8 @@ struct Window {
 // the true k-th largest is binomial, so +-5 standard deviations (plus a few ranks) around
 // k * sample / n covers it. A sample of the whole tensor is exact. `team` threads take the sample.
 std::vector<Window> predict_windows(const void* xp, int x_dtype, const void* bp, int b_dtype, int64_t n,
-                                    const std::vector<int64_t>& ks, int64_t sample, int team) {
+                                    const std::vector<int64_t>& ks, int64_t sample,
+                                    [[maybe_unused]] int team) {  // unused without OpenMP
   const int64_t m = std::min(n, std::max<int64_t>(sample, 1));
   // Element s * n / m for s < m, as s * q + s * r / m (no overflow: s * r < m^2), stepped
   // without a division per element. Each sampled element is a cache miss (and, in a mapped

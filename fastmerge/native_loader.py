@@ -73,4 +73,8 @@ def describe_native() -> str:
         from . import _native
     except ImportError as error:
         return f"native kernels: none usable here ({error})"
-    return f"native kernels: {_native.__name__.rpartition('.')[2]}"
+    name = _native.__name__.rpartition(".")[2]
+    if not _native.has_openmp:
+        return (f"native kernels: {name}, built without OpenMP, so on one thread (install the compiler's OpenMP "
+                "runtime, e.g. libomp, and reinstall fastmerge for all cores)")
+    return f"native kernels: {name}"

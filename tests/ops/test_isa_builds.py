@@ -35,42 +35,7 @@ from pathlib import Path
 import pytest
 
 from _support import snapshot, write_config
-from op_support import REPO, build_native_modules
-
-# Makes `import fastmerge.<name>` find the compiled modules (the builds, _cpu, _native_variants)
-# in a build directory before the installed ones: import_from_build(directory).
-BUILD_FINDER = r"""
-import importlib.util, pathlib, sys
-
-class BuildFinder:
-    def __init__(self, build):
-        self.build = build
-
-    def find_spec(self, name, path=None, target=None):
-        package, _, stem = name.rpartition(".")
-        for candidate in self.build.glob(stem + ".*") if package == "fastmerge" else ():
-            if candidate.name.split(".")[0] == stem and candidate.suffix in (".so", ".py"):
-                return importlib.util.spec_from_file_location(name, candidate)
-        return None
-
-def import_from_build(build):
-    sys.meta_path.insert(0, BuildFinder(build))
-"""
-
-# With the build directory argv[1]: checks that fastmerge._native is the build that
-# FASTMERGE_NATIVE_VARIANT names, then runs pytest on the rest of argv. The tests' own child
-# interpreters are FASTMERGE_TEST_PYTHON where that is set (the aarch64 Python, under qemu too).
-RUN_WITH_BUILD = BUILD_FINDER + r"""
-import os
-sys.executable = os.environ.get("FASTMERGE_TEST_PYTHON", sys.executable)
-build = pathlib.Path(sys.argv[1])
-import_from_build(build)
-from fastmerge import _native
-assert _native.__name__ == "fastmerge." + os.environ["FASTMERGE_NATIVE_VARIANT"], _native.__name__
-assert pathlib.Path(_native.__file__).parent == build, _native.__file__
-import pytest
-sys.exit(pytest.main(sys.argv[2:]))
-"""
+from op_support import BUILD_FINDER, REPO, RUN_WITH_BUILD, build_native_modules
 
 LEVELS = ("_native_v4_vpopcntdq", "_native_v4", "_native_v3", "_native_baseline")
 

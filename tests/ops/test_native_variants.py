@@ -76,8 +76,11 @@ def test_the_feature_check_agrees_with_the_kernels_cpu_flags():
 
     flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith("flags")).split(":", 1)[1].split())
+    known = set(_cpu.known_features())  # a Clang before 16 cannot check f16c, movbe, avx512fp16 (CMakeLists.txt)
+    assert {"avx2", "fma", "bmi2", "avx512f", "avx512vpopcntdq"} <= known
     for feature, flag in CPUINFO_NAMES.items():
-        assert _cpu.supports(feature) == (flag in flags), feature
+        if feature in known:
+            assert _cpu.supports(feature) == (flag in flags), feature
 
 
 def test_an_unknown_feature_name_is_refused():

@@ -430,11 +430,11 @@ def test_native_della_mask_makes_the_rescale_sums_in_lane_order(shape, classes, 
     x = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-40, 40, (n,), generator=gen).float())
     x[torch.arange(n) % 65536 >= 16] = 0.0  # the total is then 16 lanes' sums, no lane's last bits lost in it
     x, base = x.reshape(shape), torch.zeros(shape)  # d = x, all 24 bits of it
-    with native_threads(threads):
+    with native_threads(threads) as team:
         keep, _, sums = native_della(x, base, della_fibres(shape), 0.4, 0.15, 12345, l1=True)
         keep_alone, _, none = native_della(x, base, della_fibres(shape), 0.4, 0.15, 12345)
     assert torch.equal(keep, keep_alone) and none is None
-    if classes < threads:
+    if classes < team:
         assert sums is None
         return
     delta = x.reshape(-1).float() - base.reshape(-1).float()
