@@ -31,6 +31,10 @@ from .vocab.tokens import MODEL, ZERO
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)(?P<suffix>\..+)$")
 # Non-layer tensors that sit before the decoder stack (the rest sit after it).
 _PRE_LAYER_HINTS = ("embed", "wte", "wpe", "tok_embeddings", "word_embeddings")
+# Buffers that older conversions saved but transformers recomputes from the config (RoPE's
+# inverse frequencies): no weights, so a merge leaves them out, as mergekit's architecture
+# tables do, whichever models have them.
+_RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq",)
 # A flat merge's rule for a tensor that not every model has (mergekit-pytorch's flags): stop with
 # an error, merge it from the models that have it (--tensor-union), or leave it out
 # (--tensor-intersection).
@@ -70,6 +74,10 @@ def layer_index(name: str) -> int | None:
     """The decoder layer a tensor belongs to, parsed from its name (no per-architecture table)."""
     match = _LAYER_NAME.match(name)
     return int(match["index"]) if match else None
+
+
+def _is_recomputed_buffer(name: str) -> bool:
+    return name.endswith(_RECOMPUTED_BUFFERS)
 
 
 def with_layer_index(name: str, index: int) -> str:
@@ -243,7 +251,7 @@ class _PlanBuilder:
         template = self._template(slices[0])
         template_layers = layer_count(template)
 
-        pre, post, layer_names = self._split_names(template)
+        pre, post, layer_names = self._split_names(template.names)
         post += self._untied_output_embeddings(slices[0], template)
         self._plan_non_layer(pre, slices[0])
         out_layers = 0
@@ -253,7 +261,34 @@ class _PlanBuilder:
 
         if not self.tensors:
             raise PlanError(f"nothing to merge: {template.path} has no tensors")
+        self._check_every_tensor_is_planned(slices)
+        buffers = sorted({n for c in self.checkpoints for n in c.names if _is_recomputed_buffer(n)})
+        if buffers:
+            self.notes.append(f"left out {len(buffers)} saved rotary_emb.inv_freq buffer(s), which transformers "
+                              "recomputes from the config (as mergekit does)")
         return self._plan(slices[0], template, out_layers if layer_names else None, template_layers)
+
+    def _check_every_tensor_is_planned(self, slices: list[SliceSpec]) -> None:
+        """The output's tensor names come from one model (the template: the base, else the first
+        model; in slices each slice's first source names its layers), so a tensor that another
+        model has in the part of it the merge takes would otherwise be dropped without a word, as
+        would one the template lacks (a shard its index forgets): the written model would miss
+        it. A `models:` merge takes every model whole; a slice takes its sources' layers in
+        their ranges, the first slice their tensors before the layers, the last those after."""
+        used = {(ref.checkpoint, ref.name) for t in self.tensors for ref in t.inputs + ([t.base] if t.base else [])}
+        template = self._base_name(slices[0]) or slices[0].sources[0].model
+        for position, out_slice in enumerate(slices):
+            layers_from = out_slice.sources[0].model if self.spec.slices is not None else template
+            for source in out_slice.sources:
+                pre, post, layers = self._split_names(self.checkpoints[self.index[source.model]].names)
+                start, end = source.layer_range if self.spec.slices is not None else (0, max(layers, default=-1) + 1)
+                taken = [(n, layers_from) for layer in range(start, end) for n in layers.get(layer, [])]
+                taken += [(n, template) for n in (pre if position == 0 else []) + (post if position == len(slices) - 1 else [])]
+                for name, named_by in taken:
+                    if (self.index[source.model], name) not in used:
+                        raise PlanError(f"tensor {name} is missing from model {named_by}, whose tensor names the "
+                                        f"merge takes, though model {source.model} has it (the output would lack it); "
+                                        "give every model the same tensors")
 
     def build_flat(self, missing: str) -> Plan:
         """mergekit-pytorch's merge of arbitrary checkpoints: every tensor name of the `models:`
@@ -320,9 +355,13 @@ class _PlanBuilder:
         return self.checkpoints[self.index[name]]
 
     @staticmethod
-    def _split_names(template: Checkpoint) -> tuple[list[str], list[str], dict[int, list[str]]]:
+    def _split_names(names: Iterable[str]) -> tuple[list[str], list[str], dict[int, list[str]]]:
+        """A model's tensor names: those before the layers, those after, and each layer's (no
+        recomputed buffers)."""
         pre, post, layers = [], [], {}
-        for name in template.names:
+        for name in names:
+            if _is_recomputed_buffer(name):
+                continue
             index = layer_index(name)
             if index is not None:
                 layers.setdefault(index, []).append(name)
@@ -400,7 +439,7 @@ class _PlanBuilder:
     def _names_of_layer(self, model: str, layer: int, template_layers: dict[int, list[str]]) -> list[str]:
         if self.spec.slices is None:
             return template_layers.get(layer, [])
-        names = [n for n in self.checkpoints[self.index[model]].names if layer_index(n) == layer]
+        names = [n for n in self.checkpoints[self.index[model]].names if layer_index(n) == layer and not _is_recomputed_buffer(n)]
         if not names:
             raise PlanError(f"{model} has no tensors for layer {layer}")
         return names

@@ -64,6 +64,68 @@ def test_missing_tensor_in_one_model(tiny_models, tmp_path, capsys):
     assert_failed_cleanly(code, out, capsys, "model.layers.1.mlp.up_proj.weight", str(partial))
 
 
+def _without(tmp_path: Path, name: str, seed: int, *missing: str) -> Path:
+    from _support import TINY
+    from fastmerge.demo import make_state, write_checkpoint
+
+    state = make_state(TINY, seed)
+    for tensor in missing:
+        del state[tensor]
+    return write_checkpoint(tmp_path / name, state, TINY)
+
+
+@pytest.mark.parametrize("role", ["first model", "base model", "slice's first source"])
+def test_a_tensor_the_model_naming_the_outputs_tensors_lacks_stops_the_merge(tiny_models, tmp_path, capsys, role):
+    """The output's tensor names come from the base (else the first model; in slices, each
+    slice's first source names its layers): a tensor it lacks but another model has would be
+    left out of the output, a model missing a layer, so the merge stops whichever model lacks it."""
+    partial = _without(tmp_path, "partial", 5, "model.layers.1.mlp.up_proj.weight")
+    if role == "first model":
+        config = linear_config(partial, tiny_models["ft1"])
+    elif role == "base model":
+        config = {"merge_method": "task_arithmetic", "base_model": str(partial),
+                  "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0}}]}
+    else:
+        config = {"merge_method": "slerp", "base_model": str(partial), "parameters": {"t": 0.5},
+                  "slices": [{"sources": [{"model": str(m), "layer_range": [0, 3]} for m in (partial, tiny_models["ft1"])]}]}
+    code, out = run_cli(tmp_path, config)
+    assert_failed_cleanly(code, out, capsys, f"model.layers.1.mlp.up_proj.weight is missing from model {partial}",
+                          f"though model {tiny_models['ft1']} has it")
+
+
+def test_a_slice_takes_only_its_layers_and_a_later_slice_its_own(tiny_models, tmp_path):
+    """A model that lacks a tensor outside the layers a slice takes from it merges: only the
+    layers in its range must match."""
+    partial = _without(tmp_path, "partial", 5, "model.layers.2.mlp.up_proj.weight")
+    config = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(partial), "layer_range": [0, 2]}]},
+                         {"sources": [{"model": str(tiny_models["ft1"]), "layer_range": [2, 3]}]}]}
+    code, out = run_cli(tmp_path, config)
+    assert code == 0 and (out / "model.safetensors").exists()
+
+
+def test_saved_rotary_buffers_are_left_out_whichever_models_have_them(tiny_models, tmp_path, capsys):
+    """Old Llama conversions saved RoPE's inv_freq, which transformers recomputes: the merge
+    leaves it out (as mergekit does), in either model order, and says so."""
+    import torch
+
+    from _support import TINY, load_dir
+    from fastmerge.demo import make_state, write_checkpoint
+
+    state = make_state(TINY, 5)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(4)
+    with_buffer = write_checkpoint(tmp_path / "with-buffer", state, TINY)
+    outputs = []
+    for order in ((with_buffer, tiny_models["ft1"]), (tiny_models["ft1"], with_buffer)):
+        out = tmp_path / f"merged-{len(outputs)}"
+        code, out = run_cli(tmp_path, linear_config(*order), out=out)
+        assert code == 0
+        outputs.append(load_dir(out))
+    assert not any("inv_freq" in name for name in outputs[0])
+    assert outputs[0].keys() == outputs[1].keys() == set(make_state(TINY, 5))
+    assert "left out 1 saved rotary_emb.inv_freq buffer" in capsys.readouterr().out
+
+
 def test_shape_mismatch(tiny_models, tmp_path, capsys):
     from _support import TINY
     from fastmerge.demo import LlamaShape, make_state, write_checkpoint
