@@ -43,7 +43,7 @@ def _add_output_options(parser: argparse.ArgumentParser, seed_help: str) -> None
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the kernels [default: all cores]")
     parser.add_argument("--allow-pickle", action="store_true", help="also read pickled weights: pytorch_model*.bin, bare .bin/.pt/.pth (loaded with weights_only=True)")
     parser.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy tokenizer files")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT, an earlier output, if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -469,6 +469,9 @@ def _guarded(handler: Callable[[argparse.Namespace], None], args: argparse.Names
             traceback.print_exc()
         print(f"fastmerge: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # what the checks before could not foresee: a file unreadable, a disk full
+        print(f"fastmerge: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         signum, how = (exc.signum, f"stopped by {exc}") if isinstance(exc, Stopped) else (signal.SIGINT, "interrupted")
         print(f"fastmerge: {how}; the output in progress was discarded", file=sys.stderr)
@@ -493,6 +496,7 @@ _IGNORED_MERGEKIT_FLAGS = {
     "allow_crimes": "fastmerge checks shapes, not architecture names",
     "write_model_card": "fastmerge does not write a model card",
     "multi_gpu": "fastmerge merges on one device",
+    "trust_remote_code": "fastmerge never runs model code",
 }
 # mergekit flags that take a value: two for LoRA references (model+adapter), which fastmerge
 # applies tensor by tensor as it reads them instead of merging a full copy into a cache.
@@ -523,7 +527,6 @@ def _add_mergekit_options(parser: argparse.ArgumentParser) -> None:
     for flag in _IGNORED_MERGEKIT_VALUE_FLAGS:
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
-    parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
 
 
 def _add_config_and_out(parser: argparse.ArgumentParser) -> None:
@@ -548,9 +551,10 @@ def _add_multi_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _mergekit_main(prog: str, args: argparse.Namespace, command: Callable[[argparse.Namespace], None]) -> int:
-    """Translate mergekit's flags to fastmerge's (noting the ignored ones), then run `command`."""
+    """Translate mergekit's flags to fastmerge's (noting the ignored ones that ask for something:
+    a `--no-...` form asks for what fastmerge does anyway), then run `command`."""
     for flag, why in (_IGNORED_MERGEKIT_FLAGS | _IGNORED_MERGEKIT_VALUE_FLAGS).items():
-        if getattr(args, flag) is not None and not args.quiet:
+        if getattr(args, flag) not in (None, False) and not args.quiet:
             print(f"{prog}: note: --{flag.replace('_', '-')} accepted and ignored ({why})", file=sys.stderr)
     args.verbose = args.verbosity > 0
 
@@ -559,8 +563,6 @@ def _mergekit_main(prog: str, args: argparse.Namespace, command: Callable[[argpa
 
         if not a.safe_serialization:
             raise ConfigError("--no-safe-serialization is not supported: fastmerge writes safetensors only")
-        if a.trust_remote_code:
-            raise ConfigError("--trust-remote-code is not needed: fastmerge never runs model code")
         a.device = "cuda" if a.cuda else (a.device or "auto")
         a.seed = a.random_seed if a.random_seed is not None else 0
         a.backend = None

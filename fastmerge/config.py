@@ -125,8 +125,11 @@ def read_mapping(config: str | Path | Mapping[str, Any], needs: str) -> dict[str
     if isinstance(config, Path) or (isinstance(config, str) and "\n" not in config and config.endswith((".yml", ".yaml"))):
         path = Path(config)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+            raise ConfigError(f"config file {path} " + ("is not a file" if path.exists() else "does not exist"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path}: cannot read it as UTF-8 text ({exc})") from None
         origin = str(path)
     else:
         text, origin = str(config), "config text"

@@ -168,7 +168,8 @@ def _merge_into(plan: Plan, out_dir: Path, torch_device: torch.device, seed: int
                 max_shard: int, overwrite: bool, copy_tokenizer: bool) -> tuple[ShardedWriter, Path, list[str]]:
     """Prepare, stream and write into a staged directory; commit it only when complete."""
     inputs = [path for c in plan.checkpoints for path in c.sources]
-    with StagedOutput(out_dir, inputs, overwrite=overwrite) as staged:
+    read_files = [path for c in plan.checkpoints for path in c.files] + [Path(p) for p in mask_paths(plan)]
+    with StagedOutput(out_dir, inputs, overwrite=overwrite, read_files=read_files) as staged:
         plan.method.prepare(_prepare_context(plan, torch_device, seed, staged.path, backend))
         writer = ShardedWriter(
             staged.path,
@@ -205,6 +206,14 @@ def _prepare_context(plan: Plan, device: torch.device, seed: int, output_dir: Pa
     )
 
 
+def mask_paths(plan: Plan) -> set[str]:
+    """The mask files a merge reads (`parameters: {mask: PATH}`, `output_mask`)."""
+    paths = {p["mask"] for t in plan.tensors for p in t.params if p.get("mask")}
+    if plan.spec.output_mask:
+        paths.add(plan.spec.output_mask)
+    return paths
+
+
 class MaskHooks:
     """Sparse masks inside a merge (`parameters: {mask: PATH}` per model, top-level
     `output_mask`): every file is read and checked against the model once, before streaming."""
@@ -220,9 +229,7 @@ class MaskHooks:
 
     @classmethod
     def for_plan(cls, plan: Plan) -> MaskHooks | None:
-        paths = {p["mask"] for t in plan.tensors for p in t.params if p.get("mask")}
-        if plan.spec.output_mask:
-            paths.add(plan.spec.output_mask)
+        paths = mask_paths(plan)
         return cls(plan, paths) if paths else None
 
     def inputs(self, task: TensorTask) -> TensorTask:

@@ -148,7 +148,8 @@ def extract_lora(model: str | Path, base_model: str | Path, out_path: str | Path
     torch_device = resolve_device(device)
     tuned, base = open_model(str(model), allow_pickle), open_model(str(base_model), allow_pickle)
     try:
-        with (StagedOutput(out_path, [*tuned.sources, *base.sources], overwrite=overwrite) as staged,
+        with (StagedOutput(out_path, [*tuned.sources, *base.sources], overwrite=overwrite,
+                           read_files=[*tuned.files, *base.files]) as staged,
               SpooledSafetensorsWriter(staged.path / ADAPTER_SAFETENSORS) as writer):
             ranks, whole, errors = _extract(tuned, base, options, torch_device, quiet, writer)
             written = writer.finish()

@@ -126,6 +126,29 @@ def test_saved_rotary_buffers_are_left_out_whichever_models_have_them(tiny_model
     assert "left out 1 saved rotary_emb.inv_freq buffer" in capsys.readouterr().out
 
 
+def test_a_config_that_is_not_utf8_or_not_a_file(tmp_path, capsys):
+    latin1 = tmp_path / "latin1.yml"
+    latin1.write_bytes(b"merge_method: linear\n# caf\xe9\n")
+    for config, message in ((latin1, f"config file {latin1}: cannot read it as UTF-8 text"),
+                            (tmp_path, f"config file {tmp_path} is not a file")):
+        assert main(["run", str(config), str(tmp_path / "merged"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+
+
+def test_an_os_error_no_check_foresaw_exits_2_with_its_message(tiny_models, tmp_path, capsys, monkeypatch):
+    """A file that turns unreadable, a disk that fills up while a config is written: the
+    operating system's error, with its path, and exit status 2, not a traceback."""
+    from fastmerge.io import output_dir
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "merged" / "config.json"))
+
+    monkeypatch.setattr(output_dir, "write_model_config", full)
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"]))
+    assert_failed_cleanly(code, out, capsys, "No space left on device", "config.json")
+
+
 def test_shape_mismatch(tiny_models, tmp_path, capsys):
     from _support import TINY
     from fastmerge.demo import LlamaShape, make_state, write_checkpoint

@@ -186,10 +186,11 @@ def test_overwrite_replaces_output(tiny_models, tmp_path):
     config = {"merge_method": "linear", "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0}}]}
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    for stale in ("model-00001-of-00002.safetensors", "merges.txt"):  # an earlier output's, this one has neither
+        (out / stale).write_text("old")
     fastmerge.run(config, out, overwrite=True, quiet=True)
-    assert not (out / "stale.txt").exists()
-    assert (out / "config.json").exists()
+    assert not (out / "merges.txt").exists() and not (out / "model-00001-of-00002.safetensors").exists()
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
 
 
 def test_base_listed_among_models_is_not_a_task_vector(tiny_models, tmp_path):

@@ -70,6 +70,10 @@ def test_every_mergekit_yaml_flag_is_accepted(tiny_models, tmp_path, capsys):
     assert code == 0, err
     for flag in ("--transformers-cache", "--multi-gpu", "--write-threads"):
         assert f"{flag} accepted and ignored" in err
+    for flag in ("--allow-crimes", "--trust-remote-code", "--write-model-card"):  # their --no- forms: no note
+        assert flag not in err
+    assert mergekit_yaml_main([str(path), str(tmp_path / "remote"), "--trust-remote-code"]) == 0
+    assert "--trust-remote-code accepted and ignored (fastmerge never runs model code)" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
     assert mergekit_yaml_main([str(path), str(tmp_path / "gpu"), "--gpu-rich"]) == (0 if torch.cuda.is_available() else 2)
     if not torch.cuda.is_available():

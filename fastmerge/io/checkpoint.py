@@ -178,6 +178,12 @@ class Checkpoint:
         """Every path this checkpoint reads from (an output must not be placed inside one)."""
         return [self.path]
 
+    @property
+    def files(self) -> list[Path]:
+        """Where each of its weight files really lies (--overwrite must not delete one): a shard
+        may be a link into another directory, as in a Hugging Face cache's snapshots."""
+        return sorted({f.path.resolve() for f in self._owner.values()})
+
     def required_config(self, why: str) -> dict:
         """config.json as a dict, or a CheckpointError saying it is missing and `why` it is needed."""
         if self.config is None:

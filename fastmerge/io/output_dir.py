@@ -43,13 +43,38 @@ def _is_within(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
+def _is_empty_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+# What an earlier output holds: weights and masks, configs, tokenizer files, mergekit_config.yml,
+# reports and charts (sparsity.png, recall_weights.png), a model card. --overwrite replaces only
+# such a directory.
+_OUTPUT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".yml", ".yaml", ".model", ".txt", ".jinja", ".tiktoken",
+                    ".md", ".png")
+
+
+def _not_a_model_output(path: Path) -> list[str]:
+    """The entries of directory `path` that no model output holds (subdirectories, other files),
+    or all of them when none of them is weights."""
+    entries = list(path.iterdir())
+    foreign = [e.name for e in entries if e.is_dir() or not e.name.endswith(_OUTPUT_SUFFIXES)]
+    if foreign or any(e.name.endswith((".safetensors", ".bin", ".pt")) for e in entries):
+        return foreign
+    return [e.name for e in entries]
+
+
 class StagedOutput:
     """A temporary output directory that becomes `destination` only on commit()."""
 
-    def __init__(self, destination: str | Path, inputs: Sequence[Path], overwrite: bool = False):
+    def __init__(self, destination: str | Path, inputs: Sequence[Path], overwrite: bool = False,
+                 read_files: Sequence[Path] = ()):
+        """`inputs`: the model directories (or files) the command reads, which the output may not
+        lie inside; `read_files`: other files it reads (masks, the real files behind linked
+        shards), which --overwrite may not delete."""
         self.destination = Path(destination).expanduser().resolve()
         self.overwrite = overwrite
-        self._check_destination(inputs)
+        self._check_destination(inputs, read_files)
         try:
             self.destination.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(
@@ -66,14 +91,10 @@ class StagedOutput:
             raise OutputError(f"{self.destination}: cannot create the output ({exc})") from None
         self._committed = False
 
-    def _check_destination(self, inputs: Sequence[Path]) -> None:
+    def _check_destination(self, inputs: Sequence[Path], read_files: Sequence[Path]) -> None:
         dest = self.destination
         if dest.is_file():
             raise OutputError(f"output {dest} is a file; give a directory path")
-        if dest.exists() and not self.overwrite:
-            raise OutputError(
-                f"output {dest} already exists; pass --overwrite or choose another path"
-            )
         for given in inputs:
             resolved = Path(given).expanduser().resolve()
             input_dir = resolved if resolved.is_dir() else resolved.parent
@@ -86,6 +107,21 @@ class StagedOutput:
                 raise OutputError(
                     f"input {resolved} is inside output {dest}, which --overwrite would delete"
                 )
+        for file in read_files:
+            resolved = Path(file).expanduser().resolve()
+            if self.overwrite and _is_within(resolved, dest):
+                raise OutputError(f"input {resolved} is inside output {dest}, which --overwrite would delete")
+        if dest.exists() and not _is_empty_directory(dest):  # an empty one is simply replaced
+            if not self.overwrite:
+                raise OutputError(f"output {dest} already exists; pass --overwrite or choose another path")
+            if _is_within(Path.cwd().resolve(), dest) or _is_within(Path.home().resolve(), dest):
+                raise OutputError(f"output {dest} is (or holds) the current or home directory, which --overwrite "
+                                  "would delete; choose another path")
+            foreign = sorted(_not_a_model_output(dest))
+            if foreign:
+                raise OutputError(f"output {dest} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, "
+                                  "which no model output holds; --overwrite replaces only an earlier output "
+                                  "(weights, configs, tokenizer files): remove it yourself or choose another path")
 
     def commit(self) -> Path:
         """Move the finished output into place; with overwrite, the old one goes only afterwards."""
@@ -94,7 +130,7 @@ class StagedOutput:
         dest = self.destination
         old: Path | None = None
         try:
-            if dest.exists() or dest.is_symlink():
+            if (dest.exists() or dest.is_symlink()) and not _is_empty_directory(dest):  # rename replaces an empty one
                 if not self.overwrite:
                     raise OutputError(f"output {dest} appeared while merging; not replacing it")
                 old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.fastmerge-old-", dir=dest.parent))

@@ -83,7 +83,8 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
         layout = _Layout.of(spec, checkpoints)
         inputs = [Path(split_reference(r)[0]) for r in checkpoints]
         # The output is checked before the routers are made: the hidden-state modes run a model.
-        with StagedOutput(out_dir, inputs, overwrite=overwrite) as staged:
+        with StagedOutput(out_dir, inputs, overwrite=overwrite,
+                          read_files=[f for c in checkpoints.values() for f in c.files]) as staged:
             generator = torch.Generator().manual_seed(seed)
             routers = router_vectors(spec.gate_mode, _routed(spec), layout.base, layout.layers, layout.hidden_size,
                                      generator, resolve_device(device))

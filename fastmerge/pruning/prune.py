@@ -109,7 +109,8 @@ def prune(config: str | Path | Mapping[str, Any] | PruneConfig, out_dir: str | P
     started = time.perf_counter()
     cfg = config if isinstance(config, PruneConfig) else load_prune_config(config)
     torch_device = resolve_device(device)
-    with open_model(cfg.reference) as checkpoint, StagedOutput(out_dir, checkpoint.sources, overwrite=overwrite) as staged:
+    with open_model(cfg.reference) as checkpoint, \
+            StagedOutput(out_dir, checkpoint.sources, overwrite=overwrite, read_files=checkpoint.files) as staged:
         work_dir = staged.path / STATISTICS_DIR
         masks = compute_masks(cfg, checkpoint, work_dir, torch_device, backend)
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -105,7 +105,8 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
                            settings, prefix_match, byte_match, judged.untrained if judged else None,
                            torch.Generator().manual_seed(seed), torch_device, rotary, quiet)
         size = output_size(donor_vocab)
-        with StagedOutput(out_dir, [original.path, giver.path], overwrite=overwrite) as staged:
+        with StagedOutput(out_dir, [original.path, giver.path], overwrite=overwrite,
+                          read_files=[*original.files, *giver.files]) as staged:
             specs = [(name, original.info(name).dtype,
                       (size, *original.info(name).shape[1:]) if name in tensors.vocabulary else tuple(original.info(name).shape))
                      for name in original.names]

@@ -45,9 +45,9 @@ def test_leaving_without_commit_deletes_the_temporary_directory(tmp_path):
 def test_overwrite_replaces_the_old_output_only_after_success(tmp_path):
     dest = tmp_path / "merged"
     dest.mkdir()
-    (dest / "old").write_text("old")
+    (dest / "old.safetensors").write_text("old")
     with StagedOutput(dest, inputs=[], overwrite=True) as staged:
-        assert (dest / "old").exists()  # untouched while merging
+        assert (dest / "old.safetensors").exists()  # untouched while merging
         (staged.path / "new").write_text("new")
         staged.commit()
     assert [p.name for p in dest.iterdir()] == ["new"]
@@ -57,11 +57,11 @@ def test_overwrite_replaces_the_old_output_only_after_success(tmp_path):
 def test_failed_overwrite_keeps_the_old_output(tmp_path):
     dest = tmp_path / "merged"
     dest.mkdir()
-    (dest / "old").write_text("old")
+    (dest / "old.safetensors").write_text("old")
     with pytest.raises(RuntimeError):
         with StagedOutput(dest, inputs=[], overwrite=True):
             raise RuntimeError("merge failed")
-    assert (dest / "old").read_text() == "old"
+    assert (dest / "old.safetensors").read_text() == "old"
 
 
 def test_commit_twice(tmp_path):
@@ -75,9 +75,26 @@ def test_destination_created_meanwhile_is_not_replaced(tmp_path):
     dest = tmp_path / "merged"
     with StagedOutput(dest, inputs=[]) as staged:
         dest.mkdir()
+        (dest / "theirs").write_text("x")
         with pytest.raises(OutputError, match="appeared while merging"):
             staged.commit()
-    assert list(dest.iterdir()) == [] and _leftovers(tmp_path) == []
+    assert [p.name for p in dest.iterdir()] == ["theirs"] and _leftovers(tmp_path) == []
+
+
+def test_an_empty_directory_is_replaced_without_overwrite(tmp_path):
+    """mergekit writes into an existing directory; an empty one (made by a script, say) holds
+    nothing to lose, so the output takes its place, also when it appears during the merge."""
+    for made_before in (True, False):
+        dest = tmp_path / f"merged-{made_before}"
+        if made_before:
+            dest.mkdir()
+        with StagedOutput(dest, inputs=[]) as staged:
+            if not made_before:
+                dest.mkdir()
+            (staged.path / "model.safetensors").write_text("x")
+            staged.commit()
+        assert (dest / "model.safetensors").read_text() == "x"
+    assert _leftovers(tmp_path) == []
 
 
 @pytest.fixture
@@ -107,8 +124,49 @@ def test_refuses_overwrite_that_would_delete_an_input(tmp_path, model):
 
 def test_refuses_existing_destination_without_overwrite(tmp_path):
     (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "model.safetensors").write_text("x")
     with pytest.raises(OutputError, match="already exists; pass --overwrite"):
         StagedOutput(tmp_path / "merged", inputs=[])
+
+
+@pytest.mark.parametrize("entries", [["notes.txt", "src/"], ["model.safetensors", "train/"], ["report.docx"], ["notes.txt"]])
+def test_overwrite_replaces_only_what_an_earlier_output_holds(tmp_path, entries):
+    """--overwrite on a directory that is not a model output (a project, a home directory)
+    would delete it: refused, naming what it holds, and nothing is touched."""
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    for entry in entries:
+        (dest / entry.rstrip("/")).mkdir() if entry.endswith("/") else (dest / entry).write_text("x")
+    with pytest.raises(OutputError, match="which no model output holds; --overwrite replaces only an earlier output"):
+        StagedOutput(dest, inputs=[], overwrite=True)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(e.rstrip("/") for e in entries)
+
+
+def test_overwrite_refuses_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "model.safetensors").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    for dest in (".", ".."):
+        with pytest.raises(OutputError, match="current or home directory"):
+            StagedOutput(dest, inputs=[], overwrite=True)
+
+
+def test_overwrite_refuses_a_directory_that_shards_link_into(tmp_path):
+    """A shard may be a link into another directory (a Hugging Face cache's snapshot into its
+    blobs): replacing that directory would leave the input's links dangling."""
+    from fastmerge.io.checkpoint import Checkpoint
+    from fastmerge.demo import make_state, write_checkpoint
+    from _support import TINY
+
+    blobs = write_checkpoint(tmp_path / "blobs", make_state(TINY, 1), TINY)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for file in blobs.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    with Checkpoint(snapshot) as checkpoint:
+        with pytest.raises(OutputError, match=f"input {blobs / 'model.safetensors'} is inside output {blobs}, "
+                                              "which --overwrite would delete"):
+            StagedOutput(blobs, inputs=checkpoint.sources, overwrite=True, read_files=checkpoint.files)
+        StagedOutput(blobs / "out", inputs=checkpoint.sources, read_files=checkpoint.files).discard()  # beside them: fine
 
 
 def test_refuses_a_file_destination(tmp_path):

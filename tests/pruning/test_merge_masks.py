@@ -53,6 +53,34 @@ def test_masks_inside_a_config_merge(tiny_models, tmp_path):
     assert torch.equal(merged[other], expected[other])
 
 
+def test_an_output_that_would_replace_a_mask_it_reads_is_refused(tiny_models, tmp_path):
+    """Masks are inputs too: --overwrite must not replace the directory they lie in (an earlier
+    prune's output, say)."""
+    import pytest
+
+    import fastmerge
+    from _support import load_dir, snapshot
+    from fastmerge.errors import OutputError
+    from fastmerge.pruning.mask_file import architecture_fingerprint
+
+    shapes = {n: tuple(t.shape) for n, t in load_dir(tiny_models["base"]).items()}
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    name = "model.layers.1.mlp.up_proj.weight"
+    MaskSet.from_dense({name: torch.ones(shapes[name], dtype=torch.bool)}, architecture_fingerprint(shapes.items())).save(
+        pruned / "masks.safetensors")
+    before = snapshot(pruned)
+    for where in ("mask", "output_mask"):
+        mask = str(pruned / "masks.safetensors")
+        config = {"merge_method": "linear", "models": [
+            {"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0, **({"mask": mask} if where == "mask" else {})}}],
+            **({"output_mask": mask} if where == "output_mask" else {})}
+        with pytest.raises(OutputError, match=f"input {pruned / 'masks.safetensors'} is inside output {pruned}, "
+                                              "which --overwrite would delete"):
+            fastmerge.run(config, pruned, overwrite=True, quiet=True)
+    assert snapshot(pruned) == before
+
+
 def test_mask_for_another_model_is_refused(tiny_models, tmp_path):
     import pytest
 
