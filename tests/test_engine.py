@@ -257,3 +257,22 @@ def test_failure_mid_stream_stops_the_prefetch_thread(tiny_models, tmp_path, mon
         fastmerge.run(config, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
     assert not [t for t in threading.enumerate() if t.name == "fastmerge-prefetch" and t.is_alive()]
+
+
+def test_task_arithmetic_takes_mergekits_unused_parameters_and_says_they_did_nothing(tiny_models, tmp_path, capsys):
+    """mergekit 0.1.5 declares density, rescale and int8_mask for task_arithmetic and ignores
+    them; configs switched from ties or dare_ties keep them, so they run, with the same bytes."""
+    from fastmerge.cli import main
+
+    plain = {"merge_method": "task_arithmetic", "base_model": str(tiny_models["base"]), "parameters": {"normalize": True},
+             "models": [{"model": str(tiny_models[n]), "parameters": {"weight": w}} for n, w in (("ft1", 0.6), ("ft2", 0.4))]}
+    carried = {**plain, "parameters": {"normalize": True, "int8_mask": True, "rescale": True},
+               "models": [{**m, "parameters": {**m["parameters"], "density": 0.5}} for m in plain["models"]]}
+    outputs = []
+    for i, config in enumerate((plain, carried)):
+        path = tmp_path / f"c{i}.yml"
+        path.write_text(yaml.safe_dump(config))
+        assert main(["run", str(path), str(tmp_path / f"out{i}"), "--quiet"]) == 0
+        outputs.append(load_dir(tmp_path / f"out{i}"))
+    assert outputs[0].keys() == outputs[1].keys() and all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
+    assert "task_arithmetic does not sparsify, so density and rescale had no effect" in capsys.readouterr().out

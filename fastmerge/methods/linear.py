@@ -8,6 +8,8 @@ linear `acc = fma(w_i, x_i, acc)`; task_arithmetic `acc = fma(w_i, x_i - b, acc)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import ops
@@ -48,8 +50,20 @@ class TaskArithmetic(MergeMethod):
 
     name = "task_arithmetic"
     required_model_params = ("weight",)
-    global_params = {"normalize": False, "lambda": 1.0}
+    # density, rescale and int8_mask: mergekit 0.1.5 declares them for task_arithmetic (its task
+    # vector family's shared parameters) and never uses them, as it does not sparsify; accepted
+    # so its configs run, and noted where they would change something elsewhere.
+    model_params = {"density": 1.0}
+    global_params = {"normalize": False, "lambda": 1.0, "rescale": False, "int8_mask": False}
     requires_base = True
+
+    def prepare(self, context: Any) -> None:
+        ignored = sorted({name for t in context.plan.tensors for name, unused in
+                          (("density", any(p["density"] != 1.0 for p in t.params)), ("rescale", bool(t.global_params["rescale"])))
+                          if unused})
+        if ignored:
+            context.plan.notes.append(f"task_arithmetic does not sparsify, so {' and '.join(ignored)} had no effect, as in "
+                                      "mergekit; ties, dare_linear or breadcrumbs trim task vectors")
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         weights = [float(p["weight"]) for p in task.params]
