@@ -149,6 +149,20 @@ def test_an_os_error_no_check_foresaw_exits_2_with_its_message(tiny_models, tmp_
     assert_failed_cleanly(code, out, capsys, "No space left on device", "config.json")
 
 
+@pytest.mark.parametrize("method, place", [("slerp", "t"), ("nearswap", "t"), ("passthrough", "scale")])
+def test_a_word_where_a_parameter_without_default_needs_a_number(tiny_models, tmp_path, capsys, method, place):
+    """slerp's and nearswap's `t` and passthrough's `scale` have no default, so the planner's
+    number check (which follows a default) never saw them: a string went on to a float() deep
+    in the merge and a traceback."""
+    if method == "passthrough":
+        config = {"merge_method": method, "models": [{"model": str(tiny_models["ft1"]), "parameters": {"scale": "abc"}}]}
+    else:
+        config = {"merge_method": method, "base_model": str(tiny_models["base"]), "parameters": {"t": "abc"},
+                  "models": [{"model": str(tiny_models["ft1"])}, {"model": str(tiny_models["base"])}]}
+    code, out = run_cli(tmp_path, config)
+    assert_failed_cleanly(code, out, capsys, f"parameter `{place}` must be a number for tensor", "got 'abc'")
+
+
 def test_shape_mismatch(tiny_models, tmp_path, capsys):
     from _support import TINY
     from fastmerge.demo import LlamaShape, make_state, write_checkpoint

@@ -14,7 +14,15 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ConfigError
+from ..values import is_number
 from .base import MergeMethod, TensorTask
+
+
+def check_number(name: str, value: Any, tensor: str) -> None:
+    """A parameter without a default that must be a number (the planner checks only those with a
+    numeric default): a ConfigError naming it and the tensor otherwise."""
+    if not is_number(value):
+        raise ConfigError(f"parameter `{name}` must be a number for tensor {tensor}, got {value!r}")
 
 
 class ContractMethod(MergeMethod):
@@ -26,7 +34,8 @@ class ContractMethod(MergeMethod):
 
     min_inputs: ClassVar[int] = 1
     max_inputs: ClassVar[int | None] = None
-    # Method-level parameters without a default: declared in `global_params` with value None.
+    # Method-level parameters without a default (numbers, all of them): declared in
+    # `global_params` with value None.
     required_global_params: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, context: Any) -> None:
@@ -46,11 +55,13 @@ class ContractMethod(MergeMethod):
         if count < self.min_inputs or (self.max_inputs is not None and count > self.max_inputs):
             raise ConfigError(f"merge_method {self.name} takes {self._count_text()} for tensor {tensor}, got {count}")
         for name in self.required_global_params:
-            if global_params.get(name) is None:
+            value = global_params.get(name)
+            if value is None:
                 raise ConfigError(
                     f"merge_method {self.name} needs parameter `{name}` for tensor {tensor}; "
                     f"set it under the top-level (or slice) `parameters`"
                 )
+            check_number(name, value, tensor)
 
     def _count_text(self) -> str:
         if self.max_inputs == self.min_inputs:
