@@ -7,6 +7,7 @@ tensor, shape mismatch, unknown parameter, missing weight) surfaces before a byt
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -463,14 +464,29 @@ class _PlanBuilder:
         else:
             self._check_same_shape(all_refs, shape_from)
             shape = tuple(info.shape)
+        self._check_same_kind(all_refs, shape_from)
         copy_only = not info.dtype.is_floating_point
-        out_dtype = info.dtype if copy_only else (self.spec.out_dtype or self.spec.dtype or _float_output(info.dtype))
+        out_dtype = info.dtype if copy_only else (self.spec.out_dtype or self.spec.dtype or _float_output(
+            self.checkpoints[r.checkpoint].info(r.name).dtype for r in all_refs))
         params = [self._model_params(s, out_slice, out_name, t) for s in merge_sources]
         global_params = self._global_params(out_slice, out_name, t)
         self.tensors.append(
             PlannedTensor(out_name, shape, out_dtype, refs, base_ref, params, global_params, layer, copy_only, vocab)
         )
         self.input_bytes[out_name] = sum(self.checkpoints[r.checkpoint].read_bytes(r.name) for r in refs + ([base_ref] if base_ref else []))
+
+    def _check_same_kind(self, refs: list[TensorRef], kind_from: TensorRef) -> None:
+        """Floating-point in every model (merged, whatever the widths) or in none (an integer
+        buffer, copied): a mix has no merge, and the kernels would stop mid-merge on it."""
+        expected = self.checkpoints[kind_from.checkpoint].info(kind_from.name).dtype
+        for ref in refs:
+            other = self.checkpoints[ref.checkpoint].info(ref.name).dtype
+            if other.is_floating_point != expected.is_floating_point:
+                raise PlanError(
+                    f"tensor {ref.name} is {str(other).removeprefix('torch.')} in {self.names[ref.checkpoint]} "
+                    f"but {str(expected).removeprefix('torch.')} in {self.names[kind_from.checkpoint]}; floating-point "
+                    "tensors merge and integer ones are copied, so every model must store it as one kind"
+                )
 
     def _check_same_shape(self, refs: list[TensorRef], shape_from: TensorRef) -> None:
         expected = self.checkpoints[shape_from.checkpoint].info(shape_from.name).shape
@@ -665,6 +681,9 @@ def check_parameter_value(name: str, value: Any, default: Any, owner: str, tenso
     return value
 
 
-def _float_output(dtype: torch.dtype) -> torch.dtype:
-    """Merged tensors keep their input dtype; fp8/fp64 inputs produce fp32 (fp8 is read-only)."""
-    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+def _float_output(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """Merged tensors keep their inputs' dtype, where they differ the one torch's promotion gives
+    (bf16 with fp32: fp32; bf16 with fp16: fp32), as mergekit's arithmetic on them does; fp8 and
+    fp64 inputs count as fp32 (fp8 is read-only)."""
+    kept = [d if d in (torch.float32, torch.float16, torch.bfloat16) else torch.float32 for d in dtypes]
+    return functools.reduce(torch.promote_types, kept)

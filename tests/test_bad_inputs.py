@@ -163,6 +163,28 @@ def test_a_word_where_a_parameter_without_default_needs_a_number(tiny_models, tm
     assert_failed_cleanly(code, out, capsys, f"parameter `{place}` must be a number for tensor", "got 'abc'")
 
 
+def test_a_tensor_stored_as_integers_in_one_model_and_floats_in_another(tiny_models, tmp_path, capsys):
+    """Found before anything is written, with the tensor and both models named (it stopped
+    mid-merge with only "native kernels do not support dtype torch.int16")."""
+    import torch
+
+    from _support import TINY
+    from fastmerge.demo import make_state, write_checkpoint
+
+    from safetensors.torch import load_file, save_file
+
+    odd = write_checkpoint(tmp_path / "odd", make_state(TINY, 5), TINY)
+    name = "model.layers.1.mlp.up_proj.weight"
+    for shard in odd.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name] = tensors[name].to(torch.int16)
+            save_file(tensors, shard)
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], odd))
+    assert_failed_cleanly(code, out, capsys, f"tensor {name} is int16 in {odd}", f"in {tiny_models['ft1']}",
+                          "every model must store it as one kind")
+
+
 def test_shape_mismatch(tiny_models, tmp_path, capsys):
     from _support import TINY
     from fastmerge.demo import LlamaShape, make_state, write_checkpoint

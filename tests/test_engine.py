@@ -276,3 +276,17 @@ def test_task_arithmetic_takes_mergekits_unused_parameters_and_says_they_did_not
         outputs.append(load_dir(tmp_path / f"out{i}"))
     assert outputs[0].keys() == outputs[1].keys() and all(torch.equal(outputs[0][k], outputs[1][k]) for k in outputs[0])
     assert "task_arithmetic does not sparsify, so density and rescale had no effect" in capsys.readouterr().out
+
+
+def test_without_dtype_mixed_inputs_give_the_promoted_dtype(tiny_models, tmp_path):
+    """No `dtype`: a tensor stored in different float widths comes out in the wider one torch's
+    promotion gives (mergekit's arithmetic on them does the same: bf16 with fp32 writes fp32),
+    in either model order; one width stays as it is."""
+    state = make_state(TINY, 7)
+    wide = write_checkpoint(tmp_path / "fp32", state, TINY, dtype=torch.float32)
+    narrow = write_checkpoint(tmp_path / "bf16", state, TINY, dtype=torch.bfloat16)
+    for models, expected in (((narrow, wide), torch.float32), ((wide, narrow), torch.float32), ((narrow, narrow), torch.bfloat16)):
+        config = {"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}
+        out = fastmerge.run(config, tmp_path / f"out-{len(list(tmp_path.iterdir()))}", quiet=True).output_dir
+        assert {t.dtype for t in load_dir(out).values()} == {expected}
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(expected).removeprefix("torch.")
