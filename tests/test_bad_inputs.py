@@ -185,6 +185,20 @@ def test_a_tensor_stored_as_integers_in_one_model_and_floats_in_another(tiny_mod
                           "every model must store it as one kind")
 
 
+def test_a_nan_that_stops_a_selection_names_the_model(tiny_models, tmp_path, capsys):
+    from _support import TINY
+    from fastmerge.demo import make_state, write_checkpoint
+
+    state = make_state(TINY, 5)
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name][0, 0] = float("nan")
+    nan = write_checkpoint(tmp_path / "nan", state, TINY)
+    config = {"merge_method": "ties", "base_model": str(tiny_models["base"]),
+              "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}} for m in (tiny_models["ft1"], nan)]}
+    code, out = run_cli(tmp_path, config)
+    assert_failed_cleanly(code, out, capsys, f"{name} (model {nan}) contains NaN")
+
+
 def test_shape_mismatch(tiny_models, tmp_path, capsys):
     from _support import TINY
     from fastmerge.demo import LlamaShape, make_state, write_checkpoint

@@ -39,6 +39,12 @@ def magnitude_k(density: float, n: int) -> int:
     return 0 if density <= 0 or n == 0 else max(1, int(density * n))
 
 
+def input_names(task: TensorTask) -> list[str]:
+    """How errors name the task's inputs: their model paths, else their positions (in-memory merges)."""
+    return [f"model {name}" for name in task.model_names] if len(task.model_names) == len(task.inputs) else \
+        [f"model {i}" for i in range(len(task.inputs))]
+
+
 class TaskVectorMerge(MergeMethod):
     """b + lambda * (consensus) sum_i w_i sparsify(x_i - b) (/ sum of the counted w_i if normalize).
 
@@ -105,6 +111,7 @@ class TaskVectorMerge(MergeMethod):
             seed=task.seed,
             tensor_name=task.name,
             backend=task.backend,
+            input_names=input_names(task),
         )
 
     def thresholds(self, task: TensorTask, densities: list[float]) -> list[Any] | None:
@@ -147,9 +154,9 @@ class MagnitudeTrim(TaskVectorMerge):
         backend = threshold_backend(task.base.device, task.backend)
         return [
             None if density >= 1 else magnitude_threshold(
-                x, magnitude_k(density, x.numel()), base=task.base, backend=backend, name=f"{task.name} (model {i})"
+                x, magnitude_k(density, x.numel()), base=task.base, backend=backend, name=f"{task.name} ({who})"
             )
-            for i, (x, density) in enumerate(zip(task.inputs, densities))
+            for who, x, density in zip(input_names(task), task.inputs, densities)
         ]
 
     def model_histogram(self, params: dict[str, Any], backend: str, name: str) -> MagnitudeHistogram | None:

@@ -244,10 +244,11 @@ def _given_threshold(x, base, threshold: Threshold | OutlierBand, backend: str) 
 
 
 def _selector(i, x, base, density, threshold, sparsify, gamma, epsilon, seed, tensor_name, backend,
-              l1: bool) -> Selector:
-    """Model i's selector; `l1`: the L1 rescale follows (DELLA's native mask may bring its sums)."""
+              l1: bool, who: str) -> Selector:
+    """Model i's (`who`, in errors) selector; `l1`: the L1 rescale follows (DELLA's native mask
+    may bring its sums)."""
     n = x.numel()
-    name = f"{tensor_name or 'tensor'} (model {i})"
+    name = f"{tensor_name or 'tensor'} ({who})"
     sel_backend = threshold_backend(x.device, backend)
     if threshold is not None:
         return _given_threshold(x, base, threshold, sel_backend)
@@ -408,6 +409,7 @@ def ties_merge(
     seed: int = 0,
     tensor_name: str = "",
     backend: str | None = None,
+    input_names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Merge `inputs` into `base` with the TIES-family pipeline (module docstring).
 
@@ -415,8 +417,8 @@ def ties_merge(
     given thresholds used instead of densities (e.g. model-wide ones from MagnitudeHistogram):
     a `Threshold` for magnitude trimming, an `OutlierBand` for breadcrumbs; None entries defer
     to the density. gamma (breadcrumbs) and epsilon (della): one value or one per model. seed
-    and tensor_name key the random sparsifiers. Returns a new tensor of base's shape in
-    out_dtype (default base's dtype).
+    and tensor_name key the random sparsifiers. input_names name the inputs in errors (default:
+    "model <index>"). Returns a new tensor of base's shape in out_dtype (default base's dtype).
     """
     inputs = [x.contiguous() for x in inputs]
     base = base.contiguous() if base is not None else None
@@ -430,8 +432,9 @@ def ties_merge(
     gammas, epsilons = _per_model("gamma", gamma, len(inputs)), _per_model("epsilon", epsilon, len(inputs))
     selectors, scales = [], []
     for i, (x, density, threshold) in enumerate(zip(inputs, densities, thresholds)):
+        who = input_names[i] if input_names is not None else f"model {i}"
         sel = _selector(i, x, base, density, threshold, sparsify, gammas[i], epsilons[i], seed, tensor_name, name,
-                        l1=rescale and rescale_mode == "l1")
+                        l1=rescale and rescale_mode == "l1", who=who)
         scale = 1.0
         if rescale:
             scale, sel = _rescale(x, base, sel, density, rescale_mode, name)
