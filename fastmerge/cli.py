@@ -503,7 +503,7 @@ _IGNORED_MERGEKIT_FLAGS = {
 _IGNORED_MERGEKIT_VALUE_FLAGS = {
     "lora_merge_cache": "LoRA adapters are applied as tensors are read; nothing is cached",
     "lora_merge_dtype": "LoRA updates are added in fp32 and rounded once to each tensor's stored dtype, as peft does",
-    "transformers_cache": "fastmerge reads local model directories only; nothing is downloaded",
+    "transformers_cache": "Hub repositories go to huggingface_hub's cache: set HF_HUB_CACHE or HF_HOME to move it",
     "write_threads": "fastmerge writes on one thread that overlaps the merge",
 }
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# A model path that does not exist but reads as `org/name` is looked up on the Hugging Face Hub
+# (fastmerge/io/hub.py); the tests build their own models and must never reach the network, so
+# that lookup stops at the cache here (set before huggingface_hub is imported: it reads it once).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 # The benchmarks (bench/, not installed) are imported by their tests. Appending the repository
 # root, rather than prepending it, keeps the installed fastmerge ahead of the source tree.

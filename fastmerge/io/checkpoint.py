@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 
 from ..errors import CheckpointError
+from .hub import looks_like_repo_id, resolve_repo
 from .pickle_file import PickleFile
 from .safetensors_file import SafetensorsFile, TensorInfo
 
@@ -89,9 +90,12 @@ class Checkpoint:
         self.path = Path(path).expanduser().resolve()
         self.allow_pickle = allow_pickle
         if not self.path.exists():
-            # Relative paths count from the working directory (as in mergekit), not the config's.
+            # Relative paths count from the working directory (as in mergekit), not the config's;
+            # one that is none there but reads as `org/name` is a Hugging Face Hub repository.
             where = "" if Path(path).expanduser().is_absolute() else f" (looked for {self.path})"
-            raise CheckpointError(f"{path}: no such model directory or file{where}")
+            if not looks_like_repo_id(str(path)):
+                raise CheckpointError(f"{path}: no such model directory or file{where}")
+            self.path = resolve_repo(str(path), f"no such model directory or file{where}")
         if self.path.is_dir():
             self.directory: Path | None = self.path
             self.data_files, index = self._find_directory_files()
