@@ -433,13 +433,15 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
 def _stop_signals_raise():
-    """While a command runs, SIGTERM and SIGHUP raise Stopped, unless the parent set them to be
-    ignored (nohup); the first one makes the rest ignored, so the clean-up is not cut short."""
+    """While a command runs, SIGTERM and SIGHUP raise Stopped and Ctrl-C its KeyboardInterrupt,
+    unless the parent set them to be ignored (nohup); the first one makes the rest ignored, so
+    the clean-up is not cut short (a second Ctrl-C while gigabytes of staged output were being
+    deleted left them behind)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
@@ -447,11 +449,11 @@ def _stop_signals_raise():
     def stop(signum, _frame):
         for handled in _STOP_SIGNALS:
             signal.signal(handled, signal.SIG_IGN)
-        raise Stopped(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Stopped(signum)
 
     previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
     for signum, handler in previous.items():
-        if handler is signal.SIG_DFL:
+        if handler is (signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL):
             signal.signal(signum, stop)
     try:
         yield

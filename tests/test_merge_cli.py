@@ -170,15 +170,25 @@ def signalled_commit(self):
     return commit(self)
 
 output_dir.StagedOutput.commit = signalled_commit
+if sys.argv[2] == "twice":  # the same signal again while the staged output is being deleted
+    discard = output_dir.StagedOutput.discard
+
+    def signalled_discard(self):
+        os.kill(os.getpid(), sent)
+        time.sleep(0.5)
+        return discard(self)
+
+    output_dir.StagedOutput.discard = signalled_discard
 sys.exit(main(["run", sys.argv[3], sys.argv[4], "--quiet"]))
 """
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGINT"])
-def test_a_stopped_merge_leaves_no_output(tiny_models, tmp_path, name):
+@pytest.mark.parametrize("times", ["once", "twice"])
+def test_a_stopped_merge_leaves_no_output(tiny_models, tmp_path, name, times):
     config = write_config(tmp_path / "m.yml", config_for(tiny_models))
     out = tmp_path / "out" / "merged"
-    result = subprocess.run([sys.executable, "-c", _SIGNALLED_MERGE, name, "default", str(config), str(out)],
+    result = subprocess.run([sys.executable, "-c", _SIGNALLED_MERGE, name, times, str(config), str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 128 + signal.Signals[name], result.stderr
     assert "the output in progress was discarded" in result.stderr and "Traceback" not in result.stderr
