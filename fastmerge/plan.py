@@ -420,9 +420,13 @@ class _PlanBuilder:
         else:
             ranges = {s.model: s.layer_range for s in out_slice.sources}
             length = out_slice.layer_count
+        first_name = self._base_name(out_slice) or out_slice.sources[0].model
         for source in out_slice.sources:
             start, end = ranges[source.model]
             available = layer_count(self.checkpoints[self.index[source.model]])
+            if end > available and self.spec.slices is None:
+                raise PlanError(f"{source.model} has {available} layers but {first_name} has {end}; a `models:` merge "
+                                "takes every layer of each model, so they must have as many (slices take ranges)")
             if end > available:
                 raise PlanError(f"layer_range [{start}, {end}) of {source.model} exceeds its {available} layers")
         first = out_slice.sources[0]

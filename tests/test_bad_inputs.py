@@ -199,6 +199,16 @@ def test_a_nan_that_stops_a_selection_names_the_model(tiny_models, tmp_path, cap
     assert_failed_cleanly(code, out, capsys, f"{name} (model {nan}) contains NaN")
 
 
+def test_a_model_with_fewer_layers_in_a_models_merge(tiny_models, tmp_path, capsys):
+    from _support import TINY
+    from fastmerge.demo import LlamaShape, make_state, write_checkpoint
+
+    shallow_shape = LlamaShape(**{**TINY.__dict__, "num_hidden_layers": 2})
+    shallow = write_checkpoint(tmp_path / "shallow", make_state(shallow_shape, 1), shallow_shape)
+    code, out = run_cli(tmp_path, linear_config(tiny_models["ft1"], shallow))
+    assert_failed_cleanly(code, out, capsys, f"{shallow} has 2 layers but {tiny_models['ft1']} has 3")
+
+
 def test_shape_mismatch(tiny_models, tmp_path, capsys):
     from _support import TINY
     from fastmerge.demo import LlamaShape, make_state, write_checkpoint
