@@ -95,6 +95,8 @@ class StagedOutput:
         dest = self.destination
         if dest.is_file():
             raise OutputError(f"output {dest} is a file; give a directory path")
+        if _is_within(Path.cwd().resolve(), dest):  # the output replaces its directory, by a rename
+            raise OutputError(f"output {dest} is (or holds) the current directory; give the path of a directory to make")
         for given in inputs:
             resolved = Path(given).expanduser().resolve()
             input_dir = resolved if resolved.is_dir() else resolved.parent
@@ -114,9 +116,9 @@ class StagedOutput:
         if dest.exists() and not _is_empty_directory(dest):  # an empty one is simply replaced
             if not self.overwrite:
                 raise OutputError(f"output {dest} already exists; pass --overwrite or choose another path")
-            if _is_within(Path.cwd().resolve(), dest) or _is_within(Path.home().resolve(), dest):
-                raise OutputError(f"output {dest} is (or holds) the current or home directory, which --overwrite "
-                                  "would delete; choose another path")
+            if _is_within(Path.home().resolve(), dest):
+                raise OutputError(f"output {dest} is (or holds) the home directory, which --overwrite would delete; "
+                                  "choose another path")
             foreign = sorted(_not_a_model_output(dest))
             if foreign:
                 raise OutputError(f"output {dest} holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}, "

@@ -142,12 +142,25 @@ def test_overwrite_replaces_only_what_an_earlier_output_holds(tmp_path, entries)
     assert sorted(p.name for p in dest.iterdir()) == sorted(e.rstrip("/") for e in entries)
 
 
-def test_overwrite_refuses_the_current_directory(tmp_path, monkeypatch):
-    (tmp_path / "model.safetensors").write_text("x")
+@pytest.mark.parametrize("overwrite", [True, False])
+@pytest.mark.parametrize("earlier_output", [True, False])
+def test_the_current_directory_is_never_the_output(tmp_path, monkeypatch, overwrite, earlier_output):
+    """`fastmerge run cfg . --overwrite` emptied a project directory; an empty current
+    directory would have been renamed over."""
+    if earlier_output:
+        (tmp_path / "model.safetensors").write_text("x")
     monkeypatch.chdir(tmp_path)
-    for dest in (".", ".."):
-        with pytest.raises(OutputError, match="current or home directory"):
-            StagedOutput(dest, inputs=[], overwrite=True)
+    for dest in (".", "..", ""):
+        with pytest.raises(OutputError, match="is \\(or holds\\) the current directory"):
+            StagedOutput(dest, inputs=[], overwrite=overwrite)
+    assert [p.name for p in tmp_path.iterdir()] == (["model.safetensors"] if earlier_output else [])
+
+
+def test_overwrite_refuses_the_home_directory(tmp_path, monkeypatch):
+    (tmp_path / "model.safetensors").write_text("x")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(OutputError, match="the home directory, which --overwrite would delete"):
+        StagedOutput(tmp_path, inputs=[], overwrite=True)
 
 
 def test_overwrite_refuses_a_directory_that_shards_link_into(tmp_path):
