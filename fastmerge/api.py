@@ -29,7 +29,7 @@ def merge_tensors(
     `normalize`, `lambda_` for `lambda`) are scalars."""
     merger = get_method(method)
     task = _task(merger, name, list(tensors), base, params, out_dtype, seed, backend)
-    return merger.merge_tensor(task)
+    return _owned(merger.merge_tensor(task), task)
 
 
 def merge_state_dicts(
@@ -53,6 +53,13 @@ def merge_state_dicts(
         raise ConfigError("merge_state_dicts needs at least one state dict")
     merger = get_method(method)
     merged = {}
+    for i, state in enumerate(state_dicts):
+        if not isinstance(state, Mapping):
+            raise ConfigError(f"state dict {i} is a {type(state).__name__}, not a mapping of names to tensors")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise PlanError(f"state dict {i}: {key!r} is a {type(value).__name__}, not a tensor; pass only the "
+                                "tensors (training checkpoints keep steps and optimizer state beside them)")
     kept, _ = tensors_by_name(
         dict.fromkeys(k for state in state_dicts for k in state), list(range(len(state_dicts))),
         lambda i, key: key in state_dicts[i], missing, lambda lacking: "state dict(s) " + ", ".join(map(str, lacking)),
@@ -71,8 +78,17 @@ def merge_state_dicts(
         narrowed = {k: [v[i] for i in present] if isinstance(v, (list, tuple)) and len(v) == len(state_dicts) else v
                     for k, v in params.items()}
         task = _task(merger, key, inputs, base.get(key) if base is not None else None, narrowed, out_dtype, seed, backend)
-        merged[key] = merger.merge_tensor(task)
+        merged[key] = _owned(merger.merge_tensor(task), task)
     return merged
+
+
+def _owned(result: torch.Tensor, task: TensorTask) -> torch.Tensor:
+    """The result as a tensor of its own. A method may hand back an input as it is (passthrough
+    without a scale, a dtype that needs no conversion): the engine writes it out at once, but a
+    caller here would change its input by changing the result."""
+    held = [*task.inputs, *([task.base] if task.base is not None else [])]
+    storages = {t.untyped_storage().data_ptr() for t in held if t.numel()}
+    return result.clone() if result.numel() and result.untyped_storage().data_ptr() in storages else result
 
 
 def _task(merger: MergeMethod, name: str, inputs: list[torch.Tensor], base: torch.Tensor | None,

@@ -221,3 +221,30 @@ def test_merge_state_dicts_follows_the_same_rule_for_missing_keys(models):
         fastmerge.merge_state_dicts("task_arithmetic", states, base=base, weight=0.5, missing="union")
     with pytest.raises(ConfigError, match=r"missing='both' is no rule .* use one of error, union, intersection"):
         fastmerge.merge_state_dicts("linear", states, weight=list(WEIGHTS), missing="both")
+
+
+def test_merge_state_dicts_names_what_is_not_a_tensor():
+    """Training checkpoints keep a step or optimizer state beside the weights; a tensor passed
+    where a state dict belongs is no mapping."""
+    import fastmerge
+    from fastmerge.errors import ConfigError, PlanError
+
+    w = torch.ones(3)
+    with pytest.raises(PlanError, match="state dict 1: 'step' is a int, not a tensor"):
+        fastmerge.merge_state_dicts("linear", [{"w": w}, {"w": w, "step": 5}], weight=1.0)
+    with pytest.raises(ConfigError, match="state dict 0 is a Tensor, not a mapping"):
+        fastmerge.merge_state_dicts("linear", [w, w], weight=1.0)
+
+
+def test_an_in_memory_merge_never_hands_back_an_input():
+    """passthrough (and a merge needing no conversion) may return an input as it is: the
+    caller gets a tensor of its own, so changing it leaves the input as it was."""
+    import fastmerge
+
+    a = torch.arange(4.0)
+    out = fastmerge.merge_tensors("passthrough", [a])
+    merged = fastmerge.merge_state_dicts("passthrough", [{"a": a}])
+    for result in (out, merged["a"]):
+        assert torch.equal(result, a) and result.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+        result += 1
+    assert torch.equal(a, torch.arange(4.0))
