@@ -170,6 +170,7 @@ def _merge_into(plan: Plan, out_dir: Path, torch_device: torch.device, seed: int
     inputs = [path for c in plan.checkpoints for path in c.sources]
     read_files = [path for c in plan.checkpoints for path in c.files] + [Path(p) for p in mask_paths(plan)]
     with StagedOutput(out_dir, inputs, overwrite=overwrite, read_files=read_files) as staged:
+        plan.notes.extend(staged.notes)
         plan.method.prepare(_prepare_context(plan, torch_device, seed, staged.path, backend))
         writer = ShardedWriter(
             staged.path,

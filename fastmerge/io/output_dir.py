@@ -7,6 +7,7 @@ A crash leaves `.<name>.fastmerge-tmp-<random>`, which no tool mistakes for a mo
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -64,6 +65,18 @@ def _not_a_model_output(path: Path) -> list[str]:
     return [e.name for e in entries]
 
 
+def _leftover_notes(destination: Path) -> list[str]:
+    """A note on the staging directories that runs killed outright (SIGKILL, the OOM killer) left
+    beside `destination`: nothing else removes them, and each may hold gigabytes."""
+    found = sorted(destination.parent.glob(f".{glob.escape(destination.name)}.fastmerge-tmp-*"))
+    if not found:
+        return []
+    size = sum(f.stat().st_size for directory in found for f in directory.rglob("*") if f.is_file())
+    return [f"{len(found)} staging director{'y' if len(found) == 1 else 'ies'} of earlier runs that did not finish "
+            f"lie beside the output ({format_size(size)}): {found[0]}{', ...' if len(found) > 1 else ''}; remove "
+            "them once no other fastmerge writes there"]
+
+
 class StagedOutput:
     """A temporary output directory that becomes `destination` only on commit()."""
 
@@ -75,6 +88,7 @@ class StagedOutput:
         self.destination = Path(destination).expanduser().resolve()
         self.overwrite = overwrite
         self._check_destination(inputs, read_files)
+        self.notes = _leftover_notes(self.destination)
         try:
             self.destination.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(

@@ -64,6 +64,22 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path):
     assert (dest / "old.safetensors").read_text() == "old"
 
 
+def test_staging_directories_of_killed_runs_are_reported(tmp_path):
+    """A run killed outright (SIGKILL, the OOM killer) cannot remove its staging directory; the
+    next run to the same output says how many lie there and how big they are."""
+    for i in range(2):
+        leftover = tmp_path / f".merged.fastmerge-tmp-dead{i}"
+        leftover.mkdir()
+        (leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / ".other.fastmerge-tmp-dead").mkdir()  # another output's: not this one's business
+    with StagedOutput(tmp_path / "merged", inputs=[]) as staged:
+        assert len(staged.notes) == 1
+        assert staged.notes[0].startswith("2 staging directories of earlier runs that did not finish lie beside the "
+                                          f"output (1.95 KiB): {tmp_path / '.merged.fastmerge-tmp-dead0'}, ...")
+    with StagedOutput(tmp_path / "fresh", inputs=[]) as staged:
+        assert staged.notes == []
+
+
 def test_commit_twice(tmp_path):
     with StagedOutput(tmp_path / "merged", inputs=[]) as staged:
         staged.commit()
