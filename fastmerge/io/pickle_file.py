@@ -3,8 +3,10 @@ only when the user opts in.
 
 Unpickling can run arbitrary code, so Checkpoint refuses these unless allow_pickle=True, and even
 then we load with `weights_only=True` (tensors and plain containers only). `mmap=True` keeps the
-storages on disk so memory stays bounded as with safetensors. The class mirrors
-SafetensorsFile's surface so Checkpoint can treat both file kinds alike.
+storages on disk so memory stays bounded as with safetensors; a file in torch's legacy format
+(before torch 1.6, or saved with `_use_new_zipfile_serialization=False`) cannot be mapped, so it
+is read whole into memory. The class mirrors SafetensorsFile's surface so Checkpoint can treat
+both file kinds alike.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class PickleFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            state = torch.load(self.path, weights_only=True, mmap=True, map_location="cpu")
+            mappable = zipfile.is_zipfile(self.path)  # the zip format; the legacy one is a bare pickle stream
+            state = torch.load(self.path, weights_only=True, mmap=mappable, map_location="cpu")
         except (OSError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as exc:
             raise CheckpointError(
                 f"{self.path}: cannot load as a weights-only PyTorch file ({exc})"

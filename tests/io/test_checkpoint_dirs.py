@@ -226,5 +226,20 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path):
         Checkpoint(tmp_path, allow_pickle=True)
 
 
+def test_a_pickle_in_torchs_legacy_format_is_read_whole(tmp_path, same_bytes):
+    """torch.save before torch 1.6 (or with _use_new_zipfile_serialization=False) wrote a bare
+    pickle stream, which cannot be memory-mapped: such a file is read into memory instead of
+    refused, and its arbitrary objects are still refused."""
+    tensors = {"w": torch.randn(3, 2), "b": torch.randn(2).bfloat16()}
+    torch.save(tensors, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _check_contents(Checkpoint(tmp_path, allow_pickle=True), tensors, same_bytes)
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    torch.save({"w": torch.ones(1), "opt": object.__new__(_NotATensor)}, hostile / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        Checkpoint(hostile, allow_pickle=True)
+
+
 class _NotATensor:
     pass
