@@ -476,7 +476,9 @@ def _guarded(handler: Callable[[argparse.Namespace], None], args: argparse.Names
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         signum, how = (exc.signum, f"stopped by {exc}") if isinstance(exc, Stopped) else (signal.SIGINT, "interrupted")
-        print(f"fastmerge: {how}; the output in progress was discarded", file=sys.stderr)
+        finished = getattr(exc, "committed_output", None)
+        what = f"the finished output is in place at {finished}" if finished else "the output in progress was discarded"
+        print(f"fastmerge: {how}; {what}", file=sys.stderr)
         return 128 + signum
     return 0
 

@@ -165,6 +165,8 @@ if sys.argv[2] == "ignored":
 commit = output_dir.StagedOutput.commit
 
 def signalled_commit(self):
+    if sys.argv[2] == "after":  # the output is in place when the signal comes
+        commit(self)
     os.kill(os.getpid(), sent)
     time.sleep(0.5)  # a handled signal raises in here
     return commit(self)
@@ -193,6 +195,16 @@ def test_a_stopped_merge_leaves_no_output(tiny_models, tmp_path, name, times):
     assert result.returncode == 128 + signal.Signals[name], result.stderr
     assert "the output in progress was discarded" in result.stderr and "Traceback" not in result.stderr
     assert list((tmp_path / "out").iterdir()) == []  # neither the output nor its hidden staging directory
+
+
+def test_a_merge_stopped_after_its_commit_says_the_output_is_in_place(tiny_models, tmp_path):
+    config = write_config(tmp_path / "m.yml", config_for(tiny_models))
+    out = tmp_path / "out" / "merged"
+    result = subprocess.run([sys.executable, "-c", _SIGNALLED_MERGE, "SIGTERM", "after", str(config), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert f"stopped by SIGTERM; the finished output is in place at {out}" in result.stderr
+    assert (out / "model.safetensors").exists() and [p.name for p in out.parent.iterdir()] == ["merged"]
 
 
 def test_an_ignored_hangup_is_left_ignored(tiny_models, tmp_path):

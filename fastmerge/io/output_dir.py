@@ -174,7 +174,9 @@ class StagedOutput:
     def __enter__(self) -> StagedOutput:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, exc: BaseException | None, traceback: object) -> None:
+        if self._committed and isinstance(exc, KeyboardInterrupt):
+            exc.committed_output = self.destination  # stopped after the commit: the CLI says it is in place
         self.discard()
 
 
