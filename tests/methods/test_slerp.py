@@ -104,17 +104,18 @@ def test_nuslerp_needs_weights_and_two_models():
         merge_tensors("nuslerp", [rand(3, seed=1)] * 3, weight=1.0)
 
 
-def multislerp_tangent_formula(vectors, weights, base=None):
+def multislerp_tangent_formula(vectors, weights, base=None, eps=1e-12):
     """mergekit's description: project unit vectors to the tangent space at their weighted mean,
-    average there, map back with the exponential map, restore the weighted mean norm (fp64)."""
+    average there, map back with the exponential map (whose norm has eps added), restore the
+    weighted mean norm (fp64)."""
     vs = [(v - base if base is not None else v).double().flatten() for v in vectors]
     w = torch.tensor(weights, dtype=torch.float64)
     w = w / w.sum()
-    units = [v / v.norm() for v in vs]
+    units = [v / (v.norm() + eps) for v in vs]
     mean = sum(wi * u for wi, u in zip(w, units))
     mean = mean / mean.norm()
     tangent = sum(wi * (u - (u @ mean) * mean) for wi, u in zip(w, units))
-    tn = tangent.norm() + 1e-12
+    tn = tangent.norm() + eps
     point = mean * torch.cos(tn) + tangent * torch.sin(tn) / tn
     out = point * sum(wi * v.norm() for wi, v in zip(w, vs))
     out = out.reshape(vectors[0].shape)
@@ -127,6 +128,15 @@ def test_multislerp_matches_tangent_space_formula(with_base):
     base = rand(7, 5, seed=16) if with_base else None
     out = merge_tensors("multislerp", xs, base=base, weight=[0.5, 1.0, 2.0])
     close(out, multislerp_tangent_formula(xs, [0.5, 1.0, 2.0], base))
+
+
+def test_multislerp_keeps_eps_where_mergekit_adds_it():
+    """eps joins each norm and the exponential map's tangent norm, so a large one shrinks the
+    result by cos(eps): 0.5% at eps 0.1, which a formula without it misses."""
+    xs = [rand(7, 5, seed=s) for s in (13, 14, 15)]
+    out = merge_tensors("multislerp", xs, weight=[0.5, 1.0, 2.0], eps=0.1)
+    close(out, multislerp_tangent_formula(xs, [0.5, 1.0, 2.0], eps=0.1))
+    assert not torch.allclose(out.double(), multislerp_tangent_formula(xs, [0.5, 1.0, 2.0]), rtol=1e-3)
 
 
 def test_multislerp_antipodal_pair_falls_back_to_linear_and_three_raise():
