@@ -117,6 +117,33 @@ def load_config(config: str | Path | Mapping[str, Any]) -> MergeSpec:
     return parse_config(read_mapping(config, "at least `merge_method`"))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last without a word, and in a merge config a second `merge_method:` or
+    `parameters:` is a mistake whose meaning would be a guess (mergekit takes the last too)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: the base class says so
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document (safe types only; a key given twice is an error)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def parse_yaml_documents(text: str) -> list[Any]:
+    """Every YAML document of `text` (`---`-separated), as parse_yaml reads one."""
+    return list(yaml.load_all(text, Loader=_UniqueKeyLoader))
+
+
 def read_mapping(config: str | Path | Mapping[str, Any], needs: str) -> dict[str, Any]:
     """A config as a dict, given as one, as a path to a YAML file, or as YAML text; `needs`
     says in the error what a config must hold at least."""
@@ -134,7 +161,7 @@ def read_mapping(config: str | Path | Mapping[str, Any], needs: str) -> dict[str
     else:
         text, origin = str(config), "config text"
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):

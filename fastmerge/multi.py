@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from .config import load_config
+from .config import load_config, parse_yaml_documents
 from .errors import ConfigError
 from .io.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from .io.lora import split_reference
@@ -85,7 +85,7 @@ def load_multi(path: str | Path, intermediate_dir: str | Path, out_path: str | P
 
 def _read_documents(path: Path) -> list[dict[str, Any]]:
     try:
-        documents = [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
+        documents = [doc for doc in parse_yaml_documents(path.read_text(encoding="utf-8")) if doc is not None]
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the multi-merge config ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:

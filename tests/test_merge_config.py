@@ -114,3 +114,19 @@ def test_precedence_source_over_slice_over_top(tmp_path):
     tensor = next(t for t in plan.tensors if t.layer == 1)
     assert [p["weight"] for p in tensor.params] == [0.9, 0.4]
     assert tensor.global_params == {"normalize": False}
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word (so does mergekit): a second
+    `merge_method:` silently changed the method, and the first one's parameters then read as
+    unknown ones."""
+    from fastmerge.config import parse_yaml_documents
+
+    text = "merge_method: ties\nmodels:\n  - model: /m\n    parameters: {weight: 1, weight: 2}\n"
+    with pytest.raises(ConfigError, match=r"key 'weight' is given twice"):
+        load_config(text)
+    path = tmp_path / "m.yml"
+    path.write_text(text.replace("weight: 1, weight: 2", "weight: 1") + "merge_method: linear\n")
+    with pytest.raises(ConfigError, match=r"key 'merge_method' is given twice\s+in .*line 5"):
+        load_config(path)
+    assert parse_yaml_documents("a: 1\n---\na: 2\n") == [{"a": 1}, {"a": 2}]  # the same key in two documents is fine

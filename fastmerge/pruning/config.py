@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from ..config import parse_yaml
 from ..errors import ConfigError
 from ..io.lora import split_reference
 from ..values import is_integer, is_number
@@ -102,7 +103,7 @@ def load_prune_config(config: str | Path | Mapping[str, Any]) -> PruneConfig:
     if not path.is_file():
         raise ConfigError(f"prune config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
