@@ -209,6 +209,18 @@ def test_a_model_with_fewer_layers_in_a_models_merge(tiny_models, tmp_path, caps
     assert_failed_cleanly(code, out, capsys, f"{shallow} has 2 layers but {tiny_models['ft1']} has 3")
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+@pytest.mark.parametrize("density", [1.5, -0.1, True])
+def test_a_density_outside_0_to_1_is_refused(tiny_models, tmp_path, capsys, method, density):
+    """The fraction of a task vector kept: 1.5 kept all and -0.1 none without a word."""
+    config = {"merge_method": method, "base_model": str(tiny_models["base"]),
+              "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0, "density": 0.5}},
+                         {"model": str(tiny_models["ft2"]), "parameters": {"weight": 1.0, "density": density}}]}
+    code, out = run_cli(tmp_path, config)
+    assert_failed_cleanly(code, out, capsys, f"parameter `density` of model {tiny_models['ft2']} is {density!r} for tensor",
+                          "it must be a number from 0 to 1")
+
+
 def test_shape_mismatch(tiny_models, tmp_path, capsys):
     from _support import TINY
     from fastmerge.demo import LlamaShape, make_state, write_checkpoint

@@ -28,6 +28,7 @@ from ..ops.threshold import (KEEP_NOTHING, MagnitudeHistogram, Threshold, keep_m
                              threshold_backend)
 from ..ops._fma import fma_f32
 from ..ops.ties import OutlierBand, outlier_ranks, ties_merge
+from ..values import is_number
 from .base import MergeMethod, TensorTask, register
 
 TRIM_SCOPES = ("tensor", "model")
@@ -81,6 +82,7 @@ class TaskVectorMerge(MergeMethod):
             )
 
     def prepare(self, context: Any) -> None:
+        self._check_densities(context.plan)
         scopes = {t.global_params["trim_scope"] for t in context.plan.tensors if not t.copy_only}
         for scope in scopes:
             self._check_scope(scope, f"merge_method {self.name}")
@@ -89,6 +91,18 @@ class TaskVectorMerge(MergeMethod):
         if len(scopes) > 1:
             raise ConfigError("`trim_scope: model` must hold for every tensor (a model-wide threshold spans them all)")
         self.model_thresholds = model_wide_thresholds(context.plan, context.device, context.backend, self)
+
+    @staticmethod
+    def _check_densities(plan: Any) -> None:
+        """A density is the fraction of a task vector kept: one outside [0, 1] (or a true/false)
+        is a mistake, which mergekit would clamp without a word (1.5 keeping all, -0.1 none)."""
+        for tensor in plan.tensors:
+            for ref, params in zip(tensor.inputs, tensor.params):
+                density = params["density"]
+                if not (is_number(density) and 0 <= density <= 1):
+                    raise ConfigError(f"parameter `density` of model {plan.checkpoint_names[ref.checkpoint]} is "
+                                      f"{density!r} for tensor {tensor.name}; it must be a number from 0 to 1 "
+                                      "(the fraction of the task vector kept)")
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         if not task.inputs:
