@@ -44,8 +44,12 @@ def _is_within(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
-def _is_empty_directory(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+def _is_occupied(path: Path) -> bool:
+    """Whether something is at `path` that the output may not simply take the place of: anything
+    but an empty directory (a rename replaces one of those)."""
+    if not (path.exists() or path.is_symlink()):
+        return False
+    return path.is_symlink() or not path.is_dir() or any(path.iterdir())
 
 
 # What an earlier output holds: weights and masks, configs, tokenizer files, mergekit_config.yml,
@@ -111,10 +115,10 @@ class StagedOutput:
             raise OutputError(f"output {dest} is a file; give a directory path")
         if _is_within(Path.cwd().resolve(), dest):  # the output replaces its directory, by a rename
             raise OutputError(f"output {dest} is (or holds) the current directory; give the path of a directory to make")
-        for given in inputs:
+        for given, is_model in [*((path, True) for path in inputs), *((path, False) for path in read_files)]:
             resolved = Path(given).expanduser().resolve()
             input_dir = resolved if resolved.is_dir() else resolved.parent
-            if _is_within(dest, input_dir):
+            if is_model and _is_within(dest, input_dir):  # beside a mask or a linked shard is fine
                 raise OutputError(
                     f"output {dest} is inside input {input_dir}; inputs are never written, "
                     "choose an output outside it"
@@ -123,11 +127,7 @@ class StagedOutput:
                 raise OutputError(
                     f"input {resolved} is inside output {dest}, which --overwrite would delete"
                 )
-        for file in read_files:
-            resolved = Path(file).expanduser().resolve()
-            if self.overwrite and _is_within(resolved, dest):
-                raise OutputError(f"input {resolved} is inside output {dest}, which --overwrite would delete")
-        if dest.exists() and not _is_empty_directory(dest):  # an empty one is simply replaced
+        if _is_occupied(dest):  # an empty directory is simply replaced
             if not self.overwrite:
                 raise OutputError(f"output {dest} already exists; pass --overwrite or choose another path")
             if _is_within(Path.home().resolve(), dest):
@@ -146,7 +146,7 @@ class StagedOutput:
         dest = self.destination
         old: Path | None = None
         try:
-            if (dest.exists() or dest.is_symlink()) and not _is_empty_directory(dest):  # rename replaces an empty one
+            if _is_occupied(dest):  # the rename replaces an empty directory
                 if not self.overwrite:
                     raise OutputError(f"output {dest} appeared while merging; not replacing it")
                 old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.fastmerge-old-", dir=dest.parent))

@@ -58,9 +58,9 @@ class TaskArithmetic(MergeMethod):
     requires_base = True
 
     def prepare(self, context: Any) -> None:
-        ignored = sorted({name for t in context.plan.tensors for name, unused in
-                          (("density", any(p["density"] != 1.0 for p in t.params)), ("rescale", bool(t.global_params["rescale"])))
-                          if unused})
+        tensors = context.plan.tensors
+        ignored = [name for name, given in (("density", any(p["density"] != 1.0 for t in tensors for p in t.params)),
+                                            ("rescale", any(t.global_params["rescale"] for t in tensors))) if given]
         if ignored:
             context.plan.notes.append(f"task_arithmetic does not sparsify, so {' and '.join(ignored)} had no effect, as in "
                                       "mergekit; ties, dare_linear or breadcrumbs trim task vectors")
