@@ -7,10 +7,14 @@ A crash leaves `.<name>.fastmerge-tmp-<random>`, which no tool mistakes for a mo
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,6 +85,27 @@ def _leftover_notes(destination: Path) -> list[str]:
             "them once no other fastmerge writes there"]
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two directories atomically (Linux's renameat2 with RENAME_EXCHANGE). False where the
+    system or the filesystem cannot, and the caller falls back to two renames."""
+    rename = getattr(_libc(), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, rename_exchange = -100, 2
+    if rename(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library of this process, for calls the os module lacks; None off Linux."""
+    return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 class StagedOutput:
     """A temporary output directory that becomes `destination` only on commit()."""
 
@@ -149,14 +174,9 @@ class StagedOutput:
             if _is_occupied(dest):  # the rename replaces an empty directory
                 if not self.overwrite:
                     raise OutputError(f"output {dest} appeared while merging; not replacing it")
-                old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.fastmerge-old-", dir=dest.parent))
-                os.rename(dest, old / dest.name)
-            try:
+                old = self._replace(dest)
+            else:
                 os.rename(self.path, dest)
-            except OSError:
-                if old is not None:
-                    os.rename(old / dest.name, dest)
-                raise
         except OSError as exc:
             raise OutputError(
                 f"{dest}: cannot move the finished output into place ({exc})"
@@ -165,6 +185,25 @@ class StagedOutput:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return dest
+
+    def _replace(self, dest: Path) -> Path:
+        """Put the output where an earlier one is; returns the directory now holding the earlier
+        one. The two swap places in one step where the system can, so that `dest` never lacks a
+        complete output, even if the process dies in between."""
+        if _exchange(self.path, dest):
+            return self.path
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.fastmerge-old-", dir=dest.parent))
+        moved = False
+        try:
+            os.rename(dest, old / dest.name)
+            moved = True
+            os.rename(self.path, dest)
+        except OSError:
+            if moved:
+                os.rename(old / dest.name, dest)
+            old.rmdir()
+            raise
+        return old
 
     def discard(self) -> None:
         """Delete the temporary directory (after a failure, or when commit was never reached)."""

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
 
 from fastmerge.errors import CheckpointError, OutputError
+from fastmerge.io import output_dir
 from fastmerge.io.output_dir import StagedOutput, copy_model_files
 
 
@@ -42,7 +45,16 @@ def test_leaving_without_commit_deletes_the_temporary_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_overwrite_replaces_the_old_output_only_after_success(tmp_path):
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_overwrite_replaces_the_old_output_only_after_success(tmp_path, monkeypatch, swap):
+    """On Linux the old and the new output swap places in one renameat2 call, so the destination
+    never lacks a complete output (no os.rename at all); elsewhere two renames do it."""
+    if swap == "exchange":
+        if not sys.platform.startswith("linux"):
+            pytest.skip("renameat2 is Linux's")
+        monkeypatch.setattr(output_dir.os, "rename", None)
+    else:
+        monkeypatch.setattr(output_dir, "_exchange", lambda first, second: False)
     dest = tmp_path / "merged"
     dest.mkdir()
     (dest / "old.safetensors").write_text("old")
@@ -51,6 +63,28 @@ def test_overwrite_replaces_the_old_output_only_after_success(tmp_path):
         (staged.path / "new").write_text("new")
         staged.commit()
     assert [p.name for p in dest.iterdir()] == ["new"]
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_failed_rename_leaves_the_old_output_in_place(tmp_path, monkeypatch, failing):
+    monkeypatch.setattr(output_dir, "_exchange", lambda first, second: False)
+    renames, real_rename = [], os.rename
+
+    def rename(source, target):
+        renames.append(target)
+        if len(renames) == failing:
+            raise OSError(28, "No space left on device")
+        real_rename(source, target)
+
+    monkeypatch.setattr(output_dir.os, "rename", rename)
+    dest = tmp_path / "merged"
+    dest.mkdir()
+    (dest / "old.safetensors").write_text("old")
+    with pytest.raises(OutputError, match="cannot move the finished output into place .*No space left"):
+        with StagedOutput(dest, inputs=[], overwrite=True) as staged:
+            staged.commit()
+    assert (dest / "old.safetensors").read_text() == "old"
     assert _leftovers(tmp_path) == []
 
 
