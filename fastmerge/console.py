@@ -12,7 +12,9 @@ takes about 5 s in all). So the scripts:
   runs with the collector working as usual;
 - leave with `os._exit` once the CLI has returned and stdout/stderr are flushed. By then every
   output file is closed, fsynced and renamed into place (or the staged directory removed), so
-  the interpreter's teardown would only free memory the kernel frees anyway.
+  the interpreter's teardown would only free memory the kernel frees anyway;
+- say so in one line, not a traceback, when Ctrl-C comes while torch is being imported (once a
+  command runs, the CLI handles signals itself).
 
 `fastmerge.cli.main` stays the in-process entry (tests, `python -m fastmerge.cli`): it returns.
 """
@@ -25,13 +27,17 @@ import sys
 
 
 def _run(entry: str) -> None:
-    gc.disable()
     try:
-        from . import cli
-    finally:
-        gc.freeze()
-        gc.enable()
-    code = getattr(cli, entry)()
+        gc.disable()
+        try:
+            from . import cli
+        finally:
+            gc.freeze()
+            gc.enable()
+        code = getattr(cli, entry)()
+    except KeyboardInterrupt:  # Ctrl-C while torch loads (a second or more): nothing has been written yet
+        print("fastmerge: interrupted before the command started; nothing was written", file=sys.stderr)
+        code = 130
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

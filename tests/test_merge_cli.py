@@ -216,6 +216,27 @@ def test_an_ignored_hangup_is_left_ignored(tiny_models, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
+def test_ctrl_c_while_torch_loads_is_one_line():
+    """The console script imports torch before the CLI handles signals; Ctrl-C then (its first
+    second or more) used to print a traceback. An import hook raises it there deterministically."""
+    interrupted_import = """
+import sys
+
+class Interrupt:
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["fastmerge", "--version"]
+from fastmerge.console import fastmerge
+fastmerge()
+"""
+    done = subprocess.run([sys.executable, "-c", interrupted_import], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 128 + signal.SIGINT
+    assert done.stderr == "fastmerge: interrupted before the command started; nothing was written\n"
+
+
 def test_version_names_the_native_build_this_cpu_loads(capsys):
     from fastmerge import _native
 
