@@ -5,6 +5,7 @@
 
 #include "blend.h"
 #include "dot.h"
+#include "mapping_guard.h"
 #include "mask.h"
 #include "rbf.h"
 #include "selection.h"
@@ -23,6 +24,14 @@ PYBIND11_MODULE(FASTMERGE_MODULE_NAME, m) {
         "Number of OpenMP threads a kernel will use (1 in a build without OpenMP, see threads.h).");
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); },
         "Set the OpenMP thread count for later kernel calls (results do not depend on it).");
+  m.def("guard_mapping", &fastmerge::guard_mapping,
+        "Guard a read-only file mapping against the file being cut short; its slot, or -1 (csrc/mapping_guard.h).",
+        py::arg("begin"), py::arg("length"));
+  m.def("unguard_mapping", &fastmerge::unguard_mapping, "Stop guarding the mapping in `slot`.", py::arg("slot"));
+  m.def("mapping_cut_short", &fastmerge::mapping_cut_short,
+        "Whether a page of the mapping in `slot` lay past the end of its file.", py::arg("slot"));
+  m.def("cut_short_pages", &fastmerge::cut_short_pages,
+        "How many pages past the end of a guarded file were touched in this process so far.");
   m.def("blend", &fastmerge::blend, py::call_guard<py::gil_scoped_release>(),
         "Weighted blend over raw pointers; see csrc/blend.h.", py::arg("inputs"), py::arg("input_dtypes"),
         py::arg("weights"), py::arg("base"), py::arg("base_dtype"), py::arg("lam"), py::arg("out"),

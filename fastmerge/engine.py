@@ -28,6 +28,7 @@ from . import __version__
 from .config import MergeSpec, load_config
 from .errors import FastmergeError
 from .io.checkpoint import Checkpoint
+from .io import mapping_guard
 from .io.device_staging import CudaTransport, PinnedStager, Transport
 from .io.output_dir import StagedOutput, copy_model_files
 from .io.writer import ShardedWriter
@@ -360,6 +361,7 @@ class _BackgroundWriter:
         self._plan, self._writer, self._progress, self._to_host = plan, writer, progress, to_host
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-writer")
         self._pending: Future | None = None
+        self._pages_cut_short = mapping_guard.pages_cut_short()
 
     def submit(self, tensor: PlannedTensor, result: Any) -> None:
         self._wait()
@@ -367,6 +369,8 @@ class _BackgroundWriter:
 
     def _write(self, tensor: PlannedTensor, result: Any) -> None:
         self._writer.write(tensor.name, self._to_host(result))
+        # An input cut short under the merge stops it here, not minutes later at the commit.
+        mapping_guard.check_intact(self._pages_cut_short)
         for ref in _refs(tensor):
             self._plan.checkpoints[ref.checkpoint].release(ref.name)
         self._progress.update(tensor.nbytes)

@@ -25,6 +25,7 @@ import torch
 from ..dtypes import config_name
 from ..errors import CheckpointError, OutputError
 from ..units import format_size, shards_summary
+from . import mapping_guard
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -133,6 +134,7 @@ class StagedOutput:
         except OSError as exc:
             raise OutputError(f"{self.destination}: cannot create the output ({exc})") from None
         self._committed = False
+        self._pages_cut_short = mapping_guard.pages_cut_short()
 
     def _check_destination(self, inputs: Sequence[Path], read_files: Sequence[Path]) -> None:
         dest = self.destination
@@ -168,6 +170,7 @@ class StagedOutput:
         """Move the finished output into place; with overwrite, the old one goes only afterwards."""
         if self._committed:
             raise OutputError(f"{self.destination}: output already committed")
+        mapping_guard.check_intact(self._pages_cut_short)
         dest = self.destination
         old: Path | None = None
         try:

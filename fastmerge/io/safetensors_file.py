@@ -23,6 +23,7 @@ import torch
 from ..dtypes import SAFETENSORS_TO_TORCH
 from ..errors import CheckpointError
 from ..values import is_integer
+from . import mapping_guard
 
 # A real header is a few MB at most (tens of thousands of tensors); anything larger is corrupt
 # or hostile, and we refuse before reading it into memory.
@@ -179,6 +180,7 @@ class SafetensorsFile:
             file_size = os.stat(self.path).st_size
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read ({exc.strerror})") from None
+        self._file_size = file_size
         header, data_start = _read_header(self.path, file_size)
         data_size = file_size - data_start
         self.metadata: dict[str, str] = {}
@@ -197,6 +199,7 @@ class SafetensorsFile:
         if self._mmap is None:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapping_guard.guard(self._mmap, self.path, self._file_size)
         return self._mmap
 
     def info(self, name: str) -> TensorInfo:
