@@ -253,12 +253,12 @@ def _as_list(data: dict[str, Any], key: str) -> list[Any]:
 
 
 def model_reference(value: Any, where: str) -> str | None:
-    """A model reference (a path, `model+lora`, or mergekit's {model, lora} form) checked and
-    in its short form; None where the key is absent. `where` names the key in errors."""
+    """A model reference (a path, `model+lora`, or mergekit's long form) checked and in its short
+    form; None where the key is absent. `where` names the key in errors."""
     if value is None:
         return None
-    if isinstance(value, dict) and set(value) in ({"model"}, {"model", "lora"}):
-        value = value["model"] if value.get("lora") is None else _lora_reference(value, where)
+    if isinstance(value, dict) and "model" in value and set(value) <= {"model", "lora", "override_architecture"}:
+        value = _long_reference(value, where)
     if not isinstance(value, str) or not value:
         raise ConfigError(f"`{where}` must be a model path")
     try:
@@ -268,11 +268,31 @@ def model_reference(value: Any, where: str) -> str | None:
     return value
 
 
-def _lora_reference(value: dict[str, Any], where: str) -> str:
-    """mergekit's long form {model: M, lora: A} as the short one, M+A."""
-    if not all(isinstance(value[k], str) and value[k] and "+" not in value[k] for k in ("model", "lora")):
+def _long_reference(value: dict[str, Any], where: str) -> str:
+    """mergekit's long form {model: M, lora: A} as the short one, M+A. M and A may each be a path
+    or mergekit's {path: P, revision: R}, the form mergekit writes into an output's
+    mergekit_config.yml for a path with a space. `override_architecture` changes nothing here:
+    fastmerge plans from the tensors a model has, not from its architecture's name."""
+    model = _model_path(value["model"], f"{where}.model")
+    if value.get("lora") is None:
+        return model
+    lora = _model_path(value["lora"], f"{where}.lora")
+    if "+" in model or "+" in lora:
         raise ConfigError(f"`{where}`: `model` and `lora` must be paths without '+'")
-    return f"{value['model']}+{value['lora']}"
+    return f"{model}+{lora}"
+
+
+def _model_path(value: Any, where: str) -> str:
+    """A path, or {path: P, revision: R}: P, or P@R for a Hub repository (mergekit, too, reads a
+    revision only from the Hub)."""
+    if isinstance(value, dict) and "path" in value and set(value) <= {"path", "revision"}:
+        path, revision = value["path"], value.get("revision")
+        if not isinstance(path, str) or not path or not (revision is None or isinstance(revision, str) and revision):
+            raise ConfigError(f"`{where}`: `path` must be a path and `revision` a branch, tag or commit")
+        return path if revision is None or Path(path).expanduser().exists() else f"{path}@{revision}"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"`{where}` must be a path or {{path: ..., revision: ...}}")
+    return value
 
 
 def check_keys(entry: dict[str, Any], allowed: set[str], where: str) -> None:

@@ -111,8 +111,9 @@ def _resolve_names(document: dict[str, Any], names: set[str], intermediate: Path
     config = copy.deepcopy(document)
 
     def resolve(reference: Any) -> Any:
-        if isinstance(reference, dict) and "model" in reference:
-            return {**reference, "model": resolve(reference["model"])}
+        if isinstance(reference, dict) and ("model" in reference or "path" in reference):
+            key = "model" if "model" in reference else "path"  # mergekit's long forms
+            return {**reference, key: resolve(reference[key])}
         if not isinstance(reference, str):
             return reference
         model, adapter = split_reference(reference)

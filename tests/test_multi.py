@@ -89,7 +89,8 @@ def test_names_resolve_everywhere_a_model_is_named(tmp_path):
         {"name": "a", "merge_method": "linear", "models": [{"model": "/m1"}, "/m2"]},
         {"merge_method": "passthrough", "tokenizer_source": "model:a", "slices": [
             {"sources": [{"model": f"a+{adapter}", "layer_range": [0, 2]}], "base_model": "a"},
-            {"sources": [{"model": {"model": "a", "lora": str(adapter)}, "layer_range": [2, 4]}]}]},
+            {"sources": [{"model": {"model": "a", "lora": str(adapter)}, "layer_range": [2, 4]}]},
+            {"sources": [{"model": {"model": {"path": "a", "revision": None}}, "layer_range": [4, 6]}]}]},
     ]
     merges = load_multi(write_multi(tmp_path / "multi.yml", *documents), tmp_path / "work", tmp_path / "out")
     final = merges[-1].config
@@ -98,6 +99,7 @@ def test_names_resolve_everywhere_a_model_is_named(tmp_path):
     assert final["slices"][0]["sources"][0]["model"] == f"{out_a}+{adapter}"
     assert final["slices"][0]["base_model"] == out_a
     assert final["slices"][1]["sources"][0]["model"] == {"model": out_a, "lora": str(adapter)}
+    assert final["slices"][2]["sources"][0]["model"] == {"model": {"path": out_a, "revision": None}}
     assert merges[0].config["models"] == [{"model": "/m1"}, "/m2"]
     assert merges[-1].needs == ["a"] and merges[-1].out == tmp_path / "out"
 

@@ -377,6 +377,29 @@ def test_config_forms_of_a_lora_reference(tmp_path):
         load_config({"merge_method": "linear", "models": [{"model": "m+a+b"}]})
     with pytest.raises(ConfigError, match="without"):
         load_config({"merge_method": "linear", "models": [{"model": {"model": "m+x", "lora": "a"}}]})
+
+
+def test_the_long_form_mergekit_writes(tmp_path):
+    """mergekit writes a path with a space into an output's mergekit_config.yml as
+    {model: {path, revision}, lora: ..., override_architecture: ...}; a revision counts only for
+    a Hub id (a local path is read as it is, as mergekit does)."""
+    def reference(model):
+        return load_config({"merge_method": "linear", "models": [{"model": model}]}).models[0].model
+
+    local = tmp_path / "my model"
+    local.mkdir()
+    written = {"model": {"path": str(local), "revision": None}, "lora": {"path": "a b", "revision": None},
+               "override_architecture": None}
+    assert reference(written) == f"{local}+a b"
+    assert reference({"model": {"path": str(local), "revision": "main"}}) == str(local)
+    assert reference({"model": {"path": "org/name", "revision": "v1"}, "lora": None}) == "org/name@v1"
+    assert reference({"model": {"path": "org/name"}, "override_architecture": "LlamaForCausalLM"}) == "org/name"
+    with pytest.raises(ConfigError, match=r"models\[0\]\.model\.model`: `path` must be a path"):
+        reference({"model": {"path": 3}})
+    with pytest.raises(ConfigError, match=r"models\[0\]\.model\.lora` must be a path or"):
+        reference({"model": "m", "lora": ["a"]})
+    with pytest.raises(ConfigError, match=r"models\[0\]\.model` must be a model path"):
+        reference({"model": "m", "adapter": "a"})
     plus = tmp_path / "c++model"
     plus.mkdir()
     assert split_reference(str(plus)) == (str(plus), None)
