@@ -118,7 +118,7 @@ def _task(merger: MergeMethod, name: str, inputs: list[torch.Tensor], base: torc
         layer=layer_index(name),
         seed=seed,
         backend=backend,
-        model_names=[f"model{i}" for i in range(len(inputs))],
+        model_names=[str(i) for i in range(len(inputs))],  # errors say "model 0", "model 1"
     )
 
 

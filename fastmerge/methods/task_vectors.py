@@ -46,6 +46,16 @@ def input_names(task: TensorTask) -> list[str]:
         [f"model {i}" for i in range(len(task.inputs))]
 
 
+def check_densities(tensor: str, params: list[dict[str, Any]], models: list[str]) -> None:
+    """A density is the fraction of a task vector kept: one outside [0, 1] (or a true/false) is a
+    mistake, which mergekit would clamp without a word (1.5 keeping all, -0.1 none)."""
+    for model, model_params in zip(models, params):
+        density = model_params["density"]
+        if not (is_number(density) and 0 <= density <= 1):
+            raise ConfigError(f"parameter `density` of {model} is {density!r} for tensor {tensor}; it must be a "
+                              "number from 0 to 1 (the fraction of the task vector kept)")
+
+
 class TaskVectorMerge(MergeMethod):
     """b + lambda * (consensus) sum_i w_i sparsify(x_i - b) (/ sum of the counted w_i if normalize).
 
@@ -94,19 +104,15 @@ class TaskVectorMerge(MergeMethod):
 
     @staticmethod
     def _check_densities(plan: Any) -> None:
-        """A density is the fraction of a task vector kept: one outside [0, 1] (or a true/false)
-        is a mistake, which mergekit would clamp without a word (1.5 keeping all, -0.1 none)."""
+        """Every tensor's densities, before the merge writes anything."""
         for tensor in plan.tensors:
-            for ref, params in zip(tensor.inputs, tensor.params):
-                density = params["density"]
-                if not (is_number(density) and 0 <= density <= 1):
-                    raise ConfigError(f"parameter `density` of model {plan.checkpoint_names[ref.checkpoint]} is "
-                                      f"{density!r} for tensor {tensor.name}; it must be a number from 0 to 1 "
-                                      "(the fraction of the task vector kept)")
+            models = [f"model {plan.checkpoint_names[ref.checkpoint]}" for ref in tensor.inputs]
+            check_densities(tensor.name, tensor.params, models)
 
     def merge_tensor(self, task: TensorTask) -> torch.Tensor:
         if not task.inputs:
             return task.base.to(task.out_dtype)
+        check_densities(task.name, task.params, input_names(task))  # merge_tensors has no plan
         settings = task.global_params
         densities = [float(p["density"]) for p in task.params]
         return ties_merge(

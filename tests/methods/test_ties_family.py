@@ -184,6 +184,16 @@ def test_della_rejects_density_epsilon_outside_unit_interval():
         fastmerge.merge_tensors("della", xs, base=base, name=NAME, weight=1.0, density=0.1)
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "breadcrumbs", "della_linear"])
+@pytest.mark.parametrize("density", [1.5, -0.1, True])
+def test_the_tensor_level_api_refuses_a_density_outside_zero_to_one(method, density):
+    """As a config does at plan time: mergekit's clamp would keep all of a task vector at 1.5."""
+    base, xs = random_models(2)
+    with pytest.raises(ConfigError, match=f"`density` of model 1 is {density!r} for tensor {NAME}; it must be a "
+                                          "number from 0 to 1"):
+        fastmerge.merge_tensors(method, xs, base=base, name=NAME, weight=1.0, density=[0.5, density])
+
+
 def expected_sce(base, xs, select_topk):
     b = base.reshape(-1).float()
     deltas = torch.stack([x.reshape(-1).float() - b for x in xs])
