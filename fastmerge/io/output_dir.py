@@ -2,13 +2,15 @@
 
 A merge writes into a hidden temporary directory beside the destination (same filesystem, so
 the final move is an atomic rename) and only renames it into place once everything is on disk.
-A crash leaves `.<name>.fastmerge-tmp-<random>`, which no tool mistakes for a model.
+A crash leaves `.<name>.fastmerge-tmp-<random>`, which no tool mistakes for a model; the next run
+to the same output removes it (each run holds a lock on its own, which its death releases).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import functools
 import glob
 import json
@@ -74,16 +76,46 @@ def _not_a_model_output(path: Path) -> list[str]:
     return [e.name for e in entries]
 
 
-def _leftover_notes(destination: Path) -> list[str]:
-    """A note on the staging directories that runs killed outright (SIGKILL, the OOM killer) left
-    beside `destination`: nothing else removes them, and each may hold gigabytes."""
-    found = sorted(destination.parent.glob(f".{glob.escape(destination.name)}.fastmerge-tmp-*"))
-    if not found:
+def _hidden_prefix(destination: Path, kind: str) -> str:
+    """`.<name>.fastmerge-<kind>-`, the start of a hidden directory's name beside `destination`
+    (mkdtemp adds 8 characters). The name is cut to 200 bytes, so that an output name as long as
+    the filesystem allows (255 bytes) still leaves room for the rest."""
+    return f".{os.fsdecode(os.fsencode(destination.name)[:200])}.fastmerge-{kind}-"
+
+
+def _hold(directory: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on `directory` for as long as this process
+    lives (the kernel drops it when the process dies, however it dies); None where the
+    filesystem has no locks."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_abandoned(destination: Path) -> list[str]:
+    """Remove the staging directories that runs killed outright (SIGKILL, the OOM killer) left
+    beside `destination`, each maybe gigabytes that nothing else removes, and say so. A staging
+    directory whose lock a live run holds (another fastmerge writing the same output) stays."""
+    removed, size = [], 0
+    for directory in sorted(destination.parent.glob(f"{glob.escape(_hidden_prefix(destination, 'tmp'))}*")):
+        fd = _hold(directory) if directory.is_dir() and not directory.is_symlink() else None
+        if fd is None:
+            continue
+        try:
+            size += sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+        finally:
+            os.close(fd)
+    if not removed:
         return []
-    size = sum(f.stat().st_size for directory in found for f in directory.rglob("*") if f.is_file())
-    return [f"{len(found)} staging director{'y' if len(found) == 1 else 'ies'} of earlier runs that did not finish "
-            f"lie beside the output ({format_size(size)}): {found[0]}{', ...' if len(found) > 1 else ''}; remove "
-            "them once no other fastmerge writes there"]
+    return [f"removed {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'} that earlier runs, "
+            f"killed before they finished, left beside the output ({format_size(size)}): {removed[0]}"
+            f"{', ...' if len(removed) > 1 else ''}"]
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -118,12 +150,12 @@ class StagedOutput:
         self.destination = Path(destination).expanduser().resolve()
         self.overwrite = overwrite
         self._check_destination(inputs, read_files)
-        self.notes = _leftover_notes(self.destination)
+        self.notes = _remove_abandoned(self.destination)
         try:
             self.destination.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(
                 tempfile.mkdtemp(
-                    prefix=f".{self.destination.name}.fastmerge-tmp-", dir=self.destination.parent
+                    prefix=_hidden_prefix(self.destination, "tmp"), dir=self.destination.parent
                 )
             )
             # mkdtemp makes the directory private (0700); the finished model should get the
@@ -131,6 +163,7 @@ class StagedOutput:
             umask = os.umask(0)
             os.umask(umask)
             self.path.chmod(0o777 & ~umask)
+            self._lock = _hold(self.path)  # until commit or discard: no later run takes it for a killed run's
         except OSError as exc:
             raise OutputError(f"{self.destination}: cannot create the output ({exc})") from None
         self._committed = False
@@ -195,7 +228,7 @@ class StagedOutput:
         complete output, even if the process dies in between."""
         if _exchange(self.path, dest):
             return self.path
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.fastmerge-old-", dir=dest.parent))
+        old = Path(tempfile.mkdtemp(prefix=_hidden_prefix(dest, "old"), dir=dest.parent))
         moved = False
         try:
             os.rename(dest, old / dest.name)
@@ -209,9 +242,13 @@ class StagedOutput:
         return old
 
     def discard(self) -> None:
-        """Delete the temporary directory (after a failure, or when commit was never reached)."""
+        """Delete the temporary directory (after a failure, or when commit was never reached) and
+        let go of its lock."""
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def __enter__(self) -> StagedOutput:
         return self

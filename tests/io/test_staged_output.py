@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -98,20 +100,68 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path):
     assert (dest / "old.safetensors").read_text() == "old"
 
 
-def test_staging_directories_of_killed_runs_are_reported(tmp_path):
-    """A run killed outright (SIGKILL, the OOM killer) cannot remove its staging directory; the
-    next run to the same output says how many lie there and how big they are."""
-    for i in range(2):
-        leftover = tmp_path / f".merged.fastmerge-tmp-dead{i}"
-        leftover.mkdir()
+def killed(staged: StagedOutput) -> Path:
+    """What a run killed outright (SIGKILL, the OOM killer) leaves: its staging directory, no
+    longer locked (the kernel drops a dead process's locks)."""
+    os.close(staged._lock)
+    staged._lock = None
+    return staged.path
+
+
+def test_staging_directories_of_killed_runs_are_removed(tmp_path):
+    """A killed run cannot remove its staging directory; the next run to the same output does,
+    and says how many and how big. One that a live run holds stays, as do other outputs'."""
+    dead = [killed(staged) for staged in [StagedOutput(tmp_path / "merged", inputs=[]) for _ in range(2)]]
+    for leftover in dead:
         (leftover / "model.safetensors").write_bytes(b"x" * 1000)
-    (tmp_path / ".other.fastmerge-tmp-dead").mkdir()  # another output's: not this one's business
-    with StagedOutput(tmp_path / "merged", inputs=[]) as staged:
-        assert len(staged.notes) == 1
-        assert staged.notes[0].startswith("2 staging directories of earlier runs that did not finish lie beside the "
-                                          f"output (1.95 KiB): {tmp_path / '.merged.fastmerge-tmp-dead0'}, ...")
+    other = killed(StagedOutput(tmp_path / "other", inputs=[]))
+    with StagedOutput(tmp_path / "merged", inputs=[]) as alive:
+        assert alive.notes == ["removed 2 staging directories that earlier runs, killed before they finished, left "
+                               f"beside the output (1.95 KiB): {sorted(dead)[0]}, ..."]
+        assert not any(d.exists() for d in dead) and other.exists()
+        with StagedOutput(tmp_path / "merged", inputs=[]) as concurrent:
+            assert concurrent.notes == [] and alive.path.exists()
     with StagedOutput(tmp_path / "fresh", inputs=[]) as staged:
         assert staged.notes == []
+
+
+def test_a_killed_run_is_cleaned_up_by_the_next(tiny_models, tmp_path):
+    """For real: a merge killed with SIGKILL once its staging directory exists, then the same merge again."""
+    config = tmp_path / "m.yml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {tiny_models['ft1']}\n    parameters: {{weight: 1.0}}\n")
+    out = tmp_path / "out" / "merged"
+    killed_merge = (
+        "import os, signal, sys\n"
+        "from fastmerge.cli import main\n"
+        "from fastmerge.io import output_dir\n"
+        "def die(self):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "output_dir.StagedOutput.commit = die\n"
+        f"main(['run', {str(config)!r}, {str(out)!r}, '--quiet'])\n")
+    done = subprocess.run([sys.executable, "-c", killed_merge], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL and len(_leftovers(out.parent)) == 1
+    done = subprocess.run([sys.executable, "-m", "fastmerge", "run", str(config), str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "note: removed 1 staging directory that earlier runs, killed before they finished, left" in done.stdout + done.stderr
+    assert _leftovers(out.parent) == [] and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["m" * 255, "x" + "é" * 127])  # 255 bytes; the second cut inside a character
+def test_an_output_name_as_long_as_the_filesystem_allows(tmp_path, monkeypatch, name):
+    """The hidden directories' names hold the output's name cut to 200 bytes: the whole of a
+    name over 230 bytes made them too long to create."""
+    monkeypatch.setattr(output_dir, "_exchange", lambda first, second: False)  # the longest names: two renames
+    dest = tmp_path / name
+    for attempt in ("new", "overwritten"):
+        with StagedOutput(dest, inputs=[], overwrite=True) as staged:
+            (staged.path / "model.safetensors").write_text(attempt)
+            staged.commit()
+        assert (dest / "model.safetensors").read_text() == attempt
+    assert _leftovers(tmp_path) == []
+    leftover = killed(StagedOutput(dest, inputs=[], overwrite=True))
+    with StagedOutput(dest, inputs=[], overwrite=True) as staged:
+        assert len(staged.notes) == 1 and str(leftover) in staged.notes[0] and not leftover.exists()
 
 
 def test_commit_twice(tmp_path):
