@@ -6,6 +6,9 @@ libtorch); the codes here must match csrc/dtype.h.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
+
 import torch
 
 from .errors import ConfigError, KernelError
@@ -71,3 +74,17 @@ def native_code(dtype: torch.dtype) -> int:
         return NATIVE_CODES[dtype]
     except KeyError:
         raise KernelError(f"native kernels do not support dtype {dtype}") from None
+
+
+def merged_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """Merged tensors keep their inputs' dtype, where they differ the one torch's promotion gives
+    (bf16 with fp32: fp32; bf16 with fp16: fp32), as mergekit's arithmetic on them does; fp8 and
+    fp64 inputs count as fp32 (fp8 is read-only)."""
+    kept = [d if d in FLOAT_OUTPUT_DTYPES else torch.float32 for d in dtypes]
+    return functools.reduce(torch.promote_types, kept)
+
+
+def kernel_input(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as the kernels can read it: fp64 (which none of them reads) as an fp32 copy,
+    since fp64 inputs count as fp32 (merged_dtype); any other dtype as it is."""
+    return tensor.to(torch.float32) if tensor.dtype == torch.float64 else tensor

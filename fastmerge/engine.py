@@ -17,6 +17,7 @@ import resource
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -26,9 +27,10 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import MergeSpec, load_config
-from .errors import FastmergeError
-from .io.checkpoint import Checkpoint
+from .dtypes import kernel_input
+from .errors import ConfigError, FastmergeError
 from .io import mapping_guard
+from .io.checkpoint import Checkpoint
 from .io.device_staging import CudaTransport, PinnedStager, Transport
 from .io.output_dir import StagedOutput, copy_model_files
 from .io.writer import ShardedWriter
@@ -140,16 +142,18 @@ def run(
     """
     started = time.perf_counter()
     reset_peak_rss()
-    if threads is not None:
-        set_threads(threads)
+    if not is_integer(seed) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     torch_device = resolve_device(device)
     max_shard = parse_size(out_shard_size)
-    plan = prepare_plan(config, allow_pickle=allow_pickle, truncate_embeddings=truncate_embeddings, flat=flat)
-    try:
-        writer, final, extra = _merge_into(plan, Path(out_dir), torch_device, seed, backend, quiet, max_shard, overwrite, copy_tokenizer)
-    finally:
-        for checkpoint in plan.checkpoints:
-            checkpoint.close()
+    with _threads(threads):
+        plan = prepare_plan(config, allow_pickle=allow_pickle, truncate_embeddings=truncate_embeddings, flat=flat)
+        try:
+            writer, final, extra = _merge_into(plan, Path(out_dir), torch_device, seed, backend, quiet, max_shard,
+                                               overwrite, copy_tokenizer)
+        finally:
+            for checkpoint in plan.checkpoints:
+                checkpoint.close()
     return MergeReport(
         output_dir=final,
         method=plan.spec.merge_method,
@@ -457,8 +461,8 @@ def _merge_one(plan: Plan, tensor: PlannedTensor, inputs: list[torch.Tensor], se
     models, base = _models_and_base(tensor, inputs)
     task = TensorTask(
         name=tensor.name,
-        inputs=models,
-        base=base,
+        inputs=[kernel_input(t) for t in models],
+        base=kernel_input(base) if base is not None else None,
         params=tensor.params,
         global_params=tensor.global_params,
         out_dtype=tensor.dtype,
@@ -506,6 +510,25 @@ def _write_side_files(plan: Plan, directory: Path, copy_tokenizer: bool) -> list
         written += [] if "tokenizer_config.json" in written else ["tokenizer_config.json"]
     (directory / CONFIG_FILE_NAME).write_text(plan.spec.to_yaml(), encoding="utf-8")
     return written + [CONFIG_FILE_NAME]
+
+
+@contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """With `threads` threads for torch and the kernels, then as many as before: a library call
+    must not leave its caller's process on one thread."""
+    if threads is None:
+        yield
+        return
+    from . import _native
+
+    before = torch.get_num_threads(), getattr(_native, "max_threads", lambda: None)()
+    set_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        if before[1] is not None:
+            _native.set_num_threads(before[1])
 
 
 def set_threads(threads: int) -> None:

@@ -7,7 +7,6 @@ tensor, shape mismatch, unknown parameter, missing weight) surfaces before a byt
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -16,6 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .config import MergeSpec, SliceSpec, SourceSpec, evaluate_setting
+from .dtypes import merged_dtype
 from .errors import ConfigError, PlanError
 from .io.checkpoint import Checkpoint
 from .io.lora import AdaptedCheckpoint, open_model
@@ -470,7 +470,7 @@ class _PlanBuilder:
             shape = tuple(info.shape)
         self._check_same_kind(all_refs, shape_from)
         copy_only = not info.dtype.is_floating_point
-        out_dtype = info.dtype if copy_only else (self.spec.out_dtype or self.spec.dtype or _float_output(
+        out_dtype = info.dtype if copy_only else (self.spec.out_dtype or self.spec.dtype or merged_dtype(
             self.checkpoints[r.checkpoint].info(r.name).dtype for r in all_refs))
         params = [self._model_params(s, out_slice, out_name, t) for s in merge_sources]
         global_params = self._global_params(out_slice, out_name, t)
@@ -683,11 +683,3 @@ def check_parameter_value(name: str, value: Any, default: Any, owner: str, tenso
     if isinstance(default, bool) and not isinstance(value, bool):
         raise ConfigError(f"parameter `{name}` of {owner} must be true or false, got {value!r}")
     return value
-
-
-def _float_output(dtypes: Iterable[torch.dtype]) -> torch.dtype:
-    """Merged tensors keep their inputs' dtype, where they differ the one torch's promotion gives
-    (bf16 with fp32: fp32; bf16 with fp16: fp32), as mergekit's arithmetic on them does; fp8 and
-    fp64 inputs count as fp32 (fp8 is read-only)."""
-    kept = [d if d in (torch.float32, torch.float16, torch.bfloat16) else torch.float32 for d in dtypes]
-    return functools.reduce(torch.promote_types, kept)

@@ -50,6 +50,9 @@ class MergeMethod:
     requires_base: ClassVar[bool] = False
     # Whether the method uses the base tensor when one is configured (linear ignores it).
     uses_base: ClassVar[bool] = True
+    # What the method computes over whole models in `prepare` (the in-memory API, which merges
+    # tensor by tensor, cannot run it), or None.
+    whole_model_step: ClassVar[str | None] = None
 
     def prepare(self, context: Any) -> None:
         """Whole-model step before streaming; most methods need none."""

@@ -189,8 +189,9 @@ def test_della_rejects_density_epsilon_outside_unit_interval():
 def test_the_tensor_level_api_refuses_a_density_outside_zero_to_one(method, density):
     """As a config does at plan time: mergekit's clamp would keep all of a task vector at 1.5."""
     base, xs = random_models(2)
-    with pytest.raises(ConfigError, match=f"`density` of model 1 is {density!r} for tensor {NAME}; it must be a "
-                                          "number from 0 to 1"):
+    message = "must be a number, got True" if density is True else \
+        f"is {density!r} for tensor {NAME}; it must be a number from 0 to 1"
+    with pytest.raises(ConfigError, match=f"`density` of model 1 {message}"):
         fastmerge.merge_tensors(method, xs, base=base, name=NAME, weight=1.0, density=[0.5, density])
 
 
