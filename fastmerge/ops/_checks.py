@@ -3,6 +3,8 @@ clear message before any backend sees them."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Sequence
 
 import torch
@@ -31,3 +33,14 @@ def check_alike(op: str, named: Sequence[tuple[str, Any]]) -> None:
             raise KernelError(f"{op}: {label} has dtype {t.dtype}; it must be fp32, fp16, bf16 or fp8")
         if t.device != first.device:
             raise KernelError(f"{op}: {label} is on {t.device} but {first_label} is on {first.device}")
+
+
+def check_numbers(op: str, label: str, values: Sequence[Any], low: float | None = None,
+                  high: float | None = None) -> None:
+    """Each of `values` a finite number, within [low, high] where given: a NaN weight turns the
+    whole result NaN, and a density of 2 keeps what 1 keeps, without a word."""
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or \
+                (low is not None and value < low) or (high is not None and value > high):
+            bounds = f" from {low} to {high}" if low is not None and high is not None else ""
+            raise KernelError(f"{op}: {label}[{i}] is {value!r}; it must be a finite number{bounds}")

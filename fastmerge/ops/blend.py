@@ -21,7 +21,7 @@ import torch
 
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
-from ._checks import check_alike, labelled
+from ._checks import check_alike, check_numbers, labelled
 from ._dispatch import resolve_backend
 from ._fma import fma_f32
 
@@ -67,6 +67,7 @@ def blend(
     """
     inputs = list(inputs)
     weights = _fp32_weights(inputs, weights)
+    check_numbers("blend", "lam", [lam])
     out_dtype = _check_tensors(inputs, base, out_dtype, out)
     name = resolve_backend("blend", [*inputs, base, out], SUPPORTED_BACKENDS, backend)
     if name == "reference":
@@ -112,6 +113,7 @@ def _fp32_weights(inputs: list, weights: Sequence[float]) -> list[float]:
     weights = list(weights)
     if len(weights) != len(inputs):
         raise KernelError(f"blend got {len(inputs)} inputs but {len(weights)} weights; give one weight per input")
+    check_numbers("blend", "weights", weights)
     return [_fp32(w) for w in weights]
 
 

@@ -28,6 +28,7 @@ import torch
 
 from ..dtypes import native_code
 from ..errors import KernelError
+from ..values import is_integer
 from ._dispatch import helper_backend, resolve_backend
 
 BINS = 65536
@@ -172,6 +173,9 @@ def magnitude_thresholds(x: torch.Tensor, ks: Sequence[int], base: torch.Tensor 
     backend one pass for all (usually), otherwise one coarse pass and one fine pass per distinct
     bucket."""
     backend = resolve_backend("magnitude_threshold", [x, base], BACKENDS, backend)
+    for k in ks:
+        if not is_integer(k):
+            raise KernelError(f"{name}: k must be an integer (how many elements to keep), got {k!r}")
     n = x.numel()
     if base is not None and base.numel() != n:
         raise KernelError(f"{name}: base has {base.numel()} elements, tensor has {n}")

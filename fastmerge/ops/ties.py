@@ -53,7 +53,7 @@ import torch
 
 from ..dtypes import FLOAT_OUTPUT_DTYPES, native_code
 from ..errors import KernelError
-from ._checks import check_alike
+from ._checks import check_alike, check_numbers
 from ._dispatch import helper_backend, resolve_backend
 from ._fma import fma_f32
 from .mask import packed_size, unpack_mask_reference
@@ -374,14 +374,19 @@ def _per_model(name: str, value: float | Sequence[float], count: int) -> list[fl
     return values
 
 
-def _check(base, inputs, weights, densities, thresholds, sparsify, rescale_mode, out_dtype):
+def _check(base, inputs, weights, densities, thresholds, sparsify, rescale_mode, out_dtype, lam):
     if base is None:
         raise KernelError("ties_merge needs the base model's tensor (task vectors are x_i - base)")
     if not inputs:
         raise KernelError("ties_merge needs at least one input tensor")
     for name, values in (("weights", weights), ("densities", densities), ("thresholds", thresholds)):
+        if values is not None and not isinstance(values, Sequence):
+            raise KernelError(f"ties_merge: {name} must be a list with one value per input, got {values!r}")
         if values is not None and len(values) != len(inputs):
             raise KernelError(f"ties_merge: {len(inputs)} inputs but {len(values)} {name}")
+    check_numbers("ties_merge", "weights", weights)
+    check_numbers("ties_merge", "densities", densities or [])  # out of [0, 1]: mergekit's clamps (configs refuse)
+    check_numbers("ties_merge", "lam", [lam])
     check_alike("ties_merge", [("base", base)] + [(f"input {i}", x) for i, x in enumerate(inputs)])
     if sparsify not in SPARSIFIERS:
         raise KernelError(f"unknown sparsify {sparsify!r}; use one of {', '.join(SPARSIFIERS)}")
@@ -423,13 +428,15 @@ def ties_merge(
     inputs = [x.contiguous() for x in inputs]
     base = base.contiguous() if base is not None else None
     out_dtype = out_dtype or (base.dtype if base is not None else None)
-    _check(base, inputs, weights, densities, thresholds, sparsify, rescale_mode, out_dtype)
+    _check(base, inputs, weights, densities, thresholds, sparsify, rescale_mode, out_dtype, lam)
     name = resolve_backend("ties_merge", [base, *inputs], FUSED_BACKENDS, backend)
     if base.numel() == 0:
         return torch.empty(base.shape, dtype=out_dtype, device=base.device)
     densities = list(densities) if densities is not None else [1.0] * len(inputs)
     thresholds = list(thresholds) if thresholds is not None else [None] * len(inputs)
     gammas, epsilons = _per_model("gamma", gamma, len(inputs)), _per_model("epsilon", epsilon, len(inputs))
+    check_numbers("ties_merge", "gamma", gammas, 0.0, 1.0)  # the share of the largest changes breadcrumbs drops
+    check_numbers("ties_merge", "epsilon", epsilons)
     selectors, scales = [], []
     for i, (x, density, threshold) in enumerate(zip(inputs, densities, thresholds)):
         who = input_names[i] if input_names is not None else f"model {i}"
