@@ -79,6 +79,8 @@ class ExtractionSettings:
         if self.svd not in SVD_METHODS:
             raise ConfigError(f"--svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
         for flag, patterns in (("--include-regex", self.include), ("--exclude-regex", self.exclude)):
+            if isinstance(patterns, str) or not isinstance(patterns, Sequence):  # a str would be read letter by letter
+                raise ConfigError(f"{flag}: give a list of regular expressions, e.g. [{patterns!r}]")
             for pattern in patterns:
                 try:
                     re.compile(pattern)

@@ -138,6 +138,8 @@ def test_bad_input(pair, tmp_path, capsys):
         extract_lora(tuned, base, tmp_path / "a", max_rank=0)
     with pytest.raises(ConfigError, match="--include-regex"):
         extract_lora(tuned, base, tmp_path / "a", include=["("])
+    with pytest.raises(ConfigError, match=r"--exclude-regex: give a list of regular expressions, e.g. \['q_proj'\]"):
+        extract_lora(tuned, base, tmp_path / "a", exclude="q_proj")  # searched letter by letter before
     with pytest.raises(ConfigError, match="--svd"):
         extract_lora(tuned, base, tmp_path / "a", svd="fast")
     for bad in (True, -1e-3, float("nan"), "0.1"):

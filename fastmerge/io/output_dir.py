@@ -151,6 +151,8 @@ class StagedOutput:
         self.overwrite = overwrite
         self._check_destination(inputs, read_files)
         self.notes = _remove_abandoned(self.destination)
+        # The directories made for the output, deepest first: a failed run removes them again.
+        self._made = [d for d in [self.destination.parent, *self.destination.parent.parents] if not d.exists()]
         try:
             self.destination.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(
@@ -246,6 +248,11 @@ class StagedOutput:
         let go of its lock."""
         if not self._committed:
             shutil.rmtree(self.path, ignore_errors=True)
+            for directory in self._made:
+                try:
+                    directory.rmdir()  # only while empty: another run may have put something there
+                except OSError:
+                    break
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None

@@ -41,6 +41,14 @@ def test_exception_deletes_the_temporary_directory(tmp_path):
     assert not dest.exists() and _leftovers(tmp_path) == []
 
 
+def test_a_failure_removes_the_directories_made_for_the_output(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(RuntimeError):
+        with StagedOutput(tmp_path / "a" / "b" / "c" / "merged", inputs=[]):
+            raise RuntimeError("merge failed")
+    assert list(tmp_path.iterdir()) == [tmp_path / "a"] and list((tmp_path / "a").iterdir()) == []
+
+
 def test_leaving_without_commit_deletes_the_temporary_directory(tmp_path):
     with StagedOutput(tmp_path / "merged", inputs=[]):
         pass
