@@ -242,6 +242,18 @@ def test_bad_configs_are_named(models, tmp_path, change, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("noise_scale", float("nan"), "must be a finite number >= 0.0, got nan"),  # wrote NaN into the experts
+    ("noise_scale", -0.1, "must be a finite number >= 0.0, got -0.1"),
+    ("residual_scale", float("inf"), "must be a finite number, got inf"),
+])
+def test_expert_scales_are_finite(models, key, value, message):
+    config = _config(models)
+    config["experts"][0][key] = value
+    with pytest.raises(ConfigError, match=rf"experts\[0\]\.{key}` {message}"):
+        load_moe_config(config)
+
+
 def test_prompt_modes_need_different_prompts_for_every_expert(models):
     config = _config(models)
     config["experts"][1]["positive_prompts"] = []

@@ -11,6 +11,8 @@ every refusal is a ConfigError naming the key.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -109,7 +111,7 @@ def _experts(value: Any, where: str) -> tuple[Expert, ...]:
             raise ConfigError(f"`{at}.source_model` is required")
         experts.append(Expert(model, _prompts(entry.get("positive_prompts"), f"{at}.positive_prompts"),
                               _prompts(entry.get("negative_prompts"), f"{at}.negative_prompts"),
-                              _number(entry.get("noise_scale"), f"{at}.noise_scale"),
+                              _number(entry.get("noise_scale"), f"{at}.noise_scale", low=0.0),  # a standard deviation
                               _number(entry.get("residual_scale"), f"{at}.residual_scale")))
     return tuple(experts)
 
@@ -122,11 +124,12 @@ def _prompts(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _number(value: Any, where: str) -> float | None:
+def _number(value: Any, where: str, low: float | None = None) -> float | None:
+    """A finite number (at least `low` where given): a NaN scale wrote NaN into the experts."""
     if value is None:
         return None
-    if not is_number(value):
-        raise ConfigError(f"`{where}` must be a number, got {value!r}")
+    if not is_number(value) or not math.isfinite(value) or (low is not None and value < low):
+        raise ConfigError(f"`{where}` must be a finite number{f' >= {low}' if low is not None else ''}, got {value!r}")
     return float(value)
 
 
