@@ -350,12 +350,13 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _parse_parameters(params: Any, where: str) -> dict[str, ParameterSetting]:
-    """Check every setting's shape now, so evaluation later cannot meet a malformed value."""
+    """Check every setting's shape now, so evaluation later cannot meet a malformed value. A
+    parameter set to null is one not given: its default holds (RECALL's `sigma: null`)."""
     if params is None:
         return {}
     if not isinstance(params, dict):
         raise ConfigError(f"`{where}` must be a mapping of parameter names to values")
-    return {name: _parse_setting(value, f"{where}.{name}") for name, value in params.items()}
+    return {name: _parse_setting(value, f"{where}.{name}") for name, value in params.items() if value is not None}
 
 
 def _parse_setting(value: Any, where: str) -> ParameterSetting:

@@ -130,3 +130,10 @@ def test_a_key_given_twice_is_an_error_naming_it_and_its_line(tmp_path):
     with pytest.raises(ConfigError, match=r"key 'merge_method' is given twice\s+in .*line 5"):
         load_config(path)
     assert parse_yaml_documents("a: 1\n---\na: 2\n") == [{"a": 1}, {"a": 2}]  # the same key in two documents is fine
+
+
+def test_a_parameter_set_to_null_takes_its_default():
+    """As README's RECALL example writes `sigma: null` (refused as 'must be a scalar' before)."""
+    spec = load_config("merge_method: ties\nmodels:\n  - model: m\n    parameters: {weight: 0.5, density: null}\n"
+                       "parameters: {lambda: null}\n")
+    assert spec.models[0].parameters == {"weight": 0.5} and spec.parameters == {}
