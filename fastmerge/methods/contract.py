@@ -1,7 +1,7 @@
-"""Structural rules a method states once: how many input models it takes and which method-level
-parameters have no default (slerp's `t`).
+"""Structural rules a method states once: how many input models it takes, which method-level
+parameters have no default (slerp's `t`), and the range of its numeric method-level parameters.
 
-The planner already rejects unknown parameters and missing per-model ones; these two rules are
+The planner already rejects unknown parameters and missing per-model ones; these rules are
 checked here, in `prepare`, over every planned tensor, so a config that cannot work fails before
 the first byte is written. `merge_tensor` checks them again because the in-memory API
 (`fastmerge.merge_tensors`) never calls `prepare`.
@@ -9,12 +9,13 @@ the first byte is written. `merge_tensor` checks them again because the in-memor
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ConfigError
-from ..values import is_number
+from ..values import is_integer, is_number
 from .base import MergeMethod, TensorTask
 
 
@@ -37,6 +38,9 @@ class ContractMethod(MergeMethod):
     # Method-level parameters without a default (numbers, all of them): declared in
     # `global_params` with value None.
     required_global_params: ClassVar[tuple[str, ...]] = ()
+    # Method-level numbers and their range: (lowest, highest or None, whether an integer). An
+    # out-of-range value would run without a word (karcher's max_iter 2.5 as 2, a negative tol).
+    global_bounds: ClassVar[dict[str, tuple[float, float | None, bool]]] = {}
 
     def prepare(self, context: Any) -> None:
         for tensor in context.plan.tensors:
@@ -62,6 +66,14 @@ class ContractMethod(MergeMethod):
                     f"set it under the top-level (or slice) `parameters`"
                 )
             check_number(name, value, tensor)
+        for name, (low, high, integer) in self.global_bounds.items():
+            value = global_params.get(name)
+            if not (is_integer(value) if integer else is_number(value)) or not math.isfinite(value) or value < low or \
+                    (high is not None and value > high):
+                kind = "an integer" if integer else "a number"
+                bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+                raise ConfigError(f"parameter `{name}` of merge_method {self.name} must be {kind} {bounds} for tensor "
+                                  f"{tensor}, got {value!r}")
 
     def _count_text(self) -> str:
         if self.max_inputs == self.min_inputs:

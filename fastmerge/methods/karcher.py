@@ -72,6 +72,7 @@ class Karcher(ContractMethod):
 
     name = "karcher"
     global_params = {"max_iter": 10, "tol": 1e-5}
+    global_bounds = {"max_iter": (0, None, True), "tol": (0.0, None, False)}
     uses_base = False
 
     def merge(self, task: TensorTask) -> torch.Tensor:

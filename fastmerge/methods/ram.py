@@ -45,6 +45,7 @@ class Ram(ContractMethod):
 
     name = "ram"
     global_params = {"epsilon": 1e-5}
+    global_bounds = {"epsilon": (0.0, None, False)}
     requires_base = True
     min_inputs = 0
 
@@ -58,6 +59,7 @@ class RamPlusTL(ContractMethod):
 
     name = "ramplus_tl"
     global_params = {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}
+    global_bounds = {"r": (0.0, None, False), "alpha": (0.0, None, False), "epsilon": (0.0, None, False)}
     requires_base = True
     min_inputs = 0
 

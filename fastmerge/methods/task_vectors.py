@@ -30,6 +30,7 @@ from ..ops._fma import fma_f32
 from ..ops.ties import OutlierBand, outlier_ranks, ties_merge
 from ..values import is_number
 from .base import MergeMethod, TensorTask, register
+from .contract import ContractMethod
 
 TRIM_SCOPES = ("tensor", "model")
 
@@ -327,14 +328,16 @@ class DellaLinear(RankedDrop):
 
 
 @register
-class Sce(MergeMethod):
+class Sce(ContractMethod):
     """SCE (select, calculate, erase): no config weights; see `sce_merge`."""
 
     name = "sce"
     global_params = {"int8_mask": False, "select_topk": 1.0}
+    global_bounds = {"select_topk": (0.0, 1.0, False)}
     requires_base = True
+    min_inputs = 0
 
-    def merge_tensor(self, task: TensorTask) -> torch.Tensor:
+    def merge(self, task: TensorTask) -> torch.Tensor:
         if not task.inputs:
             return task.base.to(task.out_dtype)
         select_topk = float(task.global_params["select_topk"])
