@@ -13,7 +13,7 @@ from .errors import ConfigError, PlanError
 from .methods import get_method
 from .methods.base import MergeMethod, TensorTask
 from .plan import REQUIRED, check_parameter_value, layer_index, tensors_by_name
-from .values import is_integer, is_number
+from .values import check_seed, is_number
 
 
 def merge_tensors(
@@ -175,8 +175,7 @@ def _task(merger: MergeMethod, name: str, inputs: list[torch.Tensor], base: torc
     _check_names(merger, params)
     base = base if merger.uses_base else None  # linear's: unused, as in mergekit
     _check_inputs(merger, name, inputs, base, labels or [f"tensors[{i}]" for i in range(len(inputs))])
-    if not is_integer(seed) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    check_seed(seed)
     per_model = [_model_params(merger, params, i, len(inputs), name) for i in range(len(inputs))]
     global_params = {
         key: check_parameter_value(key, _plain(params.get(key, default)), default, "the merge", name)

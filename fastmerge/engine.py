@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import MergeSpec, load_config
 from .dtypes import kernel_input
-from .errors import ConfigError, FastmergeError
+from .errors import FastmergeError
 from .io import mapping_guard
 from .io.checkpoint import Checkpoint
 from .io.device_staging import CudaTransport, PinnedStager, Transport
@@ -38,7 +38,7 @@ from .methods import get_method
 from .methods.base import TensorTask
 from .plan import Plan, PlannedTensor, build_plan, open_checkpoints
 from .units import format_size, parse_size, shards_summary
-from .values import is_integer
+from .values import check_seed, is_integer
 from .vocab.chat_templates import write_chat_template
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -142,8 +142,7 @@ def run(
     """
     started = time.perf_counter()
     reset_peak_rss()
-    if not is_integer(seed) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    check_seed(seed)
     torch_device = resolve_device(device)
     max_shard = parse_size(out_shard_size)
     with _threads(threads):

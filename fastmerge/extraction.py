@@ -44,7 +44,7 @@ from .io.lora import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, KEY_PREFIX, open_model
 from .io.output_dir import StagedOutput
 from .io.spooled_writer import SpooledSafetensorsWriter
 from .ops.random import derive_key
-from .values import is_integer, is_number
+from .values import check_seed, is_integer, is_number
 from .vocab.names import is_input_embedding, is_vocabulary_tensor
 
 SVD_METHODS = ("exact", "randomized")
@@ -71,8 +71,7 @@ class ExtractionSettings:
             raise ConfigError(f"--max-rank must be an integer >= 1, got {self.max_rank!r}")
         if not (is_number(self.sv_epsilon) and math.isfinite(self.sv_epsilon) and self.sv_epsilon >= 0):
             raise ConfigError(f"--sv-epsilon must be a number >= 0, got {self.sv_epsilon!r}")
-        if not is_integer(self.seed):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed)
         for name in ("distribute_scale", "embed_lora", "skip_undecomposable"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")

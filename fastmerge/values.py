@@ -7,6 +7,8 @@ checks leave bools out.
 
 from __future__ import annotations
 
+from .errors import ConfigError
+
 
 def is_integer(value: object) -> bool:
     """An int that is not a bool."""
@@ -16,3 +18,11 @@ def is_integer(value: object) -> bool:
 def is_number(value: object) -> bool:
     """An int or a float that is not a bool (a float may still be inf or NaN)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_seed(seed: object) -> int:
+    """A random seed as every command takes it: an integer in [0, 2**64), the range the Philox
+    key derivation (ops/random.py) accepts; a ConfigError naming it otherwise."""
+    if not is_integer(seed) or not 0 <= seed < 2**64:
+        raise ConfigError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    return seed

@@ -38,7 +38,7 @@ from ..io.lora import open_model, split_reference
 from ..io.output_dir import OutputReport, StagedOutput, copy_model_files, write_model_config
 from ..io.writer import ShardedWriter
 from ..units import parse_size
-from ..values import is_integer
+from ..values import check_seed, is_integer
 from .architectures import MoEArchitecture, select_architecture
 from .config import RANDOM_MODES, Expert, MoESpec, load_moe_config
 from .gates import degenerate_layers, router_vectors
@@ -73,6 +73,7 @@ def build_moe(config: str | Path | Mapping[str, Any] | MoESpec, out_dir: str | P
     """
     started = time.perf_counter()
     reset_peak_rss()
+    check_seed(seed)
     spec = config if isinstance(config, MoESpec) else load_moe_config(config, allow_all_same=allow_all_same)
     max_shard = parse_size(out_shard_size)
     checkpoints: dict[str, Checkpoint] = {}

@@ -39,6 +39,7 @@ from ..io.output_dir import OutputReport, StagedOutput, write_model_config
 from ..io.writer import ShardedWriter
 from ..representations.models import open_tokenizer, require_transformers
 from ..units import parse_size
+from ..values import check_seed
 from ..vocab.names import is_input_embedding, is_output_embedding, is_vocabulary_tensor
 from .approximate import Approximation, Rows, approximate_rows
 from .magikarp import WellTrained, keep_well_trained
@@ -81,6 +82,7 @@ def tokensurgeon(model: str | Path, donor: str | Path, out_dir: str | Path, *, m
     """
     started = time.perf_counter()
     reset_peak_rss()
+    check_seed(seed)
     settings = Approximation(method, k, cosine_similarity, weight_scheme, subword_method, batch_size,
                              new_vocab_noise, new_vocab_scale)
     settings.check()
