@@ -147,6 +147,8 @@ class StagedOutput:
         """`inputs`: the model directories (or files) the command reads, which the output may not
         lie inside; `read_files`: other files it reads (masks, the real files behind linked
         shards), which --overwrite may not delete."""
+        if not isinstance(overwrite, bool):  # "yes" or "no" would both replace the output
+            raise OutputError(f"overwrite must be True or False, got {overwrite!r}")
         self.destination = Path(destination).expanduser().resolve()
         self.overwrite = overwrite
         self._check_destination(inputs, read_files)

@@ -290,6 +290,11 @@ def test_overwrite_refuses_a_directory_that_shards_link_into(tmp_path):
         StagedOutput(blobs / "out", inputs=checkpoint.sources, read_files=checkpoint.files).discard()  # beside them: fine
 
 
+def test_overwrite_is_true_or_false(tmp_path):
+    with pytest.raises(OutputError, match="overwrite must be True or False, got 'no'"):
+        StagedOutput(tmp_path / "merged", inputs=[], overwrite="no")
+
+
 def test_refuses_a_file_destination(tmp_path):
     (tmp_path / "merged").write_text("x")
     with pytest.raises(OutputError, match="is a file"):
