@@ -60,7 +60,7 @@ def test_other_arguments_are_checked():
         fastmerge.merge_tensors("ties", [A, B], base="b", weight=1.0)
     with pytest.raises(ConfigError, match="name must be the tensor's name"):
         fastmerge.merge_tensors("linear", [A, B], name=None, weight=1.0)
-    with pytest.raises(ConfigError, match="seed must be a non-negative integer, got -1"):
+    with pytest.raises(ConfigError, match=r"seed must be an integer from 0 to 2\*\*64 - 1, got -1"):
         fastmerge.merge_tensors("dare_ties", [A, B], base=BASE, weight=1.0, density=0.5, seed=-1)
     with pytest.raises(ConfigError, match="give `lambda_` or `lambda`, not both"):
         fastmerge.merge_tensors("ties", [A, B], base=BASE, weight=1.0, lambda_=1.0, **{"lambda": 2.0})
@@ -95,6 +95,11 @@ def test_the_output_dtype_is_a_config_merge_s():
     assert fastmerge.merge_tensors("linear", [A, B], weight=1.0, out_dtype="bfloat16").dtype == torch.bfloat16
 
 
+def test_a_method_that_needs_whole_models_says_so():
+    with pytest.raises(ConfigError, match="merge_method recall .* run it from a config"):
+        fastmerge.merge_tensors("recall", [A, B])
+
+
 def test_parameters_are_checked_when_no_tensor_needs_a_merge():
     with pytest.raises(ConfigError, match="unknown parameter `wieght` for merge_method linear"):
         fastmerge.merge_state_dicts("linear", [{}, {}], wieght=2)
@@ -115,6 +120,50 @@ def test_a_run_over_fp64_checkpoints_writes_fp32_and_restores_the_thread_count(t
     assert torch.get_num_threads() == threads
     merged = load_file(tmp_path / "out" / "model.safetensors")["w"]
     assert torch.equal(merged, fastmerge.merge_tensors("linear", [A, B], weight=1.0))
-    with pytest.raises(ConfigError, match="seed must be a non-negative integer"):
+    with pytest.raises(ConfigError, match="seed must be an integer from 0"):
         fastmerge.run(config, tmp_path / "out2", flat="error", seed=-1, quiet=True)
     assert not (tmp_path / "out2").exists()
+
+
+def test_the_kernels_refuse_numbers_that_are_not():
+    """A NaN weight made every element NaN; a scalar where a list belongs was a TypeError."""
+    from fastmerge import ops
+    from fastmerge.errors import KernelError
+
+    with pytest.raises(KernelError, match=r"blend: weights\[0\] is nan; it must be a finite number"):
+        ops.blend([A, B], [float("nan"), 1.0])
+    with pytest.raises(KernelError, match=r"blend: lam\[0\] is nan"):
+        ops.blend([A, B], [1.0, 1.0], base=BASE, lam=float("nan"))
+    with pytest.raises(KernelError, match=r"ties_merge: weights\[1\] is inf"):
+        ops.ties_merge(BASE, [A, B], [1.0, float("inf")])
+    with pytest.raises(KernelError, match="ties_merge: weights must be a list with one value per input, got 1.0"):
+        ops.ties_merge(BASE, [A, B], 1.0)
+    with pytest.raises(KernelError, match=r"ties_merge: gamma\[0\] is 2.0; it must be a finite number from 0.0 to 1.0"):
+        ops.ties_merge(BASE, [A, B], [1.0, 1.0], densities=[0.5, 0.5], sparsify="magnitude_outliers", gamma=2.0)
+    with pytest.raises(KernelError, match="k must be an integer .* got 1.5"):
+        ops.magnitude_threshold(A, 1.5)
+
+
+@pytest.mark.parametrize("method, params, message", [
+    ("karcher", {"max_iter": 2.5}, "`max_iter` of merge_method karcher must be an integer >= 0"),
+    ("karcher", {"tol": -1.0}, "`tol` of merge_method karcher must be a number >= 0.0"),
+    ("ram", {"epsilon": -1.0}, "`epsilon` of merge_method ram must be a number >= 0.0"),
+    ("ramplus_tl", {"r": -2.0}, "`r` of merge_method ramplus_tl must be a number >= 0.0"),
+    ("sce", {"select_topk": 2.0}, "`select_topk` of merge_method sce must be a number from 0.0 to 1.0"),
+])
+def test_method_parameters_out_of_range_are_named(method, params, message):
+    """They ran without a word: karcher's max_iter 2.5 as 2, sce's select_topk 2 as 1."""
+    with pytest.raises(ConfigError, match=message):
+        fastmerge.merge_tensors(method, [A, B], base=BASE, **params)
+
+
+def test_every_command_checks_its_seed(tmp_path):
+    """build_moe and tokensurgeon stopped in torch ('manual_seed expected a long')."""
+    from fastmerge import build_moe, extract_lora, tokensurgeon
+
+    for call in (lambda: build_moe({}, tmp_path / "moe", seed="x"),
+                 lambda: tokensurgeon(tmp_path / "m", tmp_path / "d", tmp_path / "t", seed="x"),
+                 lambda: extract_lora(tmp_path / "m", tmp_path / "b", tmp_path / "l", seed=2**64)):
+        with pytest.raises(ConfigError, match="seed must be an integer from 0 to 2\\*\\*64 - 1"):
+            call()
+    assert list(tmp_path.iterdir()) == []

@@ -50,13 +50,15 @@ def recall_weights(
     new_index: int,
     temperature: float = 1.0,
     sigma: float | None = None,
+    backend: str | None = None,
 ) -> RecallWeights:
     """Layer weights from representations [L+1, n, d] of K models on the same n samples.
 
     similarity[l, k] = mean_s exp(-||r_k[l, s] - r_new[l, s]||^2 / (2 sigma_l^2)), computed
-    with ops.rbf_similarity over all models' rows against the new model's at once, so one
-    sigma per layer (median heuristic, unless given) is shared by every model and the
-    similarities are comparable. weights[l] = softmax_k(similarity[l, k] / temperature).
+    with ops.rbf_similarity (on `backend`, the merge's --backend) over all models' rows against
+    the new model's at once, so one sigma per layer (median heuristic, unless given) is shared
+    by every model and the similarities are comparable.
+    weights[l] = softmax_k(similarity[l, k] / temperature).
     """
     if not temperature > 0 or not math.isfinite(temperature):
         raise ConfigError(f"RECALL parameter temperature must be a positive number, got {temperature}")
@@ -64,7 +66,7 @@ def recall_weights(
         raise ConfigError(f"RECALL parameter sigma must be a positive number (or unset for the median heuristic), got {sigma}")
     count, n = len(representations), representations[0].shape[1]
     stacked = torch.cat([r.float() for r in representations], dim=1)  # [L+1, K*n, d]
-    kernel, used_sigma = ops.rbf_similarity(stacked, representations[new_index].float(), sigma=sigma)
+    kernel, used_sigma = ops.rbf_similarity(stacked, representations[new_index].float(), sigma=sigma, backend=backend)
     paired = kernel.double().reshape(kernel.shape[0], count, n, n).diagonal(dim1=2, dim2=3)  # [L+1, K, n]
     similarity = paired.mean(dim=2)
     _check_similarity(similarity, used_sigma, new_index)
@@ -95,6 +97,7 @@ class Recall(MergeMethod):
     """Per-layer weights from representation similarity to the new model (see module docstring)."""
 
     name = "recall"
+    whole_model_step = "weighs each layer by the models' hidden states on the samples"
     model_params = {"new": False}
     global_params = {
         "samples": None,
@@ -122,13 +125,17 @@ class Recall(MergeMethod):
 
         def capture(index: int, texts: Sequence[str]) -> torch.Tensor:
             batches = tokenize_batches(tokenizer, texts, params["max_length"], params["batch_size"])
-            return capture_representations(candidates[index], skeletons[index], batches, context.device)
+            representations = capture_representations(candidates[index], skeletons[index], batches, context.device)
+            _require_finite(representations, names[index])
+            return representations
 
         new_all = capture(new_index, samples)
         typical = select_typical(new_all[-1], params["num_typical"], seed=context.seed)
         typical_texts = [samples[i] for i in typical]
+        if params["sigma"] is None:
+            _require_distinct_samples(typical_texts)
         reps = [new_all[:, typical] if i == new_index else capture(i, typical_texts) for i in range(len(candidates))]
-        result = recall_weights(reps, new_index, params["temperature"], params["sigma"])
+        result = recall_weights(reps, new_index, params["temperature"], params["sigma"], backend=context.backend)
         self._rows = result.weights.tolist()
         self._embed_name = skeletons[new_index].embed_name
         self._has_base = context.base is not None
@@ -159,6 +166,34 @@ class Recall(MergeMethod):
             row = self._rows[-1]
         inputs = list(task.inputs) + ([task.base] if self._has_base else [])
         return ops.blend(inputs, row, out_dtype=task.out_dtype, backend=task.backend)
+
+
+def _require_finite(representations: torch.Tensor, name: str) -> None:
+    """Refuse a model whose hidden states [L+1, n, d] hold NaN or inf, naming the first such row.
+
+    Checked right after capture, where it is cheap and the model is known: later, the distance
+    kernel would turn NaN distances into 0 (the broken model looking identical to the new one)
+    and k-means++ would fail on NaN probabilities.
+    """
+    bad = (~torch.isfinite(representations)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        where = row_labels(representations.shape[0])[bad[0]]
+        raise PlanError(f"RECALL: model {name}: its hidden states at {where} are not finite (NaN or inf in its weights?)")
+
+
+def _require_distinct_samples(typical_texts: Sequence[str]) -> None:
+    """The median-heuristic kernel width needs at least 2 distinct typical samples.
+
+    With one (num_typical 1, a single line, or identical lines) the new model's rows are all
+    the same, so the only non-zero distance in a layer is old-to-new itself: sigma^2 = D/2 and
+    every similarity is exp(-1), whatever the models, and the weights would ignore them.
+    """
+    if len(set(typical_texts)) < 2:
+        raise ConfigError(
+            "RECALL: the median heuristic for sigma needs at least 2 distinct typical samples, got 1 (with one, "
+            "every similarity is exp(-1) whatever the models); give more distinct samples, set num_typical >= 2, "
+            "or give `sigma`"
+        )
 
 
 def _new_model_index(model_params: list[dict[str, Any]], names: list[str]) -> int:

@@ -139,3 +139,60 @@ def test_without_transformers(models, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingExtraError, match=r"fastmerge\[models\]"):
         fastmerge.run(_config(old, new), tmp_path / "out", device="cpu", quiet=True)
+
+
+def _with_nan(source, target, tensor="model.layers.0.mlp.up_proj.weight"):
+    """A copy of the model at `source` with one NaN in `tensor`."""
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    tensors[tensor] = tensors[tensor].clone()
+    tensors[tensor][0, 0] = float("nan")
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("broken", ["old", "new"])
+def test_nan_weight_names_the_model_and_layer(models, tmp_path, broken):
+    """A NaN old model used to look identical to the new one (NaN distance -> 0, similarity 1),
+    and a NaN new model crashed k-means++; both are now refused right after capture."""
+    old, new = models
+    bad = _with_nan(old if broken == "old" else new, tmp_path / "nan_model")
+    pair = (bad, new) if broken == "old" else (old, bad)
+    with pytest.raises(PlanError, match=rf"model {bad}: its hidden states at layer 0 are not finite"):
+        fastmerge.run(_config(*pair), tmp_path / "out", device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_backend_reaches_the_similarity_kernel(models, tmp_path, monkeypatch):
+    from fastmerge import ops
+
+    seen = []
+    real = ops.rbf_similarity
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "rbf_similarity", spy)
+    old, new = models
+    fastmerge.run(_config(old, new), tmp_path / "out", device="cpu", quiet=True, backend="reference")
+    assert seen == ["reference"]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"num_typical": 1}, {"samples": ["one line only"]}, {"samples": ["the same text"] * 6}],
+    ids=["num_typical_1", "single_sample", "identical_samples"],
+)
+def test_median_heuristic_needs_two_distinct_samples(models, tmp_path, params):
+    """With one distinct sample sigma^2 = D/2 and every similarity is exp(-1): weights that ignore the models."""
+    old, new = models
+    with pytest.raises(ConfigError, match="at least 2 distinct typical samples.*num_typical >= 2.*sigma"):
+        fastmerge.run(_config(old, new, **params), tmp_path / "out", device="cpu", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_sample_is_fine_with_a_given_sigma(models, tmp_path):
+    old, new = models
+    report = fastmerge.run(_config(old, new, num_typical=1, sigma=100.0), tmp_path / "out", device="cpu", quiet=True)
+    assert len(json.loads((report.output_dir / "recall_weights.json").read_text())["typical_samples"]) == 1
