@@ -41,12 +41,13 @@ from typing import Any
 import torch
 
 from .. import ops
-from ..errors import ConfigError
+from ..errors import ConfigError, PlanError
 from ..ops.dot import gram
 from ..ops.random import derive_key
 from ..values import is_number
 from .base import TensorTask, register
 from .contract import ContractMethod
+from .task_vectors import input_names
 
 ANCHOR_INITS = ("weight", "gaussian")
 INIT_MERGES = ("task_arithmetic", "base")
@@ -250,6 +251,7 @@ class FunctionalDualAnchors(ContractMethod):
             return task.base.to(task.out_dtype)
         if not is_anchor_target(task.name, task.base):
             return task_arithmetic(task, settings, task.out_dtype)
+        require_finite(task)
         anchors = []
         for index, x in enumerate(task.inputs):
             seed = derive_key(task.seed, task.name, index)
@@ -258,6 +260,15 @@ class FunctionalDualAnchors(ContractMethod):
             anchors.append(optimise_anchors(start, delta, settings.steps, settings.lr))
         start = task.base if settings.init_merge == "base" else task_arithmetic(task, settings, torch.float32)
         return fit_to_anchors(start, task.inputs, anchors, settings.weights, settings.ridge, task.out_dtype)
+
+
+def require_finite(task: TensorTask) -> None:
+    """Refuse NaN or inf in an anchor target's inputs or base, naming the tensor and the model:
+    they would reach the Gram matrix of the fit, whose eigen-solver then fails to converge with
+    a message that names neither."""
+    for name, tensor in [*zip(input_names(task), task.inputs), ("the base model", task.base)]:
+        if not bool(torch.isfinite(tensor).all()):
+            raise PlanError(f"fda: tensor {task.name} of {name} holds NaN or inf; FDA fits finite weights only")
 
 
 def task_arithmetic(task: TensorTask, settings: FdaSettings, out_dtype: torch.dtype) -> torch.Tensor:

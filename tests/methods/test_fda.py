@@ -254,3 +254,50 @@ def test_a_cuda_merge_stays_on_the_device_and_agrees_with_the_cpu():
     assert on_gpu.device.type == "cuda"
     change = (on_cpu - base.bfloat16().float()).abs().max()
     assert (on_gpu.cpu() - on_cpu).abs().max() <= 1e-3 * change
+
+
+@pytest.mark.parametrize("where", ["model", "base"])
+def test_a_nan_input_names_the_tensor_and_the_model(where):
+    """A NaN used to reach the fit's eigen-solver (LinAlgError: failed to converge)."""
+    from fastmerge.errors import PlanError
+
+    base = rand(8, 6, seed=91)
+    models = [base + 1e-3, base - 1e-3]
+    broken = (models[1] if where == "model" else base).clone()
+    broken[2, 3] = float("nan")
+    if where == "model":
+        models[1] = broken
+    else:
+        base = broken
+    named = "model 1" if where == "model" else "the base model"
+    with pytest.raises(PlanError, match=f"tensor layers.1.w.weight of {named} holds NaN"):
+        merge_tensors("fda", models, base, name="layers.1.w.weight", anchors=4, steps=2, ridge=0.0)
+
+
+def test_a_nan_in_a_checkpoint_stops_a_config_merge(tiny_models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fastmerge.errors import PlanError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["ft1"], broken)
+    files = sorted(broken.glob("*.safetensors"))
+    for file in files:
+        tensors = load_file(file)
+        name = next((n for n, t in tensors.items() if t.dim() == 2 and "embed" not in n), None)
+        if name is not None:
+            tensors[name] = tensors[name].clone()
+            tensors[name][0, 0] = float("nan")
+            save_file(tensors, file, metadata={"format": "pt"})
+            break
+    config = write_config(tmp_path / "fda.yml", {
+        "merge_method": "fda",
+        "base_model": str(tiny_models["base"]),
+        "models": [{"model": str(broken)}, {"model": str(tiny_models["ft2"])}],
+        "parameters": {"anchors": 4, "steps": 2},
+    })
+    with pytest.raises(PlanError, match=f"tensor {name} of model {broken} holds NaN"):
+        run(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
