@@ -13,12 +13,25 @@ Tensors a mask file does not list pass through unchanged. Mask files are loaded 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..ops import apply_mask
 from ..pruning.mask_file import MaskSet, load_masks
 from .base import TensorTask
+
+
+def mask_file_setting(value: Any, setting: str = "parameter `mask`") -> str:
+    """The mask file a `mask` (or `output_mask`) setting names, checked before it is used as a path.
+
+    Only a non-empty string is a path: a number would fail deep inside pathlib, and an empty
+    string would read as "no mask" and merge unmasked without a word.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{setting} must be the path of a masks.safetensors file (from fastmerge prune), got {value!r}")
+    return value
 
 
 class MaskCache:

@@ -78,10 +78,13 @@ class MaskSet:
             )
 
     def check_model(self, shapes: dict[str, tuple[int, ...]], where: str) -> None:
-        """Refuse a mask file made for a model of another architecture than `shapes`."""
-        if architecture_fingerprint(shapes.items()) != self.architecture:
-            missing = [n for n in self.shapes if n not in shapes]
-            detail = f" (it masks {missing[0]}, which {where} does not have)" if missing else ""
+        """Refuse a mask file made for a model of another architecture than `shapes`.
+
+        A tensor the model lacks is refused even when the fingerprint matches: the fingerprint is
+        only metadata, and an edited or hand-made file can carry a matching one."""
+        missing = [n for n in self.shapes if n not in shapes]
+        detail = f" (it masks {missing[0]}, which {where} does not have)" if missing else ""
+        if missing or architecture_fingerprint(shapes.items()) != self.architecture:
             raise CheckpointError(
                 f"{self.source} was made for a model of another architecture than {where}{detail}; "
                 "masks only apply to the model they were computed on or its fine-tunes"

@@ -46,3 +46,11 @@ def test_foreign_file_is_refused(tmp_path: Path):
         load_masks(tmp_path / "masks.safetensors")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_masks(tmp_path / "missing.safetensors")
+
+
+def test_a_tensor_the_model_lacks_is_refused_even_with_a_matching_fingerprint():
+    """The fingerprint is only metadata: an edited file can match it and still name a tensor the
+    model does not have (this used to be a KeyError)."""
+    forged = MaskSet.from_dense({"a.wieght": torch.ones(5, 7, dtype=torch.bool)}, architecture_fingerprint(SHAPES.items()))
+    with pytest.raises(CheckpointError, match="it masks a.wieght, which model X does not have"):
+        forged.check_model(SHAPES, "model X")

@@ -1,3 +1,6 @@
+import re
+
+import pytest
 import torch
 
 from fastmerge.methods.base import TensorTask
@@ -94,4 +97,54 @@ def test_mask_for_another_model_is_refused(tiny_models, tmp_path):
     }
     with pytest.raises(CheckpointError, match="another architecture"):
         fastmerge.run(config, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mask_naming_a_tensor_the_model_lacks_is_refused(tiny_models, tmp_path):
+    import fastmerge
+    from _support import load_dir
+    from fastmerge.errors import CheckpointError
+    from fastmerge.pruning.mask_file import architecture_fingerprint
+
+    shapes = {n: tuple(t.shape) for n, t in load_dir(tiny_models["base"]).items()}
+    renamed = "model.layers.0.mlp.upp.weight"
+    MaskSet.from_dense({renamed: torch.ones(shapes["model.layers.0.mlp.up_proj.weight"], dtype=torch.bool)},
+                       architecture_fingerprint(shapes.items())).save(tmp_path / "m.safetensors")
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0, "mask": str(tmp_path / "m.safetensors")}}],
+    }
+    with pytest.raises(CheckpointError, match=f"m.safetensors was made for .* \\(it masks {renamed}, which the merged model"):
+        fastmerge.run(config, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mask_setting_must_be_a_path():
+    from fastmerge.errors import ConfigError
+    from fastmerge.methods.masks import mask_file_setting
+
+    assert mask_file_setting("pruned/masks.safetensors") == "pruned/masks.safetensors"
+    for value in (3, 2.5, "", "  ", ["a"], True):
+        with pytest.raises(ConfigError, match=f"parameter `mask` must be the path of a masks.safetensors file.*got {re.escape(repr(value))}"):
+            mask_file_setting(value)
+    with pytest.raises(ConfigError, match="`output_mask` must be the path"):
+        mask_file_setting("", "`output_mask`")
+
+
+def _merge_with_mask(tiny_models, tmp_path, mask):
+    import fastmerge
+
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(tiny_models["ft1"]), "parameters": {"weight": 1.0, "mask": mask}}],
+    }
+    return fastmerge.run(config, tmp_path / "out", quiet=True)
+
+
+@pytest.mark.parametrize("mask", [3, ""])
+def test_a_bad_mask_setting_stops_a_config_merge(tiny_models, tmp_path, mask):
+    from fastmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="parameter `mask` must be the path"):
+        _merge_with_mask(tiny_models, tmp_path, mask)
     assert not (tmp_path / "out").exists()
