@@ -16,9 +16,9 @@ required:
     budget: global                  # global (one threshold over all targets) | per_tensor
     structure: unstructured         # unstructured | "2:4" (2 of every 4 kept, per row group)
     targets: [mlp]                  # name filters: `mlp`, `attention` (aliases) or substrings
-    alpha: 0.2                      # GAPrune alignment weight
-    beta: 1.0                       # GAPrune general-Fisher penalty
-    gamma: 0.5                      # GAPrune sqrt-magnitude prior
+    alpha: 0.2                      # GAPrune alignment weight (>= 0)
+    beta: 1.0                       # GAPrune general-Fisher penalty (>= 0)
+    gamma: 0.5                      # GAPrune sqrt-magnitude prior (>= 0)
     alignment: row_cosine           # row_cosine | sign (how gradient agreement s is measured)
     max_length: 128                 # tokens per sequence
     batch_size: 8
@@ -32,6 +32,7 @@ silently ignored would prune a different model than the one asked for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -138,6 +139,12 @@ def parse_prune_config(data: dict[str, Any], root: Path) -> PruneConfig:
         raise ConfigError(f"prune config: `structure: 2:4` removes exactly half of each group; set `sparsity: 0.5`, got {cfg.sparsity}")
     if cfg.temperature <= 0:
         raise ConfigError(f"prune config: `temperature` must be positive, got {cfg.temperature}")
+    for key in ("alpha", "beta", "gamma"):
+        # DAI's terms only mean what they say with non-negative weights: a negative alpha rewards
+        # gradient disagreement, a negative beta general-data importance, and a negative gamma
+        # ranks large weights below small ones (pruning the biggest first).
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"prune config: `{key}` must be >= 0 (a weight in the GAPrune score), got {getattr(cfg, key)}")
     if "targets" in data:
         targets = data["targets"]
         if isinstance(targets, str):
@@ -182,8 +189,9 @@ def _path(root: Path, value: str) -> Path:
 
 
 def _number(value: Any, key: str) -> float:
-    if not is_number(value):
-        raise ConfigError(f"prune config: `{key}` must be a number, got {value!r}")
+    """A finite number: NaN passes every range check below and inf overflows the scores."""
+    if not is_number(value) or not math.isfinite(value):
+        raise ConfigError(f"prune config: `{key}` must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ..engine import peak_rss_bytes, resolve_device
+from ..errors import CheckpointError, PlanError
 from ..io.checkpoint import Checkpoint
 from ..io.lora import open_model
 from ..io.output_dir import StagedOutput, copy_model_files
@@ -79,14 +80,39 @@ def compute_masks(cfg: PruneConfig, checkpoint: Checkpoint, work_dir: Path, devi
         {set_name: _fisher_mean(stats, targets) for set_name, stats in statistics.items()},
     )
     try:
-        dense = dict(select_masks(targets, lambda n: scorer(n, checkpoint.tensor(n)), cfg.sparsity, cfg.budget,
-                                  cfg.structure, backend))
+        dense = dict(select_masks(targets, lambda n: finite_scores(cfg, checkpoint, scorer, n), cfg.sparsity,
+                                  cfg.budget, cfg.structure, backend))
     finally:
         for stats in statistics.values():
             stats.close()
     info = {"model": cfg.reference, "score": cfg.score, "sparsity": repr(cfg.sparsity), "structure": cfg.structure,
             "budget": cfg.budget}
     return MaskSet.from_dense(dense, architecture_fingerprint(shapes.items()), info)
+
+
+def finite_scores(cfg: PruneConfig, checkpoint: Checkpoint, scorer: Scorer, name: str) -> torch.Tensor:
+    """Tensor `name`'s scores, refused with the culprit named when any is NaN or inf.
+
+    Selection could only report "scores tensor #i", and a NaN weight anywhere in the model makes
+    every gradient (so every data-aware score) NaN, so the first bad score rarely points at the
+    bad weight: on failure the model's tensors are searched for it (a pass paid only then).
+    """
+    theta = checkpoint.tensor(name)
+    scores = scorer(name, theta)
+    if bool(torch.isfinite(scores).all()):
+        return scores
+    candidates = [name] + [n for n in checkpoint.names if n != name] if cfg.needs_data else [name]
+    for candidate in candidates:
+        tensor = theta if candidate == name else checkpoint.tensor(candidate)
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"tensor {candidate} of model {cfg.reference} ({checkpoint.info(candidate).path}) holds NaN or inf; "
+                "pruning scores need finite weights"
+            )
+    raise PlanError(
+        f"the {cfg.score} scores of tensor {name} of model {cfg.reference} are not finite although its weights are: "
+        f"the gradient statistics hold NaN or inf (did the {cfg.dtype} loss overflow? try dtype: float32)"
+    )
 
 
 def write_pruned(checkpoint: Checkpoint, masks: MaskSet, directory: Path, max_shard_bytes: int) -> None:

@@ -25,6 +25,12 @@ def test_defaults_and_relative_paths(tmp_path: Path):
         ({"model": "m", "score": "nope"}, "score"),
         ({"model": "m", "score": "magnitude", "structure": "2:4", "sparsity": 0.7}, "2:4"),
         ({"model": "m", "score": "magnitude", "targets": []}, "targets"),
+        ({"model": "m", "score": "magnitude", "alpha": float("inf")}, "`alpha` must be a finite number"),
+        ({"model": "m", "score": "magnitude", "beta": float("nan")}, "`beta` must be a finite number"),
+        ({"model": "m", "score": "magnitude", "temperature": float("nan")}, "`temperature` must be a finite number"),
+        ({"model": "m", "score": "magnitude", "gamma": -5}, r"`gamma` must be >= 0"),
+        ({"model": "m", "score": "magnitude", "alpha": -0.2}, r"`alpha` must be >= 0"),
+        ({"model": "m", "score": "magnitude", "beta": -1}, r"`beta` must be >= 0"),
     ],
 )
 def test_bad_configs_name_the_key(config, message):

@@ -98,3 +98,36 @@ def test_a_prune_config_resolves_both_parts_of_a_lora_reference_next_to_it(tmp_p
     assert (cfg.model, cfg.adapter, cfg.reference) == (tmp_path / "model", tmp_path / "adapter", f"{tmp_path / 'model'}+{tmp_path / 'adapter'}")
     with pytest.raises(ConfigError, match="MODEL\\+ADAPTER"):
         load_prune_config({"model": "a+b+c"})
+
+
+@pytest.mark.parametrize("score, broken", [
+    ("magnitude", "model.layers.1.mlp.up_proj.weight"),
+    # a NaN outside the targets makes every gradient NaN: the weight is still the one named
+    ("gaprune", "model.layers.0.post_attention_layernorm.weight"),
+])
+def test_a_nan_weight_is_named_with_its_model(tmp_path, text_data, score, broken):
+    from _support import TINY
+    from fastmerge.demo import make_state, write_checkpoint
+    from fastmerge.errors import CheckpointError
+
+    state = make_state(TINY, seed=0)
+    state[broken] = state[broken].clone()
+    state[broken].view(-1)[5] = float("nan")
+    model = write_checkpoint(tmp_path / "nan_model", state, TINY)
+    with pytest.raises(CheckpointError, match=f"tensor {broken} of model {model} \\(.*model.safetensors\\) holds NaN"):
+        prune(_config(model, text_data, score=score), tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_statistics_are_named_when_the_weights_are_finite(tiny_model):
+    from fastmerge.errors import PlanError
+    from fastmerge.io.checkpoint import Checkpoint
+    from fastmerge.pruning.prune import finite_scores
+
+    cfg = load_prune_config(_config(tiny_model, {"domain": "d.jsonl", "general": "g.txt"}))
+    name = "model.layers.0.mlp.up_proj.weight"
+    with Checkpoint(tiny_model) as checkpoint:
+        with pytest.raises(PlanError, match=f"gaprune scores of tensor {name} of model {tiny_model} are not finite"):
+            finite_scores(cfg, checkpoint, lambda n, theta: theta.float() * float("nan"), name)
+        torch.testing.assert_close(finite_scores(cfg, checkpoint, lambda n, theta: theta.float().abs(), name),
+                                   checkpoint.tensor(name).float().abs())
