@@ -44,7 +44,7 @@ void rbf_sq_distances(uintptr_t x, uintptr_t y, int64_t layers, int64_t n, int64
         const double* yj = Y + (l * m + j) * d;
         for (int64_t i = i0; i < i1; ++i) {
           const double v = xnorm[i - i0] + ynorm[l * m + j] - 2.0 * dot(X + (l * n + i) * d, yj, d);
-          D[(l * n + i) * m + j] = v > 0.0 ? v : 0.0;
+          D[(l * n + i) * m + j] = v < 0.0 ? 0.0 : v;  // NaN stays NaN, as in the reference's clamp_min
         }
       }
     }

@@ -29,6 +29,18 @@ def test_distances_and_kernel_match_reference(backend, device, dtype, shape, gen
     torch.testing.assert_close(s.cpu(), s_ref, atol=0, rtol=1e-9)
 
 
+def test_nan_and_inf_rows_give_nan_distances_as_in_the_reference(backend, device):
+    """The native kernel's clamp at 0 turned NaN into 0 (a broken model looked identical to the
+    new one in RECALL); every backend keeps NaN where the reference does."""
+    X = torch.ones(1, 3, 8, dtype=torch.float64)
+    X[0, 1, 2], X[0, 2, 5] = float("nan"), float("inf")
+    Y = torch.zeros(1, 2, 8, dtype=torch.float64)
+    D_ref = squared_distances(X, Y)
+    D = squared_distances(X.to(device), Y.to(device), backend).cpu()
+    assert torch.equal(D.isnan(), D_ref.isnan()) and D_ref[0, 1:].isnan().all() and not D_ref[0, 0].isnan().any()
+    assert torch.equal(D[0, 0], D_ref[0, 0])
+
+
 def test_median_heuristic_definition():
     # Distances 1, 4, 9 and 16 (and one zero pair): lower median of the non-zero ones is 4.
     X = torch.tensor([[0.0], [1.0]])

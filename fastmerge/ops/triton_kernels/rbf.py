@@ -31,7 +31,8 @@ def _sq_distances_kernel(x_ptr, y_ptr, d_ptr, n, m, d, BLOCK_N: tl.constexpr, BL
         dots += tl.sum(x[:, None, :] * y[None, :, :], axis=2)
         xx += tl.sum(x * x, axis=1)
         yy += tl.sum(y * y, axis=1)
-    dist = tl.maximum(xx[:, None] + yy[None, :] - 2.0 * dots, 0.0)
+    dist = xx[:, None] + yy[None, :] - 2.0 * dots
+    dist = tl.where(dist < 0.0, 0.0, dist)  # NaN stays NaN (tl.maximum may drop it), as in the reference
     out = d_ptr + layer * n * m + rows[:, None] * m + cols[None, :]
     tl.store(out, dist, mask=(rows[:, None] < n) & (cols[None, :] < m))
 
