@@ -36,7 +36,6 @@ from .io.output_dir import StagedOutput, copy_model_files
 from .io.writer import ShardedWriter
 from .methods import get_method
 from .methods.base import TensorTask
-from .methods.masks import mask_file_setting
 from .plan import Plan, PlannedTensor, build_plan, open_checkpoints
 from .units import format_size, parse_size, shards_summary
 from .values import check_seed, is_integer
@@ -214,6 +213,8 @@ def _prepare_context(plan: Plan, device: torch.device, seed: int, output_dir: Pa
 
 def mask_paths(plan: Plan) -> set[str]:
     """The mask files a merge reads (`parameters: {mask: PATH}`, `output_mask`)."""
+    from .methods.masks import mask_file_setting  # masks -> pruning -> engine: imported when called
+
     paths = {mask_file_setting(p["mask"]) for t in plan.tensors for p in t.params if p.get("mask") is not None}
     if plan.spec.output_mask is not None:
         paths.add(mask_file_setting(plan.spec.output_mask, "`output_mask`"))
