@@ -28,8 +28,10 @@ def merge_tensors(
     **params: Any,
 ) -> torch.Tensor:
     """Merge one tensor from K models. Per-model parameters (e.g. `weight`, `density`) are a
-    scalar for all models or a sequence with one value per model; method parameters (e.g.
-    `normalize`, `lambda_` for `lambda`) are scalars."""
+    scalar for all models or a sequence with one value per model (a list, an array or a 1-d
+    tensor); method parameters (e.g. `normalize`, `lambda_` for `lambda`) are scalars. The result
+    has `out_dtype` (a torch dtype or its name), by default the dtype a config merge writes: the
+    inputs', promoted where they differ, fp8 and fp64 as fp32."""
     merger = get_method(method)
     task = _task(merger, name, _tensor_list(tensors), base, params, out_dtype, seed, backend)
     return _owned(merger.merge_tensor(task), task)
