@@ -90,7 +90,7 @@ def merge_state_dicts(
             merged[key] = (base[key] if base is not None and key in base else inputs[0]).clone()
             continue
         narrowed = {k: [v[i] for i in present] if isinstance(v, (list, tuple)) and len(v) == len(state_dicts) else v
-                    for k, v in params.items()}
+                    for k, v in ((k, _plain(v)) for k, v in params.items())}
         task = _task(merger, key, inputs, base.get(key) if base is not None else None, narrowed, out_dtype, seed, backend,
                      [f"state dict {i}" for i in present])
         merged[key] = _owned(merger.merge_tensor(task), task)

@@ -167,3 +167,10 @@ def test_every_command_checks_its_seed(tmp_path):
         with pytest.raises(ConfigError, match="seed must be an integer from 0 to 2\\*\\*64 - 1"):
             call()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_array_of_weights_is_narrowed_to_the_state_dicts_that_have_a_key():
+    a, b, c = {"x": torch.ones(3)}, {"x": torch.full((3,), 3.0), "y": torch.ones(2)}, {"x": torch.zeros(3), "y": torch.zeros(2)}
+    merged = fastmerge.merge_state_dicts("linear", [a, b, c], missing="union", weight=np.array([1.0, 1.0, 2.0]))
+    assert torch.equal(merged["x"], torch.ones(3))  # (1 + 3 + 0) / 4
+    assert torch.equal(merged["y"], fastmerge.merge_tensors("linear", [b["y"], c["y"]], weight=[1.0, 2.0]))
