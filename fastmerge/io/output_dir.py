@@ -85,9 +85,13 @@ def _hidden_prefix(destination: Path, kind: str) -> str:
 
 def _hold(directory: Path) -> int | None:
     """An open descriptor holding an exclusive lock on `directory` for as long as this process
-    lives (the kernel drops it when the process dies, however it dies); None where the
-    filesystem has no locks."""
-    fd = os.open(directory, os.O_RDONLY)
+    lives (the kernel drops it when the process dies, however it dies); None where another
+    process holds it, the filesystem has no locks or the directory cannot be opened (another
+    user's)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -134,6 +134,21 @@ def test_staging_directories_of_killed_runs_are_removed(tmp_path):
         assert staged.notes == []
 
 
+def test_a_staging_directory_that_cannot_be_opened_is_left_alone(tmp_path, monkeypatch):
+    """Another user's, say: the merge goes on (os.open's PermissionError stopped it)."""
+    theirs = killed(StagedOutput(tmp_path / "merged", inputs=[]))
+    real_open = os.open
+
+    def refusing_open(path, *args, **kwargs):
+        if Path(path) == theirs:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(output_dir.os, "open", refusing_open)
+    with StagedOutput(tmp_path / "merged", inputs=[]) as staged:
+        assert staged.notes == [] and theirs.exists()
+
+
 def test_a_killed_run_is_cleaned_up_by_the_next(tiny_models, tmp_path):
     """For real: a merge killed with SIGKILL once its staging directory exists, then the same merge again."""
     config = tmp_path / "m.yml"
