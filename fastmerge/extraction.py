@@ -29,7 +29,6 @@ adapter is written into a staged directory that appears only when complete.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from .io.lora import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, KEY_PREFIX, open_model
 from .io.output_dir import StagedOutput
 from .io.spooled_writer import SpooledSafetensorsWriter
 from .ops.random import derive_key
-from .values import check_seed, is_integer, is_number
+from .values import check_seed, is_finite_number, is_integer
 from .vocab.names import is_input_embedding, is_vocabulary_tensor
 
 SVD_METHODS = ("exact", "randomized")
@@ -69,7 +68,7 @@ class ExtractionSettings:
     def check(self) -> None:
         if not is_integer(self.max_rank) or self.max_rank < 1:
             raise ConfigError(f"--max-rank must be an integer >= 1, got {self.max_rank!r}")
-        if not (is_number(self.sv_epsilon) and math.isfinite(self.sv_epsilon) and self.sv_epsilon >= 0):
+        if not (is_finite_number(self.sv_epsilon) and self.sv_epsilon >= 0):
             raise ConfigError(f"--sv-epsilon must be a number >= 0, got {self.sv_epsilon!r}")
         check_seed(self.seed)
         for name in ("distribute_scale", "embed_lora", "skip_undecomposable"):

@@ -7,6 +7,8 @@ checks leave bools out.
 
 from __future__ import annotations
 
+import math
+
 from .errors import ConfigError
 
 
@@ -18,6 +20,12 @@ def is_integer(value: object) -> bool:
 def is_number(value: object) -> bool:
     """An int or a float that is not a bool (a float may still be inf or NaN)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> bool:
+    """A number (`is_number`) that is neither inf nor NaN: NaN passes every range check (each
+    comparison with it is false), so ranges are checked on finite numbers only."""
+    return is_number(value) and math.isfinite(value)
 
 
 def check_seed(seed: object) -> int:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..values import is_number
+from ..values import is_finite_number
 from .checkpoint import Checkpoint
 from .pickle_file import PickleFile
 from .safetensors_file import SafetensorsFile
@@ -240,7 +240,7 @@ def _lookup(patterns: dict[str, float], module: str, default: float) -> Any:
 
 
 def _positive(value: Any, name: str, where: Path, integer: bool = False) -> Any:
-    valid = is_number(value) and math.isfinite(value) and value > 0
+    valid = is_finite_number(value) and value > 0
     if not valid or (integer and not float(value).is_integer()):
         raise CheckpointError(f"{where}: `{name}` must be a positive {'integer' if integer else 'number'}, got {value!r}")
     return int(value) if integer else value

@@ -9,13 +9,12 @@ the first byte is written. `merge_tensor` checks them again because the in-memor
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ConfigError
-from ..values import is_integer, is_number
+from ..values import is_finite_number, is_integer, is_number
 from .base import MergeMethod, TensorTask
 
 
@@ -68,7 +67,7 @@ class ContractMethod(MergeMethod):
             check_number(name, value, tensor)
         for name, (low, high, integer) in self.global_bounds.items():
             value = global_params.get(name)
-            if not (is_integer(value) if integer else is_number(value)) or not math.isfinite(value) or value < low or \
+            if not (is_integer(value) if integer else is_finite_number(value)) or value < low or \
                     (high is not None and value > high):
                 kind = "an integer" if integer else "a number"
                 bounds = f"from {low} to {high}" if high is not None else f">= {low}"

@@ -44,7 +44,7 @@ from .. import ops
 from ..errors import ConfigError, PlanError
 from ..ops.dot import gram
 from ..ops.random import derive_key
-from ..values import is_number
+from ..values import is_finite_number
 from .base import TensorTask, register
 from .contract import ContractMethod
 from .task_vectors import input_names
@@ -207,7 +207,7 @@ def _choice(params: dict[str, Any], name: str, allowed: tuple[str, ...], tensor:
 def _number(params: dict[str, Any], name: str, tensor: str, minimum: float, integer: bool = False,
             open_minimum: bool = False) -> float:
     value = params[name]
-    valid = is_number(value) and math.isfinite(value)
+    valid = is_finite_number(value)
     if valid and integer:
         valid = float(value).is_integer()
     if valid:

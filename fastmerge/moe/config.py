@@ -11,8 +11,6 @@ every refusal is a ConfigError naming the key.
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,7 +18,7 @@ from typing import Any, Mapping
 from ..config import check_keys, model_reference, read_mapping
 from ..dtypes import parse_config_dtype
 from ..errors import ConfigError
-from ..values import is_integer, is_number
+from ..values import is_finite_number, is_integer
 
 # mergekit's gate modes. "hidden" and "hidden_last" read the prompts' last token, "hidden_avg"
 # their mean (mergekit 0.1.5 averages only for "hidden_avg").
@@ -128,7 +126,7 @@ def _number(value: Any, where: str, low: float | None = None) -> float | None:
     """A finite number (at least `low` where given): a NaN scale wrote NaN into the experts."""
     if value is None:
         return None
-    if not is_number(value) or not math.isfinite(value) or (low is not None and value < low):
+    if not is_finite_number(value) or (low is not None and value < low):
         raise ConfigError(f"`{where}` must be a finite number{f' >= {low}' if low is not None else ''}, got {value!r}")
     return float(value)
 

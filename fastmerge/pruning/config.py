@@ -32,7 +32,6 @@ silently ignored would prune a different model than the one asked for.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,7 +41,7 @@ import yaml
 from ..config import parse_yaml
 from ..errors import ConfigError
 from ..io.lora import split_reference
-from ..values import is_integer, is_number
+from ..values import is_finite_number, is_integer
 
 OBJECTIVES = ("causal_lm", "contrastive")
 SCORES = ("gaprune", "fisher", "magnitude", "random")
@@ -190,7 +189,7 @@ def _path(root: Path, value: str) -> Path:
 
 def _number(value: Any, key: str) -> float:
     """A finite number: NaN passes every range check below and inf overflows the scores."""
-    if not is_number(value) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ConfigError(f"prune config: `{key}` must be a finite number, got {value!r}")
     return float(value)
 

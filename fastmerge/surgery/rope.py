@@ -36,7 +36,6 @@ Deliberate differences from mergekit 0.1.5:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..values import is_integer, is_number
+from ..values import is_finite_number, is_integer
 from .pursuit import pick_most_correlated
 
 
@@ -66,7 +65,7 @@ class Rotary:
         base = config.get("rope_theta")
         if base is None and isinstance(config.get("rope_parameters"), dict):
             base = config["rope_parameters"].get("rope_theta")
-        if not is_number(base) or not math.isfinite(base) or base <= 0:
+        if not is_finite_number(base) or base <= 0:
             raise ConfigError(f"{where}: mp_rope needs rope_theta (top level or in rope_parameters), a positive number; "
                               f"got {base!r}")
         for name, width in widths.items():
